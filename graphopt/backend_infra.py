@@ -1,0 +1,66 @@
+"""Backend contract: `emit(model, out_dir, options) -> Artifact` and `validate(artifact)`; a registry."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from graphopt.errors import OptionError
+from graphopt.ir import Model
+from graphopt.pass_infra import validate_options
+
+__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend"]
+
+BACKENDS: dict[str, type["Backend"]] = {}
+
+
+@dataclass
+class Artifact:
+    """Files a backend wrote, the main one first, plus what validation found."""
+
+    backend: str
+    out_dir: Path
+    files: list[Path] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+
+def register_backend(cls: type["Backend"]) -> type["Backend"]:
+    if not cls.name:
+        raise TypeError(f"{cls.__name__} has no name")
+    BACKENDS[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Base class: a frozen dataclass whose fields are the backend's options.
+
+    Subclasses set `name`, implement `emit` (write files for the ONNX form) and `validate`
+    (prove the files work: run them or rebuild and compare; return a dict of findings and raise
+    BackendError when they do not hold).
+    """
+
+    name: ClassVar[str] = ""
+
+    def __post_init__(self):
+        validate_options(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "Backend":
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionError(
+                f"backend '{cls.name}': unknown option '{unknown[0]}' (options: {', '.join(sorted(known)) or 'none'})"
+            )
+        return cls(**options)
+
+    def emit(self, model: Model, out_dir: Path) -> Artifact:
+        raise NotImplementedError
+
+    def validate(self, artifact: Artifact, model: Model) -> dict:
+        raise NotImplementedError

@@ -1,0 +1,182 @@
+"""Lowering FX -> ONNX with the dynamo exporter, cached on disk by content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from graphopt import onnx_io
+from graphopt.errors import GraphoptError
+from graphopt.ir import MIN_OPSET, Model
+
+__all__ = ["lower", "cache_dir", "content_hash"]
+
+_LOWERING_VERSION = "1"  # bump when the exporter call below changes what it produces
+
+
+def cache_dir() -> Path:
+    """Where exports are cached: $GRAPHOPT_CACHE, else ~/.cache/graphopt."""
+    root = os.environ.get("GRAPHOPT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "graphopt")
+    return Path(root)
+
+
+def content_hash(model: Model, opset: int) -> str:
+    """A digest of everything the export depends on: code, weights, signature, versions."""
+    import torch
+
+    digest = hashlib.sha256()
+    for part in (_LOWERING_VERSION, torch.__version__, onnx.__version__, str(opset), model.fx.code):
+        digest.update(part.encode())
+    for spec in model.inputs + model.outputs:
+        digest.update(repr(spec).encode())
+    state = dict(model.fx.named_parameters())
+    state.update(dict(model.fx.named_buffers()))
+    for name in sorted(state):
+        tensor = state[name].detach().contiguous()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def _dynamic_shapes(model: Model):
+    import torch
+
+    dims: dict[str, object] = {}
+    shapes = {}
+    for spec in model.inputs:
+        axes = {}
+        for axis, size in enumerate(spec.shape):
+            if isinstance(size, str):
+                if size not in dims:
+                    dims[size] = torch.export.Dim(size.replace(".", "_"), min=2, max=8192)
+                axes[axis] = dims[size]
+        shapes[spec.name] = axes
+    return shapes
+
+
+def _example_args(model: Model):
+    import torch
+
+    if not model.sample_inputs:
+        raise GraphoptError(f"cannot lower '{model.name}': it has no sample inputs to trace with")
+    feeds = model.sample_inputs[0]
+    return tuple(torch.from_numpy(np.ascontiguousarray(feeds[spec.name])) for spec in model.inputs)
+
+
+def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=print) -> Model:
+    """FX form -> ONNX form. Tensor and parameter names stay those of the FX module.
+
+    The exported file is cached under `cache_dir()/exports/<hash>/model.onnx`, so lowering the
+    same weights and code again only loads the file.
+    """
+    import torch
+
+    model.require("fx", "lower")
+    if opset < MIN_OPSET:
+        raise GraphoptError(f"lowering needs opset >= {MIN_OPSET}, got {opset}")
+    key = content_hash(model, opset)
+    target = cache_dir() / "exports" / key / "model.onnx"
+    if use_cache and target.is_file():
+        log(f"lower: cached export {target}")
+        proto = onnx_io.load_onnx(target)
+    else:
+        start = time.perf_counter()
+        log(f"lower: exporting '{model.name}' to ONNX opset {opset} (dynamo)...")
+        with warnings.catch_warnings(), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model.fx,
+                _example_args(model),
+                dynamic_shapes=_dynamic_shapes(model),
+                input_names=[s.name for s in model.inputs],
+                output_names=[s.name for s in model.outputs],
+                opset_version=opset,
+                dynamo=True,
+                optimize=False,
+                verbose=False,
+            )
+            proto = _fold_weight_transposes(program.model_proto)
+            proto = _optimize(proto)
+        log(f"lower: exported in {time.perf_counter() - start:.1f} s")
+        if use_cache:
+            onnx_io.save_onnx(proto, target)
+            proto = onnx_io.load_onnx(target)
+    lowered = Model.from_onnx(
+        proto, sample_inputs=model.sample_inputs, meta=model.meta, task=model.task,
+        name=model.name, tokenizer=model.tokenizer,
+    )
+    # The exporter may widen names of dynamic axes; keep the signature the user gave.
+    lowered.inputs = list(model.inputs)
+    return lowered
+
+
+def _fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold `Transpose(weight)` into the weight itself, keeping the parameter's name.
+
+    The exporter writes Linear as MatMul(x, Transpose(W)); its optimizer would fold the transpose
+    into an anonymous `val_N`, and encodings and masks keyed by parameter name would lose their
+    tensor. The folded [in, out] weight keeps the name `W` when the transpose was its only use,
+    and is called `W.T` when the original is still needed (tied embedding and lm_head).
+    """
+    from collections import Counter
+
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    uses = Counter(name for node in graph.node for name in node.input)
+    renames: dict[str, str] = {}
+    kept_nodes = []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        source = node.input[0] if node.op_type == "Transpose" and node.input else None
+        if source not in inits or numpy_helper.to_array(inits[source]).ndim != 2 or perm not in (None, [1, 0]):
+            kept_nodes.append(node)
+            continue
+        folded = numpy_helper.to_array(inits[source]).T.copy()
+        name = source if uses[source] == 1 else f"{source}.T"
+        tensor = numpy_helper.from_array(folded, name)
+        if name == source:
+            inits[source].CopyFrom(tensor)
+        else:
+            graph.initializer.append(tensor)
+        renames[node.output[0]] = name
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    stale = [v for v in graph.value_info if v.name in renames]
+    for value in stale:
+        graph.value_info.remove(value)
+    return proto
+
+
+def _optimize(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxscript's optimizer: constant folding and common-subexpression clean-up."""
+    import onnxscript.optimizer
+
+    return onnxscript.optimizer.optimize(proto)
+
+
+class _quiet_exporter:
+    """Silence the exporter's INFO/WARNING chatter (e.g. missing torchvision ops)."""
+
+    def __enter__(self):
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript", "torch.fx.experimental"):
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)

