@@ -191,6 +191,11 @@ class Model:
         names = [i.name for i in session.get_inputs()]
         return session.run(None, {n: feeds[n] for n in names})
 
+    def runner(self):
+        """A callable `feeds -> outputs` that reuses one onnxruntime session across calls."""
+        session = self.session() if self.form == "onnx" else None
+        return lambda feeds: self.run(feeds, session=session)
+
     # ------------------------------------------------------------ sizes
     def parameters(self) -> dict[str, tuple[tuple[int, ...], str, int]]:
         """name -> (shape, dtype, bytes) for every weight (FX parameters/buffers, ONNX constants)."""
