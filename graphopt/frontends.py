@@ -112,13 +112,12 @@ def from_module(module, example_inputs: dict[str, np.ndarray], *, dynamic_axes=N
     import torch
 
     dynamic_axes = dynamic_axes or {}
-    dims: dict[str, Any] = {}
     shapes = {}
     for input_name in example_inputs:
         axes = {}
         for axis, dim_name in dynamic_axes.get(input_name, {}).items():
-            dims.setdefault(dim_name, torch.export.Dim(dim_name, min=1 if dim_name == "batch" else 2, max=8192))
-            axes[axis] = dims[dim_name]
+            # DYNAMIC lets export derive the range (e.g. BERT's 512 positions) instead of failing on ours
+            axes[axis] = torch.export.Dim.DYNAMIC
         shapes[input_name] = axes
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in example_inputs.values())
     module.eval()

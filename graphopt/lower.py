@@ -48,16 +48,9 @@ def content_hash(model: Model, opset: int) -> str:
 def _dynamic_shapes(model: Model):
     import torch
 
-    dims: dict[str, object] = {}
     shapes = {}
     for spec in model.inputs:
-        axes = {}
-        for axis, size in enumerate(spec.shape):
-            if isinstance(size, str):
-                if size not in dims:
-                    dims[size] = torch.export.Dim(size.replace(".", "_"), min=2, max=8192)
-                axes[axis] = dims[size]
-        shapes[spec.name] = axes
+        shapes[spec.name] = {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(spec.shape) if isinstance(size, str)}
     return shapes
 
 
@@ -96,7 +89,6 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
                 _example_args(model),
                 dynamic_shapes=_dynamic_shapes(model),
                 input_names=[s.name for s in model.inputs],
-                output_names=[s.name for s in model.outputs],
                 opset_version=opset,
                 dynamo=True,
                 optimize=False,
@@ -104,6 +96,7 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
             )
             proto = _fold_weight_transposes(program.model_proto)
             proto = _optimize(proto)
+            _name_outputs(proto, [s.name for s in model.outputs])
         log(f"lower: exported in {time.perf_counter() - start:.1f} s")
         if use_cache:
             onnx_io.save_onnx(proto, target)
@@ -158,6 +151,31 @@ def _fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
     for value in stale:
         graph.value_info.remove(value)
     return proto
+
+
+def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
+    """Give graph outputs the model's output names, moving aside any inner value already so named.
+
+    (Passing output_names to the exporter fails when a traced op has the same name, e.g. BERT's
+    `embedding` op and a model output called `embedding`.)
+    """
+    graph = proto.graph
+    mapping: dict[str, str] = {}
+    current = [o.name for o in graph.output]
+    taken = {v for node in graph.node for v in list(node.input) + list(node.output)}
+    for old, new in zip(current, names):
+        if old == new:
+            continue
+        if new in taken and new not in current:
+            mapping[new] = f"{new}__inner"
+        mapping[old] = new
+    if not mapping:
+        return
+    for node in graph.node:
+        node.input[:] = [mapping.get(v, v) for v in node.input]
+        node.output[:] = [mapping.get(v, v) for v in node.output]
+    for value in list(graph.output) + list(graph.value_info):
+        value.name = mapping.get(value.name, value.name)
 
 
 def _optimize(proto: onnx.ModelProto) -> onnx.ModelProto:

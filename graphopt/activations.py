@@ -1,0 +1,172 @@
+"""Finding linear layers in an ONNX graph and streaming statistics of their activations.
+
+Quantization calibration, sensitivity analysis, Wanda/SparseGPT/GPTQ and activation-aware
+pruning all need the same two things: where the weight-bearing ops are, and statistics of the
+activations entering them over calibration batches. They live here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.errors import UnsupportedGraphError
+from graphopt.ir import Model
+
+__all__ = [
+    "LinearSite", "linear_sites", "capture", "Accumulator", "InputHessian", "ChannelSquareSum",
+    "RunningMinMax", "progress_bar",
+]
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """A weight-bearing op: y = x @ W (MatMul, Gemm) or conv(x, W).
+
+    `weight` is the initializer's name; `in_axis` is the weight axis that meets the activation
+    (0 for MatMul's [in, out] weights, 1 for Gemm with transB=1 and for Conv's [out, in, kh, kw]).
+    """
+
+    node: str
+    op: str
+    activation: str
+    weight: str
+    output: str
+    in_axis: int
+
+    @property
+    def out_axis(self) -> int:
+        return 1 - self.in_axis if self.op != "Conv" else 0
+
+
+def _constant(tensor) -> bool:
+    return isinstance(tensor, gs.Constant)
+
+
+def linear_sites(model: Model, *, min_size: int = 2) -> list[LinearSite]:
+    """Every MatMul/Gemm/Conv whose weight is a constant (graph order).
+
+    MatMuls between two activations (attention scores) are not sites. Weights with fewer than
+    `min_size` elements on an axis are skipped (they are not linear layers).
+    """
+    model.require("onnx", "linear_sites")
+    sites = []
+    for node in model.graph.nodes:
+        if node.op not in ("MatMul", "Gemm", "Conv") or len(node.inputs) < 2:
+            continue
+        x, w = node.inputs[0], node.inputs[1]
+        if not _constant(w) or _constant(x) or w.values.ndim < 2 or min(w.values.shape[:2]) < min_size:
+            continue
+        if node.op == "MatMul" and w.values.ndim != 2:
+            continue
+        in_axis = 0
+        if node.op == "Gemm":
+            in_axis = 1 if node.attrs.get("transB", 0) else 0
+        elif node.op == "Conv":
+            in_axis = 1
+        sites.append(LinearSite(node.name, node.op, x.name, w.name, node.outputs[0].name, in_axis))
+    return sites
+
+
+class Accumulator(Protocol):
+    def update(self, x: np.ndarray) -> None: ...
+
+
+class RunningMinMax:
+    """Global min and max of everything seen."""
+
+    def __init__(self):
+        self.min, self.max = np.inf, -np.inf
+
+    def update(self, x: np.ndarray) -> None:
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+
+
+class ChannelSquareSum:
+    """Sum of squares per input channel (last axis) and row count: ‖X_j‖² for Wanda."""
+
+    def __init__(self):
+        self.sum_sq, self.rows = None, 0
+
+    def update(self, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        sq = np.einsum("ij,ij->j", rows, rows)
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
+        self.rows += rows.shape[0]
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sum_sq)
+
+
+class InputHessian:
+    """H = 2/n · Σ xᵀx over rows of the activation (last axis = features): GPTQ / SparseGPT."""
+
+    def __init__(self):
+        self.h, self.rows = None, 0
+
+    def update(self, x: np.ndarray) -> None:
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        gram = rows.T @ rows
+        self.h = gram if self.h is None else self.h + gram
+        self.rows += rows.shape[0]
+
+    @property
+    def hessian(self) -> np.ndarray:
+        return 2.0 * self.h / max(self.rows, 1)
+
+
+def progress_bar(iterable: Iterable, total: int | None, desc: str, enabled: bool = True):
+    """tqdm when enabled and installed, the plain iterable otherwise."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def capture(
+    model: Model,
+    feeds: list[dict[str, np.ndarray]],
+    tensors: list[str],
+    make: Callable[[str], Accumulator],
+    *,
+    progress: bool = True,
+    desc: str = "calibrating",
+) -> dict[str, Accumulator]:
+    """Run `feeds` through onnxruntime exposing `tensors` as outputs; fold each into an accumulator.
+
+    `make(name)` builds the accumulator for one tensor. The model is not modified: a copy with
+    the extra outputs is run.
+    """
+    model.require("onnx", "capture")
+    graph = model.graph.copy()
+    by_name = graph.tensors()
+    missing = [t for t in tensors if t not in by_name]
+    if missing:
+        raise UnsupportedGraphError(f"capture: tensor '{missing[0]}' is not in graph '{model.name}'")
+    wanted = []
+    for name in dict.fromkeys(tensors):
+        tensor = by_name[name]
+        if isinstance(tensor, gs.Constant):
+            continue
+        if tensor.dtype is None:
+            tensor.dtype = np.float32
+        if tensor not in graph.outputs:
+            graph.outputs.append(tensor)
+        wanted.append(name)
+    probe = model.replace(graph=graph)
+    session = probe.session()
+    accumulators = {name: make(name) for name in wanted}
+    for batch in progress_bar(feeds, len(feeds), desc, progress):
+        names = [i.name for i in session.get_inputs()]
+        values = session.run(wanted, {n: batch[n] for n in names})
+        for name, value in zip(wanted, values):
+            accumulators[name].update(value)
+    return accumulators
