@@ -18,7 +18,7 @@ def diff(a, b):
 
 def lower(model, **kwargs):
     """FX form -> ONNX form (cached); see `graphopt.lower.lower`."""
-    from graphopt.lower import lower as _lower
+    from graphopt.lowering import lower as _lower
 
     return _lower(model, **kwargs)
 

@@ -149,7 +149,7 @@ class Pipeline:
             start = time.perf_counter()
             try:
                 if p is None:
-                    from graphopt.lower import lower
+                    from graphopt.lowering import lower
 
                     new_model, changed, stats = lower(current, opset=self.opset, log=self.log), True, {}
                 else:
@@ -275,7 +275,7 @@ def export(model: Model, backend: str, out_dir: str | Path, options: dict | None
         raise PipelineError(f"unknown backend '{backend}' (known: {', '.join(backends) or 'none'})")
     emitter = backends[backend].from_options(options)
     if model.form == "fx":
-        from graphopt.lower import lower
+        from graphopt.lowering import lower
 
         model = lower(model)
     artifact = emitter.emit(model, Path(out_dir))
