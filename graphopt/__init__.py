@@ -17,7 +17,7 @@ def diff(a, b):
 
 
 def lower(model, **kwargs):
-    """FX form -> ONNX form (cached); see `graphopt.lower.lower`."""
+    """FX form -> ONNX form (cached); see `graphopt.lowering.lower`."""
     from graphopt.lowering import lower as _lower
 
     return _lower(model, **kwargs)
