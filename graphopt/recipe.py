@@ -1,0 +1,269 @@
+"""YAML recipes: an ordered list of passes, an optional backend and calibration, validated by line.
+
+```yaml
+passes:
+  - cleanup                     # a bare name: default options
+  - quantize: {bits: 8}         # name: {options}
+backend: qnn                    # or {name: qnn, <backend options>}
+calibration:                    # optional; feeds for passes that calibrate
+  source: sample:pydoc-topics
+  windows: 8                    # number of token windows (or sentence batches)
+  length: 128                   # tokens per window
+  split: calib                  # calib (default) or eval
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from graphopt.errors import GraphoptError, RecipeError
+from graphopt.pass_infra import Pass
+
+__all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe"]
+
+_TOP_KEYS = ("passes", "backend", "calibration")
+_SOURCES = ("sample:pydoc-topics",)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration feeds come from and how many; `line` is where the section starts."""
+
+    source: str = "sample:pydoc-topics"
+    windows: int = 8
+    length: int = 128
+    split: str = "calib"
+    batch: int = 8  # sentences per batch, for embedding models
+    line: int = 0
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: pass instances in order, the backend (if any) and calibration."""
+
+    passes: list[Pass]
+    backend: str | None = None
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    calibration: Calibration | None = None
+    path: Path | None = None
+
+    def calibration_feeds(self, model) -> list[dict[str, np.ndarray]] | None:
+        """Calibration feeds for `model` (input name -> array), or None without a calibration section.
+
+        Causal LMs get token windows [1, length] (byte tokens for the tiny model, which has no
+        tokenizer); embedding models get padded sentence batches.
+        """
+        cal = self.calibration
+        if cal is None:
+            return None
+        from graphopt import samples
+
+        where = f"{self.path or 'recipe'}, line {cal.line}"
+        try:
+            if model.task == "causal-lm":
+                vocab = model.outputs[0].shape[-1] if model.outputs and model.outputs[0].shape else None
+                if model.tokenizer is None and vocab != 256:
+                    raise RecipeError(
+                        f"{where}: calibration needs the tokenizer of '{model.name}', which this model "
+                        "does not carry; load it as a sample (sample:smollm2) or from its Hugging Face folder"
+                    )
+                windows = samples.lm_windows(model.tokenizer, cal.split, cal.windows, cal.length)
+                return [{model.inputs[0].name: w} for w in windows]
+            if model.task == "embedding":
+                if model.tokenizer is None:
+                    raise RecipeError(f"{where}: calibration needs the tokenizer of '{model.name}'; "
+                                      "load it as sample:minilm or from its Hugging Face folder")
+                return samples.minilm_batches(model.tokenizer, cal.split, cal.windows, batch=cal.batch,
+                                              max_length=cal.length)
+        except ValueError as exc:  # more windows than the text holds
+            raise RecipeError(f"{where}: calibration: {exc}") from exc
+        raise RecipeError(
+            f"{where}: calibration source '{cal.source}' is text, but '{model.name}' is a "
+            f"'{model.task}' model; calibrate it from Python with Pipeline.run(calib=...)"
+        )
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
+
+
+class _Reader:
+    """Walks the composed YAML tree so every error can name the line it is about."""
+
+    def __init__(self, path: str, loader: yaml.SafeLoader):
+        self.path = path
+        self.loader = loader
+
+    def error(self, node: yaml.Node | None, message: str) -> RecipeError:
+        line = f", line {_line(node)}" if node is not None else ""
+        return RecipeError(f"{self.path}{line}: {message}")
+
+    def value(self, node: yaml.Node) -> Any:
+        return self.loader.construct_object(node, deep=True)
+
+    def mapping(self, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
+        """(key, key node, value node) of a mapping, refusing non-mappings and repeated keys."""
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(node, f"{what} must be a mapping (key: value), got {_kind(node)}")
+        seen: dict[str, int] = {}
+        entries = []
+        for key_node, value_node in node.value:
+            key = self.value(key_node)
+            if not isinstance(key, str):
+                raise self.error(key_node, f"{what}: keys must be names, got {key!r}")
+            if key in seen:
+                raise self.error(key_node, f"{what}: '{key}' is given twice (first on line {seen[key]})")
+            seen[key] = _line(key_node)
+            entries.append((key, key_node, value_node))
+        return entries
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    return f"'{node.value}'" if node.value != "" else "nothing"
+
+
+def _option_node(reader: _Reader, options_node: yaml.Node | None, message: str) -> yaml.Node | None:
+    """The key node of the option an OptionError names, so the error can point at its line."""
+    if not isinstance(options_node, yaml.MappingNode):
+        return None
+    for key, key_node, _ in reader.mapping(options_node, "options"):
+        if f"'{key}'" in message:
+            return key_node
+    return None
+
+
+def _build_pass(reader: _Reader, entry: yaml.Node, index: int) -> Pass:
+    from graphopt.pipeline import get_pass
+
+    if isinstance(entry, yaml.ScalarNode):
+        name, name_node, options_node = reader.value(entry), entry, None
+    elif isinstance(entry, yaml.MappingNode) and len(entry.value) == 1:
+        ((name, name_node, options_node),) = reader.mapping(entry, f"pass #{index}")
+    else:
+        raise reader.error(entry, f"pass #{index} must be a name or '{{name: {{options}}}}' with one name, "
+                                  f"got {_kind(entry)}")
+    if not isinstance(name, str) or not name:
+        raise reader.error(name_node, f"pass #{index}: expected a pass name, got {name!r}")
+    options: dict = {}
+    if options_node is not None and not (isinstance(options_node, yaml.ScalarNode) and options_node.value in ("", "~", "null")):
+        options = {key: reader.value(value) for key, _, value in reader.mapping(options_node, f"pass '{name}' options")}
+    try:
+        cls = get_pass(name)
+    except GraphoptError as exc:
+        raise reader.error(name_node, str(exc)) from exc
+    try:
+        return cls.from_options(options)
+    except GraphoptError as exc:
+        raise reader.error(_option_node(reader, options_node, str(exc)) or name_node, str(exc)) from exc
+    except TypeError as exc:  # a required option is missing: the dataclass constructor says which
+        raise reader.error(name_node, f"pass '{name}': {exc}") from exc
+
+
+def _read_backend(reader: _Reader, node: yaml.Node) -> tuple[str, dict, yaml.Node]:
+    if isinstance(node, yaml.ScalarNode):
+        name = reader.value(node)
+        if not isinstance(name, str) or not name:
+            raise reader.error(node, f"backend must be a name or a mapping with 'name', got {name!r}")
+        return name, {}, node
+    entries = reader.mapping(node, "backend")
+    values = {key: (key_node, value_node) for key, key_node, value_node in entries}
+    if "name" not in values:
+        raise reader.error(node, "backend: the mapping needs 'name' (e.g. 'name: qnn')")
+    name = reader.value(values["name"][1])
+    if not isinstance(name, str):
+        raise reader.error(values["name"][1], f"backend: 'name' must be a string, got {name!r}")
+    options = {key: reader.value(v) for key, (_, v) in values.items() if key != "name"}
+    return name, options, values["name"][1]
+
+
+def _check_backend(reader: _Reader, name: str, options: dict, name_node: yaml.Node, node: yaml.Node) -> None:
+    from graphopt.pipeline import available_backends
+
+    backends = available_backends()
+    if name not in backends:
+        raise reader.error(name_node, f"unknown backend '{name}' (known: {', '.join(backends) or 'none'})")
+    try:
+        backends[name].from_options(options)
+    except GraphoptError as exc:
+        raise reader.error(_option_node(reader, node, str(exc)) or name_node, str(exc)) from exc
+    except TypeError as exc:
+        raise reader.error(name_node, f"backend '{name}': {exc}") from exc
+
+
+def _read_calibration(reader: _Reader, node: yaml.Node, key_node: yaml.Node) -> Calibration:
+    values: dict[str, Any] = {}
+    for key, key_node, value_node in reader.mapping(node, "calibration"):
+        value = reader.value(value_node)
+        if key == "source":
+            if value not in _SOURCES:
+                raise reader.error(value_node, f"calibration: option 'source' must be one of {', '.join(_SOURCES)}, got {value!r}")
+        elif key in ("windows", "length", "batch"):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise reader.error(value_node, f"calibration: option '{key}' must be a positive integer, got {value!r}")
+        elif key == "split":
+            if value not in ("calib", "eval"):
+                raise reader.error(value_node, f"calibration: option 'split' must be 'calib' or 'eval', got {value!r}")
+        else:
+            raise reader.error(key_node, f"calibration: unknown option '{key}' (options: batch, length, source, split, windows)")
+        values[key] = value
+    return Calibration(**values, line=_line(key_node))
+
+
+def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
+    """Validate recipe text; every error is a RecipeError naming `path`, the line and the option."""
+    loader = yaml.SafeLoader(text)
+    reader = _Reader(str(path), loader)
+    try:
+        try:
+            root = loader.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = f", line {mark.line + 1}" if mark else ""
+            raise RecipeError(f"{path}{line}: not valid YAML: {exc.problem or exc}") from exc
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        if root is None:
+            raise RecipeError(f"{path}: the recipe is empty; it needs a 'passes:' list")
+        sections = {key: (key_node, value_node) for key, key_node, value_node in reader.mapping(root, "the recipe")}
+        for key, (key_node, _) in sections.items():
+            if key not in _TOP_KEYS:
+                raise reader.error(key_node, f"unknown section '{key}' (sections: {', '.join(_TOP_KEYS)})")
+        if "passes" not in sections:
+            raise reader.error(root, "the recipe needs a 'passes:' list")
+        passes_node = sections["passes"][1]
+        if not isinstance(passes_node, yaml.SequenceNode):
+            raise reader.error(passes_node, f"'passes' must be a list, got {_kind(passes_node)}")
+        passes = [_build_pass(reader, entry, i + 1) for i, entry in enumerate(passes_node.value)]
+        recipe = Recipe(passes=passes, path=Path(path))
+        if "backend" in sections:
+            node = sections["backend"][1]
+            recipe.backend, recipe.backend_options, name_node = _read_backend(reader, node)
+            _check_backend(reader, recipe.backend, recipe.backend_options, name_node, node)
+        if "calibration" in sections:
+            recipe.calibration = _read_calibration(reader, sections["calibration"][1], sections["calibration"][0])
+        return recipe
+    finally:
+        loader.dispose()
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: no such recipe file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc}") from exc
+    return parse_recipe(text, path)
