@@ -19,10 +19,10 @@ __all__ = ["load", "from_module", "from_hf", "CausalLMLogits", "SentenceEmbeddin
 
 def load(source: Any, example_inputs: dict[str, np.ndarray] | None = None, *,
          dynamic_axes: dict[str, dict[int, str]] | None = None, task: str | None = None,
-         name: str | None = None, log=print) -> Model:
+         name: str | None = None, form: str = "fx", log=print) -> Model:
     """Load a model from any supported source.
 
-    - `"sample:NAME"`: a bundled sample (see `graphopt.samples`)
+    - `"sample:NAME"`: a bundled sample (see `graphopt.samples`); `form="onnx"` loads it lowered
     - a path to an `.onnx` file (external data allowed only inside the model's folder)
     - a path to a Hugging Face folder (config.json + safetensors weights)
     - a path to a `.gguf` file (dequantised to float through transformers)
@@ -31,7 +31,7 @@ def load(source: Any, example_inputs: dict[str, np.ndarray] | None = None, *,
     if isinstance(source, str) and source.startswith("sample:"):
         from graphopt import samples
 
-        return samples.load_sample(source.split(":", 1)[1], log=log)
+        return samples.load_sample(source.split(":", 1)[1], form=form, log=log)
     if not isinstance(source, (str, os.PathLike)):
         if example_inputs is None:
             raise ModelLoadError("loading an nn.Module needs example_inputs (input name -> array)")

@@ -18,7 +18,7 @@ from graphopt.ir import MIN_OPSET, Model
 
 __all__ = ["lower", "cache_dir", "content_hash"]
 
-_LOWERING_VERSION = "1"  # bump when the exporter call below changes what it produces
+_LOWERING_VERSION = "2"  # bump when the exporter call below changes what it produces
 
 
 def cache_dir() -> Path:
@@ -97,6 +97,7 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
             proto = _fold_weight_transposes(program.model_proto)
             proto = _optimize(proto)
             _name_outputs(proto, [s.name for s in model.outputs])
+            _name_dynamic_axes(proto, model)
         log(f"lower: exported in {time.perf_counter() - start:.1f} s")
         if use_cache:
             onnx_io.save_onnx(proto, target)
@@ -116,7 +117,9 @@ def _fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
     The exporter writes Linear as MatMul(x, Transpose(W)); its optimizer would fold the transpose
     into an anonymous `val_N`, and encodings and masks keyed by parameter name would lose their
     tensor. The folded [in, out] weight keeps the name `W` when the transpose was its only use,
-    and is called `W.T` when the original is still needed (tied embedding and lm_head).
+    and is called `W.T` when the original is still needed. A tied embedding (W also read by
+    Gather along axis 0) is stored once: the Gathers read `W.T` along axis 1 and transpose their
+    result, so the phone does not carry the vocabulary table twice.
     """
     from collections import Counter
 
@@ -142,7 +145,7 @@ def _fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
             graph.initializer.append(tensor)
         renames[node.output[0]] = name
     del graph.node[:]
-    graph.node.extend(kept_nodes)
+    graph.node.extend(_share_tied_tables(kept_nodes, renames, inits, graph))
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in renames:
@@ -150,7 +153,31 @@ def _fold_weight_transposes(proto: onnx.ModelProto) -> onnx.ModelProto:
     stale = [v for v in graph.value_info if v.name in renames]
     for value in stale:
         graph.value_info.remove(value)
+    used = {name for node in graph.node for name in node.input}
+    for tensor in [t for t in graph.initializer if t.name not in used]:
+        graph.initializer.remove(tensor)
     return proto
+
+
+def _share_tied_tables(nodes, renames, inits, graph):
+    """Point axis-0 Gathers of a weight that now has a transposed copy at that copy instead."""
+    transposed = {src: name for name in renames.values() if name.endswith(".T") for src in [name[:-2]]}
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in list(graph.input) + list(graph.value_info)}
+    out = []
+    for node in nodes:
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        table = node.input[0] if node.op_type == "Gather" and node.input else None
+        rank = ranks.get(node.input[1]) if table in transposed else None
+        if table not in transposed or axis != 0 or not rank:
+            out.append(node)
+            continue
+        gathered = f"{node.output[0]}__columns"
+        out.append(onnx.helper.make_node(
+            "Gather", [transposed[table], node.input[1]], [gathered], name=node.name, axis=1))
+        out.append(onnx.helper.make_node(
+            "Transpose", [gathered], [node.output[0]], name=f"{node.name}__to_rows",
+            perm=list(range(1, rank + 1)) + [0]))
+    return out
 
 
 def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
@@ -176,6 +203,21 @@ def _name_outputs(proto: onnx.ModelProto, names: list[str]) -> None:
         node.output[:] = [mapping.get(v, v) for v in node.output]
     for value in list(graph.output) + list(graph.value_info):
         value.name = mapping.get(value.name, value.name)
+
+
+def _name_dynamic_axes(proto: onnx.ModelProto, model: Model) -> None:
+    """Replace the exporter's symbols (s72, s70) by the axis names of the model's inputs."""
+    symbols: dict[str, str] = {}
+    specs = {spec.name: spec for spec in model.inputs}
+    for value in proto.graph.input:
+        spec = specs.get(value.name)
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape if spec else ()):
+            if isinstance(size, str) and dim.dim_param:
+                symbols[dim.dim_param] = size
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = symbols[dim.dim_param]
 
 
 def _optimize(proto: onnx.ModelProto) -> onnx.ModelProto:

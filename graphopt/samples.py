@@ -120,10 +120,67 @@ def tiny_llama(seed: int = 0):
     return model.eval()
 
 
-def load_sample(name: str, *, log=print):
-    """Load a bundled sample in the FX form, with sample inputs from the evaluation split."""
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _cached_onnx_sample(name: str, log=print):
+    """The ONNX form of a sample, cached with its tokenizer by the digest of the weight file.
+
+    Loading SmolLM2 from GGUF and tracing it takes ~50 s; this loads the lowered file in seconds.
+    """
+    import torch
+    import transformers
+
+    from graphopt import onnx_io
+    from graphopt.ir import Model
+    from graphopt.lowering import cache_dir, lower
+
+    weights = smollm2_gguf() if name == "smollm2" else minilm_dir() / "model.safetensors"
+    key = f"{name}-{_file_digest(weights)}-torch{torch.__version__}-v1"
+    folder = cache_dir() / "samples" / key
+    if (folder / "model.onnx").is_file() and (folder / "tokenizer").is_dir():
+        log(f"load: cached ONNX sample {folder}")
+        proto = onnx_io.load_onnx(folder / "model.onnx")
+        model = Model.from_onnx(proto, name=name)
+        model.task = "causal-lm" if name == "smollm2" else "embedding"
+        model.tokenizer = transformers.AutoTokenizer.from_pretrained(folder / "tokenizer")
+        model.sample_inputs = _sample_feeds(name, model.tokenizer)
+        return model
+    model = lower(load_sample(name, log=log), log=log)
+    model.save(folder / "model.onnx")
+    model.tokenizer.save_pretrained(folder / "tokenizer")
+    return model
+
+
+def _sample_feeds(name: str, tokenizer) -> list[dict[str, np.ndarray]]:
+    if name == "smollm2":
+        return [{"input_ids": np.concatenate(lm_windows(tokenizer, "eval", 2, 64))}]
+    return minilm_batches(tokenizer, "eval", 1, batch=4)
+
+
+def load_sample(name: str, *, form: str = "fx", log=print):
+    """Load a bundled sample, with sample inputs from the evaluation split.
+
+    form="fx" traces it with torch.export; form="onnx" returns the lowered model (for the real
+    samples from a cache keyed by the weight file's digest, so only the first call is slow).
+    """
     from graphopt.frontends import CausalLMLogits, from_hf, from_module
 
+    if form not in ("fx", "onnx"):
+        raise ValueError(f"form must be 'fx' or 'onnx', got {form!r}")
+    if form == "onnx" and name in ("smollm2", "minilm"):
+        return _cached_onnx_sample(name, log)
+    if form == "onnx":
+        from graphopt.lowering import lower
+
+        return lower(load_sample(name, log=log), log=log)
     if name == "tiny-llama":
         windows = lm_windows(None, "eval", 2, 32)
         feeds = [{"input_ids": np.concatenate(windows)}]
@@ -132,11 +189,10 @@ def load_sample(name: str, *, log=print):
     if name == "smollm2":
         path = smollm2_gguf()
         model = from_hf(path.parent, gguf_file=path.name, log=log, name="smollm2")
-        windows = lm_windows(model.tokenizer, "eval", 2, 64)
-        model.sample_inputs = [{"input_ids": np.concatenate(windows)}]
+        model.sample_inputs = _sample_feeds(name, model.tokenizer)
         return model
     if name == "minilm":
         model = from_hf(minilm_dir(), log=log, name="minilm")
-        model.sample_inputs = minilm_batches(model.tokenizer, "eval", 1, batch=4)
+        model.sample_inputs = _sample_feeds(name, model.tokenizer)
         return model
     raise ModelLoadError(f"unknown sample '{name}' (samples: {', '.join(SAMPLES)})")
