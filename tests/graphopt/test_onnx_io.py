@@ -1,0 +1,133 @@
+"""Safe ONNX I/O: external data must stay beside the model, corrupt files fail clearly, saves are atomic."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from graphopt import onnx_io
+from graphopt.errors import ModelLoadError, UnsafePathError
+from graphopt.ir import Model
+
+
+def small_model(weight: np.ndarray | None = None) -> onnx.ModelProto:
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) if weight is None else weight
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", weight.shape[1]])],
+        initializer=[numpy_helper.from_array(weight, "W")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def with_external_location(location: str) -> onnx.ModelProto:
+    """A model whose weight 'W' claims to live in `location`."""
+    model = small_model()
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "48")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return model
+
+
+@pytest.mark.parametrize("location", ["../../etc/passwd", "/etc/passwd", "sub/../../secret.bin"])
+def test_external_data_escaping_the_folder_is_refused(tmp_path, location):
+    path = tmp_path / "model.onnx"
+    path.write_bytes(with_external_location(location).SerializeToString())
+    with pytest.raises(UnsafePathError) as info:
+        onnx_io.load_onnx(path)
+    message = str(info.value)
+    assert location in message and "'W'" in message and str(path) in message
+
+
+def test_external_data_symlink_out_of_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"\0" * 48)
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights.bin").symlink_to(outside)
+    (folder / "model.onnx").write_bytes(with_external_location("weights.bin").SerializeToString())
+    with pytest.raises(UnsafePathError, match="outside the model's folder"):
+        onnx_io.load_onnx(folder / "model.onnx")
+
+
+def test_external_data_beside_the_model_loads(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(np.arange(12, dtype=np.float32).tobytes())
+    (tmp_path / "model.onnx").write_bytes(with_external_location("weights.bin").SerializeToString())
+    loaded = onnx_io.load_onnx(tmp_path / "model.onnx")
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]).ravel(), np.arange(12))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_truncated_file_names_the_file(tmp_path, keep):
+    data = small_model(np.ones((64, 64), np.float32)).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(ModelLoadError, match="cut.onnx"):
+        onnx_io.load_onnx(path)
+
+
+def test_garbage_and_missing_files_name_the_file(tmp_path):
+    path = tmp_path / "junk.onnx"
+    path.write_bytes(os.urandom(256))
+    with pytest.raises(ModelLoadError, match="junk.onnx"):
+        onnx_io.load_onnx(path)
+    with pytest.raises(ModelLoadError, match="absent.onnx"):
+        onnx_io.load_onnx(tmp_path / "absent.onnx")
+
+
+def test_save_refuses_to_overwrite_the_source(tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx_io.save_onnx(small_model(), path)
+    model = Model.from_onnx(onnx_io.load_onnx(path), source=path)
+    before = path.read_bytes()
+    with pytest.raises(UnsafePathError, match="refusing to write over"):
+        model.save(path)
+    with pytest.raises(UnsafePathError):
+        model.save(tmp_path / "." / "model.onnx")  # same file under another spelling
+    assert path.read_bytes() == before
+    model.save(tmp_path / "copy.onnx")
+    assert (tmp_path / "copy.onnx").is_file()
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "model.onnx"
+    onnx_io.save_onnx(small_model(), path)
+    before = path.read_bytes()
+
+    def crash(model, target, *args, **kwargs):
+        with open(target, "wb") as fh:
+            fh.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", crash)
+    with pytest.raises(OSError, match="disk full"):
+        onnx_io.save_onnx(small_model(np.zeros((3, 4), np.float32)), path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]  # no staging left behind
+
+
+def test_large_models_keep_weights_beside_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 4 * 1024)  # "large" = over 1 kB here
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    path = onnx_io.save_onnx(small_model(weight), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size == weight.nbytes
+    assert path.stat().st_size < 1024
+    stored = onnx.load(str(path), load_external_data=False).graph.initializer[0]
+    assert {e.key: e.value for e in stored.external_data}["location"] == "big.onnx.data"
+    loaded = onnx_io.load_onnx(path)
+    np.testing.assert_array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), weight)
+
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 2**31 - 1)  # a small save removes stale weights
+    onnx_io.save_onnx(small_model(), tmp_path / "big.onnx")
+    assert not (tmp_path / "big.onnx.data").exists()
+
+
+def test_atomic_write_text(tmp_path):
+    target = onnx_io.atomic_write_text(tmp_path / "sub" / "r.md", "hello")
+    assert target.read_text() == "hello" and sorted(os.listdir(tmp_path / "sub")) == ["r.md"]
