@@ -235,7 +235,8 @@ def _dtype_name(tensor: gs.Constant) -> str:
 def _nbytes(tensor: gs.Constant) -> int:
     """Bytes on disk: 4-bit types pack two values per byte."""
     export_dtype = getattr(tensor, "export_dtype", None)
-    if export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    # onnx >= 1.20 holds int4 as ml_dtypes arrays, one byte per value in memory
+    if export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or _dtype_name(tensor) in ("int4", "uint4"):
         return (int(np.prod(tensor.shape)) + 1) // 2
     return int(tensor.values.nbytes)
 
