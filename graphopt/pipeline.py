@@ -153,7 +153,8 @@ class Pipeline:
 
                     new_model, changed, stats = lower(current, opset=self.opset, log=self.log), True, {}
                 else:
-                    subject = current.copy() if (p.mutates_input and current is model) else current
+                    # Copy even intermediates: the step's diff compares `current` with the result.
+                    subject = current.copy() if p.mutates_input else current
                     result = p.run(subject, ctx)
                     new_model, changed, stats = result.model, result.changed, result.stats
             except GraphoptError as exc:
