@@ -248,7 +248,7 @@ class GraphDiff:
             lines += ["## Initializers", "", "| name | status | shape | dtype | bytes | zeros |", "|---|---|---|---|---|---|"]
             for w in self.weights[:_LIST_LIMIT]:
                 lines.append(f"| {w.name} | {w.status} | {_pair(w.shape)} | {_pair(w.dtype)} | "
-                             f"{_pair(w.bytes)} | {_pair(tuple(_pct(s) for s in w.sparsity))} |")
+                             f"{_pair(w.bytes, _int)} | {_pair(w.sparsity, _pct)} |")
             lines += _more(len(self.weights)) + [""]
         if self.io_changed:
             lines += ["## Signature", ""]
@@ -281,16 +281,25 @@ def _signed(n: int) -> str:
     return f"+{n}" if n > 0 else str(n)
 
 
-def _pct(value) -> str:
-    return "" if value is None else f"{100 * value:.1f}%"
+def _cell(value, fmt: Callable[[Any], str] = str) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, tuple):
+        return str(list(value))
+    return fmt(value)
 
 
-def _pair(pair) -> str:
-    a, b = (("—" if v is None else (list(v) if isinstance(v, tuple) else v)) for v in pair)
-    if a == b:
-        return f"{a:,}" if isinstance(a, int) else str(a)
-    fmt = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
-    return f"{fmt(a)} → {fmt(b)}"
+def _pair(pair, fmt: Callable[[Any], str] = str) -> str:
+    a, b = (_cell(v, fmt) for v in pair)
+    return a if a == b else f"{a} → {b}"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _int(value: int) -> str:
+    return f"{value:,}"
 
 
 def _spec_text(item) -> str:
