@@ -67,15 +67,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_model(source: str, *, onnx: bool = False):
-    """Load MODEL (a path or sample:NAME) with progress on stderr; lower it when `onnx` is asked."""
+    """Load MODEL (a path or sample:NAME) with progress on stderr; in ONNX form when `onnx` is set.
+
+    Samples load their cached ONNX form directly; other FX models are lowered (also cached).
+    """
     import graphopt
 
     start = time.perf_counter()
     log(f"loading {source} ...")
-    model = graphopt.load(source, log=log)
-    log(f"loaded {model.name} ({model.form.upper()}, {model.num_nodes():,} nodes) in {time.perf_counter() - start:.1f} s")
+    model = graphopt.load(source, form="onnx" if onnx else "fx", log=log)
     if onnx and model.form == "fx":
         model = graphopt.lower(model, log=log)
+    log(f"loaded {model.name} ({model.form.upper()}, {model.num_nodes():,} nodes) in {time.perf_counter() - start:.1f} s")
     return model
 
 
@@ -219,7 +222,8 @@ def _convert_run(args) -> int:
     log(f"recipe {args.recipe}: {', '.join(p.name for p in recipe.passes) or 'no passes'}"
         + (f", backend {backend}" if backend else ""))
 
-    model = load_model(args.model)
+    # A recipe without FX passes would lower at once: load samples in their cached ONNX form.
+    model = load_model(args.model, onnx=not any("fx" in p.forms() for p in recipe.passes))
     calib = recipe.calibration_feeds(model)
     if calib:
         log(f"calibration: {len(calib)} feeds from {recipe.calibration.source} ({recipe.calibration.split})")
@@ -247,7 +251,7 @@ def _diff_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _diff_run(args) -> int:
-    from graphopt.diff import diff_models
+    from graphopt.diffing import diff_models
 
     a, b = load_model(args.a), load_model(args.b)
     if a.form != b.form:  # compare like with like: there is no ONNX -> FX path, so lower

@@ -172,7 +172,7 @@ class Pipeline:
                 bytes=(sizes_before[2], new_model.num_bytes()), stats=stats,
             )
             if current.form == new_model.form and changed:
-                from graphopt.diff import diff_models
+                from graphopt.diffing import diff_models
 
                 record.diff = diff_models(current, new_model).summary()
             if self.verify and changed:

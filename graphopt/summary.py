@@ -6,7 +6,7 @@ from collections import Counter
 
 import numpy as np
 
-from graphopt.diff import GraphView, distinct_params, view_of
+from graphopt.diffing import GraphView, distinct_params, view_of
 from graphopt.ir import Model
 
 __all__ = ["summarize", "to_markdown", "SPARSE_THRESHOLD"]

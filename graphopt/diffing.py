@@ -1,4 +1,7 @@
-"""Structural difference between two models in the same IR form: ops, wiring, weights, signature."""
+"""Structural difference between two models in the same IR form: ops, wiring, weights, signature.
+
+(Named diffing, not diff, so that importing it does not replace the function `graphopt.diff`.)
+"""
 
 from __future__ import annotations
 
