@@ -183,16 +183,18 @@ def test_tiny_llama_outputs_unchanged(tiny_onnx):
 
 @pytest.mark.real
 def test_smollm2_outputs_unchanged(smollm2_onnx):
-    pipeline = Pipeline([Cleanup()], verify=True, log=lambda *a: None)
-    result = pipeline.run(smollm2_onnx)
-    step = result.report.steps[-1]
-    assert step.name == "cleanup"
-    assert step.nodes[1] <= step.nodes[0]
-    assert step.params[1] <= step.params[0] and step.bytes[1] <= step.bytes[0]  # no duplicated weights
-    if step.changed:
-        assert step.fidelity["sqnr_db"] > 100 and step.fidelity["overlap@1"] == 1.0
-    x = {"input_ids": smollm2_onnx.sample_inputs[0]["input_ids"][:1, :40]}
-    np.testing.assert_allclose(result.model.run(x)[0], smollm2_onnx.run(x)[0], rtol=0, atol=1e-4)
+    model = smollm2_onnx.copy()
+    feeds_ = {"input_ids": smollm2_onnx.sample_inputs[0]["input_ids"][:, :48]}
+    before = model.run(feeds_)[0]
+    nodes, size = model.num_nodes(), model.num_bytes()
+    result = Cleanup().run(model, PassContext())
+    # 30 layers each slice head_dim out of a partly dynamic shape
+    assert result.changed and result.stats.get("folded_shapes", 0) >= 30
+    assert result.model.num_nodes() <= nodes - 30
+    assert result.model.num_bytes() - size < 4096  # only small shape constants, no weight copies
+    weights = {name for name in smollm2_onnx.parameters() if name.endswith("weight")}
+    assert weights <= set(result.model.parameters())  # parameter names kept
+    np.testing.assert_allclose(result.model.run(feeds_)[0], before, rtol=0, atol=1e-6)
 
 
 def test_unsorted_graph_is_sorted():
