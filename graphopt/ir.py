@@ -131,7 +131,12 @@ class Model:
         return Model(**fields)
 
     def copy(self) -> "Model":
-        """A deep copy of graph and metadata; sample inputs and tokenizer are shared (read-only)."""
+        """A copy of graph structure and metadata; weight arrays are shared, not copied.
+
+        Copying SmolLM2's 540 MB of weights per pass would dominate a pipeline, so weights are
+        copy-on-write by contract: a pass assigns a new array (`const.values = new`), never
+        writes into an existing one. Sample inputs and tokenizer are shared (read-only) too.
+        """
         if self.form == "fx":
             body = {"fx": copy.deepcopy(self.fx)}
         else:

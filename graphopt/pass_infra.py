@@ -65,6 +65,7 @@ class Pass:
     override `check()` to validate option values (raise OptionError naming the option).
     `mutates_input` declares whether the pass edits the model it receives in place; the pass
     manager copies the model first when it does and the caller still needs the input.
+    Weight arrays are shared between copies (see `Model.copy`): replace them, never write into them.
     """
 
     name: ClassVar[str] = ""
