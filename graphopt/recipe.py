@@ -201,7 +201,7 @@ def _check_backend(reader: _Reader, name: str, options: dict, name_node: yaml.No
         raise reader.error(name_node, f"backend '{name}': {exc}") from exc
 
 
-def _read_calibration(reader: _Reader, node: yaml.Node, key_node: yaml.Node) -> Calibration:
+def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> Calibration:
     values: dict[str, Any] = {}
     for key, key_node, value_node in reader.mapping(node, "calibration"):
         value = reader.value(value_node)
@@ -217,7 +217,7 @@ def _read_calibration(reader: _Reader, node: yaml.Node, key_node: yaml.Node) -> 
         else:
             raise reader.error(key_node, f"calibration: unknown option '{key}' (options: batch, length, source, split, windows)")
         values[key] = value
-    return Calibration(**values, line=_line(key_node))
+    return Calibration(**values, line=_line(section))
 
 
 def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:

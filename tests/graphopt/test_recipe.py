@@ -1,0 +1,135 @@
+"""graphopt.recipe: passes built from YAML, errors that name the file, the line and the option."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import pytest
+
+from graphopt.errors import RecipeError
+from graphopt.ir import Model
+from graphopt.pass_infra import PASSES, Pass, PassResult
+from graphopt.recipe import Calibration, Recipe, load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class _Scale(Pass):
+    """Test pass: multiplies nothing; only its options matter here."""
+
+    name: ClassVar[str] = "test_recipe_scale"
+    factor: float = 1.0
+    mode: Literal["fast", "exact"] = "fast"
+
+    def run_onnx(self, model: Model, ctx) -> PassResult:
+        return PassResult(model, False)
+
+
+@dataclass(frozen=True)
+class _Needs(Pass):
+    """Test pass with a required option."""
+
+    name: ClassVar[str] = "test_recipe_needs"
+    target: str
+
+    def run_onnx(self, model: Model, ctx) -> PassResult:
+        return PassResult(model, False)
+
+
+@pytest.fixture(autouse=True)
+def test_passes(monkeypatch):
+    monkeypatch.setitem(PASSES, _Scale.name, _Scale)
+    monkeypatch.setitem(PASSES, _Needs.name, _Needs)
+
+
+GOOD = """\
+passes:
+  - test_recipe_scale
+  - test_recipe_scale: {factor: 2, mode: exact}
+  - test_recipe_needs:
+      target: lm_head.weight
+calibration:
+  windows: 3
+  length: 16
+"""
+
+
+def test_good_recipe_builds_passes_in_order():
+    recipe = parse_recipe(GOOD, "good.yaml")
+    assert recipe.passes == [_Scale(), _Scale(factor=2, mode="exact"), _Needs(target="lm_head.weight")]
+    assert recipe.backend is None and recipe.backend_options == {}
+    assert recipe.calibration == Calibration(windows=3, length=16, line=6)
+    assert recipe.path == Path("good.yaml")
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("passes:\n  - test_recipe_scale:\n      factor: 2\n      bogus: 1\n", 4, ["unknown option 'bogus'"]),
+    ("passes:\n  - test_recipe_scale:\n      factor: 2\n      mode: slow\n", 4, ["option 'mode'", "'slow'"]),
+    ("passes:\n  - test_recipe_scale:\n      factor: fast\n", 3, ["option 'factor'"]),
+    ("passes:\n  - test_recipe_scale\n  - no_such_pass\n", 3, ["unknown pass 'no_such_pass'"]),
+    ("passes:\n  - test_recipe_needs\n", 2, ["test_recipe_needs", "target"]),
+    ("passes:\n  - test_recipe_scale: {factor: 2\n", 3, ["not valid YAML"]),
+    ("passes:\n  - test_recipe_scale\npasses: []\n", 3, ["'passes' is given twice (first on line 1)"]),
+    ("pases:\n  - test_recipe_scale\n", 1, ["unknown section 'pases'"]),
+    ("passes: test_recipe_scale\n", 1, ["'passes' must be a list"]),
+    ("passes:\n  - {test_recipe_scale: {}, test_recipe_needs: {}}\n", 2, ["pass #1"]),
+    ("passes:\n  - test_recipe_scale: [1, 2]\n", 2, ["options must be a mapping"]),
+    ("passes: []\nbackend: no_such_backend\n", 2, ["unknown backend 'no_such_backend'"]),
+    ("passes: []\nbackend: {device: x}\n", 2, ["'name'"]),
+    ("passes: []\ncalibration:\n  windows: 0\n", 3, ["option 'windows'", "positive integer"]),
+    ("passes: []\ncalibration:\n  source: hub:wikitext\n", 3, ["option 'source'"]),
+    ("passes: []\ncalibration:\n  split: test\n", 3, ["option 'split'"]),
+    ("passes: []\ncalibration:\n  shuffle: true\n", 3, ["unknown option 'shuffle'"]),
+])
+def test_errors_name_file_line_and_option(text, line, words):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml")
+    message = str(info.value)
+    assert message.startswith(f"r.yaml, line {line}: "), message
+    for word in words:
+        assert word in message, message
+
+
+def test_empty_and_missing_files(tmp_path):
+    with pytest.raises(RecipeError, match="empty"):
+        parse_recipe("", "r.yaml")
+    with pytest.raises(RecipeError, match="needs a 'passes:' list"):
+        parse_recipe("backend: x\n", "r.yaml")
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "missing.yaml")
+    path = tmp_path / "r.yaml"
+    path.write_text(GOOD)
+    assert load_recipe(path).path == path
+
+
+def test_calibration_feeds_for_the_tiny_model(tiny_fx):
+    recipe = parse_recipe(GOOD, "good.yaml")
+    feeds = recipe.calibration_feeds(tiny_fx)
+    assert len(feeds) == 3
+    assert all(set(f) == {"input_ids"} and f["input_ids"].shape == (1, 16) and f["input_ids"].dtype == np.int64
+               for f in feeds)
+    assert max(int(f["input_ids"].max()) for f in feeds) < 256  # byte vocabulary
+    assert Recipe(passes=[]).calibration_feeds(tiny_fx) is None
+
+
+def test_calibration_needs_a_tokenizer_and_a_text_model(tiny_onnx):
+    recipe = parse_recipe(GOOD, "good.yaml")
+    no_tokenizer = tiny_onnx.replace(outputs=[tiny_onnx.outputs[0].__class__("logits", "float32", ("b", "s", 49152))])
+    with pytest.raises(RecipeError, match=r"good.yaml, line 6: calibration needs the tokenizer"):
+        recipe.calibration_feeds(no_tokenizer)
+    with pytest.raises(RecipeError, match="'generic' model"):
+        recipe.calibration_feeds(tiny_onnx.replace(task="generic"))
+    too_many = parse_recipe("passes: []\ncalibration:\n  windows: 100000\n  length: 512\n", "big.yaml")
+    with pytest.raises(RecipeError, match="big.yaml, line 2: calibration: asked for 100000 windows"):
+        too_many.calibration_feeds(tiny_onnx)
+
+
+def test_sample_cleanup_recipe():
+    from graphopt.pipeline import available_passes
+
+    if "cleanup" not in available_passes():
+        pytest.skip("the cleanup pass is not registered yet")
+    recipe = load_recipe(REPO / "samples" / "recipes" / "cleanup.yaml")
+    assert [p.name for p in recipe.passes] == ["cleanup"]
