@@ -178,7 +178,7 @@ def benchmark_causal_lm(
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
-    """Rows (each with a "name") as a Markdown table; floats to 4 significant places, bytes in MB."""
+    """Rows (each with a "name") as a Markdown table: bytes in MB, ppl to 3 decimals, times in ms/s."""
     if not rows:
         return ""
     columns = columns or [c for c in rows[0] if c != "name"]
@@ -191,7 +191,11 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str] | None = None)
 
 
 def _header(column: str) -> str:
-    return {"bytes": "MB on disk", "latency_ms": "latency ms", "latency_min_ms": "min ms"}.get(column, column)
+    return {"bytes": "MB on disk", "latency_ms": "latency ms", "latency_min_ms": "min ms",
+            "pipeline_s": "pipeline s"}.get(column, column)
+
+
+_FORMATS = {"ppl": "{:.3f}", "latency_ms": "{:.1f}", "latency_min_ms": "{:.1f}", "pipeline_s": "{:.1f}"}
 
 
 def _cell(column: str, value: Any) -> str:
@@ -201,6 +205,8 @@ def _cell(column: str, value: Any) -> str:
         return f"{value / 1e6:.1f}"
     if column == "params":
         return f"{value / 1e6:.2f}M"
+    if column in _FORMATS and isinstance(value, (int, float)):
+        return _FORMATS[column].format(value)
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
