@@ -91,6 +91,8 @@ def _bypass(graph: gs.Graph, node: gs.Node, guarded_names: set[str]) -> bool:
     metadata refers to by name).
     """
     src, dst = node.inputs[0], node.outputs[0]
+    if dst.name in guarded_names:  # an encoding or mask keyed by this name would lose its tensor
+        return False
     out_pos = _index_of(graph.outputs, dst)
     if out_pos is not None:
         if (_index_of(graph.inputs, src) is not None or _index_of(graph.outputs, src) is not None
@@ -237,7 +239,8 @@ class Cleanup(Pass):
     1. Dead nodes: nodes whose outputs reach no graph output are removed (also after rules 2-5).
     2. Identity: consumers read the Identity's input instead. Does NOT fire when the Identity
        joins a graph input, a graph output or a constant straight to a graph output (the graph's
-       signature and names stay), nor when its input is a tensor metadata names (encodings, masks).
+       signature and names stay), nor when metadata (encodings, masks) names its output, or names
+       its input and the input would have to take the graph output's name.
     3. Cast to the dtype its input already has: removed like an Identity, same exceptions. Does
        NOT fire when the input's dtype is unknown.
     4. Static shapes: `Shape(x)` becomes a constant when the dims it reports are static; a

@@ -207,3 +207,11 @@ def test_unsorted_graph_is_sorted():
         Model.from_onnx(proto), PassContext())
     assert result.changed and result.stats == {"dead_nodes": 1, "reordered": 1}
     onnx.checker.check_model(result.model.to_onnx())  # the checker refuses unsorted graphs
+
+
+def test_identity_named_by_an_encoding_stays():
+    model = messy_model()
+    model.meta.encodings["x_id"] = {"bitwidth": 8, "scale": [0.1]}
+    result = Cleanup(fold_constants=False).run(model, PassContext())
+    assert result.stats["identities"] == 1  # only mm -> y went
+    assert "x_id" in {t.name for n in result.model.graph.nodes for t in n.outputs}
