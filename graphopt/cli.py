@@ -253,7 +253,9 @@ def _diff_args(parser: argparse.ArgumentParser) -> None:
 def _diff_run(args) -> int:
     from graphopt.diffing import diff_models
 
-    a, b = load_model(args.a), load_model(args.b)
+    # Beside an ONNX file, a sample loads in its (cached) ONNX form rather than being traced.
+    onnx_side = any(source.lower().endswith(".onnx") for source in (args.a, args.b))
+    a, b = load_model(args.a, onnx=onnx_side), load_model(args.b, onnx=onnx_side)
     if a.form != b.form:  # compare like with like: there is no ONNX -> FX path, so lower
         import graphopt
 

@@ -41,7 +41,8 @@ class GraphView:
     nodes:   node name -> NodeView (ONNX ops; FX call_function targets such as aten.linear.default)
     weights: weight name -> (shape, dtype, bytes)
     values:  weight name -> numpy array (called only for weights that need it)
-    storage: name -> a key that is equal in a and b when both read the same memory (skips hashing)
+    storage: name -> the array object (ONNX) or (data pointer, strides) (FX); the same in a and b
+             only when both read the same memory, which skips hashing
     inputs / outputs: {"name", "dtype", "shape"} of the graph signature
     """
 
@@ -49,7 +50,7 @@ class GraphView:
     nodes: dict[str, NodeView]
     weights: dict[str, tuple[tuple[int, ...], str, int]]
     values: Callable[[str], np.ndarray]
-    storage: Callable[[str], Any]  # a key equal in a and b only when both read the same memory
+    storage: dict[str, Any]
     inputs: list[dict]
     outputs: list[dict]
     constants: set[str] = field(default_factory=set)
@@ -64,10 +65,9 @@ def _onnx_view(model: Model) -> GraphView:
         nodes[name] = NodeView(node.op, tuple(t.name for t in node.inputs), tuple(t.name for t in node.outputs))
     constants = {n for n, t in tensors.items() if isinstance(t, gs.Constant)}
 
-    def storage(name: str):
-        # gs.Graph.copy shares weight arrays, so an identical object means identical values.
-        return id(getattr(tensors[name], "_values", None))
-
+    # gs.Graph.copy shares weight arrays (or their not-yet-loaded LazyValues), so the same object
+    # means the same values. Taken before parameters() loads lazy values into fresh arrays.
+    storage = {name: getattr(tensors[name], "_values", None) for name in constants}
     return GraphView(
         form="onnx", nodes=nodes, weights=model.parameters(),
         values=lambda name: np.asarray(tensors[name].values), storage=storage,
@@ -105,7 +105,7 @@ def _fx_view(model: Model) -> GraphView:
     return GraphView(
         form="fx", nodes=nodes, weights=model.parameters(),
         values=lambda name: state[name].detach().cpu().numpy(),
-        storage=lambda name: (state[name].data_ptr(), state[name].stride()),
+        storage={name: (t.data_ptr(), t.stride()) for name, t in state.items()},
         inputs=[spec(s) for s in model.inputs], outputs=[spec(s) for s in model.outputs],
         constants=set(state),
     )
@@ -323,13 +323,17 @@ def _zeros(array: np.ndarray) -> float | None:
     return 1.0 - np.count_nonzero(array) / array.size
 
 
+def _same_memory(a, b) -> bool:
+    return a is not None and (a is b or (isinstance(a, tuple) and a == b))
+
+
 def _weight_changes(va: GraphView, vb: GraphView) -> list[WeightChange]:
     changes = []
     for name in sorted(set(va.weights) | set(vb.weights)):
         a, b = va.weights.get(name), vb.weights.get(name)
         if a and b:
             if a[0] == b[0] and a[1] == b[1]:
-                same_storage = a[2] > 0 and va.storage(name) == vb.storage(name)
+                same_storage = a[2] > 0 and _same_memory(va.storage.get(name), vb.storage.get(name))
                 # Values are compared (by hash) only when shape and dtype match.
                 if same_storage or _digest(va.values(name)) == _digest(vb.values(name)):
                     continue

@@ -176,3 +176,37 @@ def test_inspect_smollm2_onnx_reports_134_5m_parameters(capsys):
     assert abs(summary["params"] - 134.5e6) <= 0.1e6
     assert summary["ops"]["MatMul"] >= 30 * 7
     assert summary["outputs"][0]["name"] == "logits"
+
+
+def test_convert_exports_with_the_recipe_backend(tmp_path, capsys, monkeypatch):
+    from graphopt.backend_infra import BACKENDS, Artifact, Backend
+
+    @dataclass(frozen=True)
+    class _Echo(Backend):
+        """Test backend: writes the node count."""
+
+        name: ClassVar[str] = "test_cli_echo"
+        suffix: str = ".txt"
+
+        def emit(self, model, out_dir):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / f"nodes{self.suffix}"
+            path.write_text(str(model.num_nodes()))
+            return Artifact(self.name, out_dir, [path])
+
+        def validate(self, artifact, model):
+            return {"ok": True}
+
+    monkeypatch.setitem(BACKENDS, _Echo.name, _Echo)
+    model = _write_model(tmp_path / "m.onnx")
+    recipe = _recipe(tmp_path / "r.yaml", "passes:\n  - test_cli_drop_identity\nbackend:\n  name: test_cli_echo\n  suffix: .log\n")
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    assert (out / "test_cli_echo" / "nodes.log").read_text() == "1"
+    assert "test_cli_echo: " in capsys.readouterr().out
+
+    bad = _recipe(tmp_path / "bad.yaml", "passes: []\nbackend:\n  name: test_cli_echo\n  sufix: .log\n")
+    line = _one_error_line(capsys, cli.main(["convert", str(model), "--recipe", str(bad), "-o", str(out)]))
+    assert "bad.yaml, line 4" in line and "unknown option 'sufix'" in line
+    line = _one_error_line(capsys, cli.main(["convert", str(model), "--recipe", str(recipe), "-o", str(out), "--backend", "nope"]))
+    assert "unknown backend 'nope'" in line
