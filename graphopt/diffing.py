@@ -107,12 +107,15 @@ def _fx_view(model: Model) -> GraphView:
         values=lambda name: state[name].detach().cpu().numpy(),
         storage={name: (t.data_ptr(), t.stride()) for name, t in state.items()},
         inputs=[spec(s) for s in model.inputs], outputs=[spec(s) for s in model.outputs],
-        constants=set(state),
+        constants=set(state) | {n.target for n in gm.graph.nodes if n.op == "get_attr"},
     )
 
 
 def _fx_op(target) -> str:
-    return str(target) if not callable(target) or hasattr(target, "_schema") else getattr(target, "__name__", str(target))
+    """ATen overloads print as 'aten.linear.default'; plain callables (operator.getitem) by name."""
+    if isinstance(target, str) or hasattr(target, "_schema"):
+        return str(target)
+    return getattr(target, "__name__", str(target))
 
 
 def view_of(model: Model) -> GraphView:
@@ -123,8 +126,8 @@ def view_of(model: Model) -> GraphView:
 def distinct_params(weights: dict[str, tuple[tuple[int, ...], str, int]], values: Callable[[str], np.ndarray]) -> int:
     """Parameter count with tied weights counted once.
 
-    Lowering folds a tied embedding/lm_head into `W` plus its transpose `W.T` (see
-    graphopt.lowering); `W.T` is counted only while it still holds exactly W's transpose.
+    A tied embedding/lm_head may be stored as `W` plus its transpose `W.T` (lowering's naming,
+    see graphopt.lowering); `W.T` is counted only while it holds exactly W's transpose.
     """
     total = 0
     for name, (shape, dtype, _) in weights.items():
@@ -247,6 +250,10 @@ class GraphDiff:
             for r in self.nodes_rewired[:_LIST_LIMIT]:
                 lines.append(f"| {r['name']} | {r['op']} | {', '.join(r['inputs'][0])} | {', '.join(r['inputs'][1])} |")
             lines += _more(len(self.nodes_rewired)) + [""]
+        if self.nodes_retyped:
+            lines += ["## Nodes whose op changed", "", "| node | op before | op after |", "|---|---|---|"]
+            lines += [f"| {r['name']} | {r['op'][0]} | {r['op'][1]} |" for r in self.nodes_retyped[:_LIST_LIMIT]]
+            lines += _more(len(self.nodes_retyped)) + [""]
         if self.weights:
             lines += ["## Initializers", "", "| name | status | shape | dtype | bytes | zeros |", "|---|---|---|---|---|---|"]
             for w in self.weights[:_LIST_LIMIT]:
@@ -318,7 +325,7 @@ def _digest(array: np.ndarray) -> bytes:
 
 
 def _zeros(array: np.ndarray) -> float | None:
-    if array.size == 0 or array.dtype.kind not in "fiub":
+    if array.size == 0 or array.dtype.kind in "OSU":  # ml_dtypes (int4, float8) count fine
         return None
     return 1.0 - np.count_nonzero(array) / array.size
 

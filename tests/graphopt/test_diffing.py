@@ -157,3 +157,21 @@ def test_graphopt_diff_api():
     import graphopt
 
     assert graphopt.diff(_before(), _after()).summary()["ops_removed"] == {"Identity": 1}
+
+
+def test_int4_weights_and_retyped_nodes():
+    import ml_dtypes
+
+    w4 = (np.arange(16).reshape(4, 4) % 3 == 0).astype(ml_dtypes.int4)
+    b = _model([
+        helper.make_node("Relu", ["x"], ["r"], name="relu"),
+        helper.make_node("Sigmoid", ["r"], ["i"], name="ident"),
+        helper.make_node("MatMul", ["i", "W"], ["y"], name="mm"),
+    ], {"W": _weight()})
+    b.graph.tensors()["W"].values = w4
+    diff = diff_models(_before(), b)
+    assert diff.nodes_retyped == [{"name": "ident", "op": ["Identity", "Sigmoid"]}]
+    (change,) = diff.weights
+    assert change.dtype == ("float32", "int4") and change.bytes == (64, 8)
+    assert change.sparsity == (0.0, 1 - 6 / 16)
+    assert "| ident | Identity | Sigmoid |" in diff.to_markdown()
