@@ -97,3 +97,19 @@ def test_tiny_model_both_forms(tiny_fx, tiny_onnx):
     assert onnx_summary["quantization"]["quantized"] is False
     assert onnx_summary["sparsity"]["sparse_initializers"] == []
     assert "not quantized" in to_markdown(onnx_summary)
+
+
+def test_fx_linear_weight_two_four_along_its_input_dim(tiny_fx):
+    import torch
+
+    model = tiny_fx.copy()
+    weight = dict(model.fx.named_parameters())["model.layers.0.mlp.up_proj.weight"]  # [out 128, in 64]
+    with torch.no_grad():
+        weight.view(128, 16, 4)[:, :, 2:] = 0  # 2:4 along the input dim
+    rows = summarize(model)["sparsity"]["sparse_initializers"]
+    assert rows == [{"name": "model.layers.0.mlp.up_proj.weight", "shape": [128, 64], "zeros": 0.5, "pattern": "2:4"}]
+    with torch.no_grad():
+        weight.fill_(1.0)
+        weight[:64] = 0  # half the rows: 50 % zeros along the output dim, no 2:4 along the input
+    rows = summarize(model)["sparsity"]["sparse_initializers"]
+    assert rows == [{"name": "model.layers.0.mlp.up_proj.weight", "shape": [128, 64], "zeros": 0.5}]
