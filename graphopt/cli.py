@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command].run(args)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else 0
-    except (_UsageError, GraphoptError) as exc:
+    except (_UsageError, GraphoptError, OSError) as exc:  # OSError: an unwritable or vanished path
         message = " ".join(str(exc).split("\n"))
         print(message if isinstance(exc, _UsageError) else f"graphopt: error: {message}", file=sys.stderr)
         return EXIT_USAGE
