@@ -150,6 +150,7 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[P
         for produced in staging.iterdir():
             with open(produced, "rb") as fh:
                 os.fsync(fh.fileno())
+            os.chmod(produced, _default_mode())
             os.replace(produced, path.parent / produced.name)
         if not large and (path.parent / data_name).exists():
             os.remove(path.parent / data_name)  # stale weights of an earlier large save
@@ -158,12 +159,20 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[P
     return path
 
 
+def _default_mode() -> int:
+    """What open() would give a new file (0o666 minus the umask); temp files start at 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write a text file through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.chmod(tmp, _default_mode())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -131,3 +131,13 @@ def test_large_models_keep_weights_beside_them(tmp_path, monkeypatch):
 def test_atomic_write_text(tmp_path):
     target = onnx_io.atomic_write_text(tmp_path / "sub" / "r.md", "hello")
     assert target.read_text() == "hello" and sorted(os.listdir(tmp_path / "sub")) == ["r.md"]
+
+
+def test_written_files_get_ordinary_permissions(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_io, "PROTOBUF_LIMIT", 4 * 1024)
+    onnx_io.save_onnx(small_model(np.ones((64, 64), np.float32)), tmp_path / "m.onnx")
+    onnx_io.atomic_write_text(tmp_path / "r.md", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("m.onnx", "m.onnx.data", "r.md"):  # temp files start at 0o600; others must read them
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
