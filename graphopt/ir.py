@@ -151,6 +151,11 @@ class Model:
         for prop in proto.metadata_props:
             if prop.key == META_KEY:
                 meta = ModelMeta.from_json(json.loads(prop.value))
+        # to_onnx stores provenance on the nodes; read it back so a saved model still says who made what
+        for node in proto.graph.node:
+            made_by = next((p.value for p in node.metadata_props if p.key == PROVENANCE_KEY), None)
+            if made_by and node.name:
+                meta.provenance.setdefault(node.name, made_by)
         inputs = [_spec_of(v) for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}]
         outputs = [_spec_of(v) for v in proto.graph.output]
         kwargs.setdefault("meta", meta)

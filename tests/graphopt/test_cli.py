@@ -33,9 +33,27 @@ class _DropIdentity(Pass):
         return PassResult(model, changed)
 
 
+@dataclass(frozen=True)
+class _AppendRelu(Pass):
+    """Test pass: y = Relu(y) at the first graph output."""
+
+    name: ClassVar[str] = "test_cli_append_relu"
+
+    def run_onnx(self, model: Model, ctx) -> PassResult:
+        import onnx_graphsurgeon as gs
+
+        out = model.graph.outputs[0]
+        inner = gs.Variable(out.name + "_pre", dtype=out.dtype, shape=out.shape)
+        producer = out.inputs[0]
+        producer.outputs[producer.outputs.index(out)] = inner
+        model.graph.nodes.append(gs.Node("Relu", name="appended_relu", inputs=[inner], outputs=[out]))
+        return PassResult(model, True)
+
+
 @pytest.fixture(autouse=True)
 def test_pass(monkeypatch):
     monkeypatch.setitem(PASSES, _DropIdentity.name, _DropIdentity)
+    monkeypatch.setitem(PASSES, _AppendRelu.name, _AppendRelu)
 
 
 def _write_model(path, *, identities: int = 2):
@@ -210,3 +228,15 @@ def test_convert_exports_with_the_recipe_backend(tmp_path, capsys, monkeypatch):
     assert "bad.yaml, line 4" in line and "unknown option 'sufix'" in line
     line = _one_error_line(capsys, cli.main(["convert", str(model), "--recipe", str(recipe), "-o", str(out), "--backend", "nope"]))
     assert "unknown backend 'nope'" in line
+
+
+def test_diff_of_saved_models_names_the_pass_that_made_a_node(tmp_path, capsys):
+    model = _write_model(tmp_path / "m.onnx")
+    recipe = _recipe(tmp_path / "r.yaml", "passes:\n  - test_cli_drop_identity\n  - test_cli_append_relu\n")
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(model), "--recipe", str(recipe), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert cli.main(["diff", str(model), str(out / "model.onnx"), "--json"]) == 0
+    diff = json.loads(capsys.readouterr().out)
+    assert diff["nodes_added"] == [{"name": "appended_relu", "op": "Relu", "made_by": "test_cli_append_relu"}]
+    assert diff["ops_added"] == {"Relu": 1} and diff["ops_removed"] == {"Identity": 2}
