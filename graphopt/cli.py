@@ -153,13 +153,19 @@ def _backends_run(args) -> int:
 def _inspect_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="an .onnx/.gguf file, a Hugging Face folder, or sample:NAME")
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    parser.add_argument("--onnx", action="store_true", help="lower an FX model to ONNX first (cached)")
+    parser.add_argument("--form", choices=("fx", "onnx"),
+                        help="IR form to inspect: onnx lowers an FX model (cached); default: ONNX for "
+                             "samples (their cached deploy form), otherwise the form the model loads in")
 
 
 def _inspect_run(args) -> int:
     from graphopt.summary import summarize, to_markdown
 
-    summary = summarize(load_model(args.model, onnx=args.onnx))
+    form = args.form or ("onnx" if args.model.startswith("sample:") else None)
+    model = load_model(args.model, onnx=form == "onnx")
+    if form == "fx" and model.form != "fx":
+        raise GraphoptError(f"{args.model} loads as ONNX; there is no ONNX -> FX path (drop --form fx)")
+    summary = summarize(model)
     print(json.dumps(summary, indent=2, default=str) if args.json else to_markdown(summary), end="\n" if args.json else "")
     return 0
 

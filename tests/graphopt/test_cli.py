@@ -113,6 +113,14 @@ def test_inspect_markdown_and_json(tmp_path, capsys):
     assert summary["ops"] == {"Identity": 2, "MatMul": 1} and summary["params"] == 16
 
 
+def test_inspect_form_choice(tmp_path, capsys):
+    model = _write_model(tmp_path / "m.onnx")
+    line = _one_error_line(capsys, cli.main(["inspect", str(model), "--form", "fx"]))
+    assert "no ONNX -> FX path" in line
+    assert cli.main(["inspect", "sample:tiny-llama", "--form", "fx", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["form"] == "fx"
+
+
 def test_missing_model_is_one_line_exit_2(tmp_path, capsys):
     line = _one_error_line(capsys, cli.main(["inspect", str(tmp_path / "nope.onnx")]))
     assert "nope.onnx" in line and "no such file" in line
@@ -189,7 +197,7 @@ def test_registered_command_joins_the_parser(monkeypatch, capsys):
 
 @pytest.mark.real
 def test_inspect_smollm2_onnx_reports_134_5m_parameters(capsys):
-    assert cli.main(["inspect", "sample:smollm2", "--onnx", "--json"]) == 0
+    assert cli.main(["inspect", "sample:smollm2", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert abs(summary["params"] - 134.5e6) <= 0.1e6
     assert summary["ops"]["MatMul"] >= 30 * 7
