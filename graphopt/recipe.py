@@ -170,6 +170,18 @@ def _build_pass(reader: _Reader, entry: yaml.Node, index: int) -> Pass:
         raise reader.error(name_node, f"pass '{name}': {exc}") from exc
 
 
+def _check_order(reader: _Reader, passes: list[Pass], entries: list[yaml.Node]) -> None:
+    """Refuse an FX-only pass after an ONNX-only one: no model could run it (no ONNX -> FX path)."""
+    form = "fx"
+    for index, (p, entry) in enumerate(zip(passes, entries)):
+        if form == "fx" and "fx" not in p.forms():
+            form = "onnx"
+        if form not in p.forms():
+            before = ", ".join(q.name for q in passes[:index])
+            raise reader.error(entry, f"pass '{p.name}' needs the FX form, but the model is ONNX after "
+                                      f"{before}; there is no ONNX -> FX path: move '{p.name}' earlier")
+
+
 def _read_backend(reader: _Reader, node: yaml.Node) -> tuple[str, dict, yaml.Node]:
     if isinstance(node, yaml.ScalarNode):
         name = reader.value(node)
@@ -245,6 +257,7 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
         if not isinstance(passes_node, yaml.SequenceNode):
             raise reader.error(passes_node, f"'passes' must be a list, got {_kind(passes_node)}")
         passes = [_build_pass(reader, entry, i + 1) for i, entry in enumerate(passes_node.value)]
+        _check_order(reader, passes, passes_node.value)
         recipe = Recipe(passes=passes, path=Path(path))
         if "backend" in sections:
             node = sections["backend"][1]

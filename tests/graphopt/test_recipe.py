@@ -38,10 +38,20 @@ class _Needs(Pass):
         return PassResult(model, False)
 
 
+@dataclass(frozen=True)
+class _Trainable(Pass):
+    """Test pass that only runs on the FX form."""
+
+    name: ClassVar[str] = "test_recipe_fx_only"
+
+    def run_fx(self, model: Model, ctx) -> PassResult:
+        return PassResult(model, False)
+
+
 @pytest.fixture(autouse=True)
 def test_passes(monkeypatch):
-    monkeypatch.setitem(PASSES, _Scale.name, _Scale)
-    monkeypatch.setitem(PASSES, _Needs.name, _Needs)
+    for cls in (_Scale, _Needs, _Trainable):
+        monkeypatch.setitem(PASSES, cls.name, cls)
 
 
 GOOD = """\
@@ -76,6 +86,8 @@ def test_good_recipe_builds_passes_in_order():
     ("passes: test_recipe_scale\n", 1, ["'passes' must be a list"]),
     ("passes:\n  - {test_recipe_scale: {}, test_recipe_needs: {}}\n", 2, ["pass #1"]),
     ("passes:\n  - test_recipe_scale: [1, 2]\n", 2, ["options must be a mapping"]),
+    ("passes:\n  - test_recipe_fx_only\n  - test_recipe_scale\n  - test_recipe_fx_only\n", 4,
+     ["pass 'test_recipe_fx_only' needs the FX form", "after test_recipe_fx_only, test_recipe_scale"]),
     ("passes: []\nbackend: no_such_backend\n", 2, ["unknown backend 'no_such_backend'"]),
     ("passes: []\nbackend: {device: x}\n", 2, ["'name'"]),
     ("passes: []\ncalibration:\n  windows: 0\n", 3, ["option 'windows'", "positive integer"]),
