@@ -15,7 +15,7 @@ import networkx as nx
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import UnsupportedGraphError
-from graphopt.ir import Model
+from graphopt.ir import Model, is_parameter_dtype
 
 __all__ = ["GraphDiff", "WeightChange", "diff_models", "GraphView", "view_of", "distinct_params"]
 
@@ -131,6 +131,8 @@ def distinct_params(weights: dict[str, tuple[tuple[int, ...], str, int]], values
     """
     total = 0
     for name, (shape, dtype, _) in weights.items():
+        if not is_parameter_dtype(dtype):
+            continue
         base = name[:-2] if name.endswith(".T") else None
         if base in weights and len(shape) == 2 and weights[base][0] == shape[::-1] and weights[base][1] == dtype:
             if np.array_equal(values(base).T, values(name)):

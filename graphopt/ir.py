@@ -226,13 +226,21 @@ class Model:
         return len(self.graph.nodes)
 
     def num_params(self) -> int:
-        return sum(int(np.prod(shape)) for shape, _, _ in self.parameters().values())
+        """Weight values; shape and index constants (int64, bool) are not parameters."""
+        return sum(int(np.prod(shape)) for shape, dtype, _ in self.parameters().values()
+                   if is_parameter_dtype(dtype))
 
     def num_bytes(self) -> int:
         return sum(nbytes for _, _, nbytes in self.parameters().values())
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, form={self.form}, nodes={self.num_nodes()}, task={self.task})"
+
+
+def is_parameter_dtype(dtype: str) -> bool:
+    """Whether a constant of this dtype counts as a parameter; int64/bool constants are shapes,
+    indices and masks that folding creates or removes without changing the model's size in weights."""
+    return dtype not in ("int64", "bool")
 
 
 def _dtype_name(tensor: gs.Constant) -> str:
