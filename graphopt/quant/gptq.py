@@ -1,0 +1,145 @@
+"""GPTQ: weight rounding with second-order error compensation (Frantar et al., arXiv 2210.17323).
+
+Rounding one input row of a linear weight at a time and spreading its rounding error over the
+rows not yet rounded, weighted by the inverse Hessian of the layer's inputs (H = 2/n·XᵀX, from
+`activations.InputHessian`), minimises ‖XW − XŴ‖² far better than round-to-nearest at 4 bits.
+This module is pure numpy and knows nothing of graphs: the quantize pass calls it per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from graphopt.errors import OptionError
+from graphopt.quant import numerics
+
+__all__ = ["GPTQResult", "gptq_quantize", "rtn_quantize"]
+
+
+@dataclass
+class GPTQResult:
+    """A rounded weight in the caller's [in, out] layout.
+
+    dequantized: float32 [in, out], the weight the quantized model computes with.
+    codes: integer codes [in, out] (int64; the caller casts to the spec's dtype).
+    scale, zero_point: per output channel ([out]) or per block of input rows ([in // block, out]),
+      the layout of ONNX DequantizeLinear on an [in, out] weight (axis 1, or block axis 0).
+    """
+
+    dequantized: np.ndarray
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+
+
+def _check(weight: np.ndarray, hessian: np.ndarray, spec, block_size: int, damp: float, mask) -> None:
+    if weight.ndim != 2:
+        raise OptionError(f"gptq: weight must be 2-D [in, out], got shape {weight.shape}")
+    rows = weight.shape[0]
+    if hessian.shape != (rows, rows):
+        raise OptionError(f"gptq: Hessian shape {hessian.shape} does not match weight input dim {rows}")
+    if spec.granularity not in ("channel", "block", "tensor"):
+        raise OptionError(f"gptq: granularity '{spec.granularity}' is not supported (tensor, channel, block)")
+    expected = {"channel": 1, "block": 0}.get(spec.granularity)
+    if expected is not None and spec.axis % 2 != expected:
+        raise OptionError(
+            f"gptq: an [in, out] weight takes channel scales along axis 1 and blocks along axis 0; "
+            f"got granularity '{spec.granularity}' with axis {spec.axis}")
+    if spec.granularity == "block" and rows % spec.block_size:
+        raise OptionError(f"gptq: input dim {rows} is not a multiple of block_size {spec.block_size}")
+    if block_size < 1 or not 0 <= damp < 1:
+        raise OptionError(f"gptq: block_size must be >= 1 and damp in [0, 1), got {block_size}, {damp}")
+    if mask is not None and np.shape(mask) != weight.shape:
+        raise OptionError(f"gptq: mask shape {np.shape(mask)} differs from weight shape {weight.shape}")
+
+
+def _group_params(rows: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each output channel over a group of input rows ([group, out])."""
+    if spec.granularity == "tensor":
+        lo, hi = np.full(rows.shape[1], rows.min()), np.full(rows.shape[1], rows.max())
+    else:
+        lo, hi = rows.min(axis=0), rows.max(axis=0)
+    return numerics.scale_zero_point(lo, hi, spec)
+
+
+def _round(row: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec) -> np.ndarray:
+    """Codes of one input row ([out]) under per-output-channel parameters."""
+    row_spec = dataclasses.replace(spec, granularity="channel", axis=0, block_size=0)
+    return numerics.quantize(row, scale, zero_point, row_spec).astype(np.int64)
+
+
+def gptq_quantize(
+    weight_in_out: np.ndarray,
+    hessian: np.ndarray,
+    spec,
+    block_size: int = 128,
+    damp: float = 0.01,
+    mask: np.ndarray | None = None,
+) -> GPTQResult:
+    """Round `weight_in_out` ([in, out], as MatMul(x, W) reads it) to `spec` with GPTQ.
+
+    `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order,
+    in lazy batches of `block_size` rows; `damp` × mean(diag H) is added to the diagonal. With
+    spec.granularity "block", each group of spec.block_size input rows gets its own scales,
+    chosen from the error-updated weights when the group starts (as the reference does).
+    `mask` (bool [in, out], True = kept) keeps pruned weights exactly zero; their error is
+    compensated by the kept ones. Inputs that never fire (zero Hessian diagonal) are zeroed.
+    """
+    _check(weight_in_out, hessian, spec, block_size, damp, mask)
+    w = np.array(weight_in_out, dtype=np.float64)  # [in, out]: row i is the i-th input column of W
+    rows, cols = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[dead, :] = 0.0
+    h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
+    # upper Cholesky factor of H⁻¹: row i holds how rounding input i moves the inputs after it
+    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+
+    group = spec.block_size if spec.granularity == "block" else rows
+    n_groups = rows // group
+    scales = np.zeros((n_groups, cols))
+    zeros = np.zeros((n_groups, cols))
+    codes = np.zeros((rows, cols))
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
+    scale = zero_point = None
+    for start in range(0, rows, block_size):
+        stop = min(start + block_size, rows)
+        block = w[start:stop].copy()
+        errors = np.zeros_like(block)
+        hblock = hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            row = start + i
+            if row % group == 0:
+                # the group's rows as they stand now: the ones inside this batch carry its updates
+                ahead = np.concatenate([block[i:], w[stop:row + group]]) if row + group > stop else block[i:i + group]
+                scale, zero_point = _group_params(ahead[:group], spec)
+                scales[row // group], zeros[row // group] = scale, zero_point
+            q = _round(block[i], scale, zero_point, spec)
+            if keep is not None:
+                q = np.where(keep[row], q, zero_point)
+            codes[row] = q
+            deq = (q - zero_point) * scale
+            err = (block[i] - deq) / hblock[i, i]
+            block[i:] -= np.outer(hblock[i, i:], err)
+            errors[i] = err
+        w[stop:] -= hinv[start:stop, stop:].T @ errors
+    if spec.granularity == "channel":
+        scales, zeros = scales[0], zeros[0]
+    elif spec.granularity == "tensor":
+        scales, zeros = scales[0, 0], zeros[0, 0]
+    scales, zeros = scales.astype(np.float32), zeros.astype(np.int64)
+    codes = codes.astype(np.int64)
+    return GPTQResult(numerics.dequantize(codes, scales, zeros, spec), codes, scales, zeros)
+
+
+def rtn_quantize(weight_in_out: np.ndarray, spec) -> GPTQResult:
+    """Round-to-nearest with the same grid and layout as `gptq_quantize` (its baseline)."""
+    w = np.asarray(weight_in_out, dtype=np.float32)
+    scale, zero_point = numerics.params_for(w, spec)
+    codes = numerics.quantize(w, scale, zero_point, spec)
+    return GPTQResult(numerics.dequantize(codes, scale, zero_point, spec), codes.astype(np.int64),
+                      scale, zero_point)
