@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,6 +21,7 @@ __all__ = [
     "ort_session",
     "atomic_write_text",
     "refuse_overwrite",
+    "staged_folder",
 ]
 
 # Protobuf cannot serialise a message of 2 GiB or more; larger models keep weights beside them.
@@ -157,6 +159,28 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[P
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+@contextlib.contextmanager
+def staged_folder(out_dir: str | os.PathLike, *, inputs: list[Path] = ()):
+    """Yield a temporary folder inside `out_dir`; on success move every file in it into `out_dir`.
+
+    Backends write a set of files that belong together; staging them keeps a crash from leaving
+    half a package, and the final renames refuse to replace any of `inputs`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out_dir))
+    try:
+        yield staging
+        produced = sorted(p for p in staging.iterdir() if p.is_file())
+        for path in produced:
+            refuse_overwrite(out_dir / path.name, list(inputs))
+        for path in produced:
+            os.chmod(path, _default_mode())
+            os.replace(path, out_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _default_mode() -> int:

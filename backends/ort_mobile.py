@@ -1,0 +1,286 @@
+"""ort-mobile: an ORT-format model, its reduced-build operator config, and a mobile usability report."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from graphopt.backend_infra import Artifact, Backend, register_backend
+from graphopt.errors import BackendError
+from graphopt.ir import Model
+from graphopt.onnx_io import atomic_write_text, save_onnx, staged_folder
+
+__all__ = ["OrtMobile", "XNNPACK_OPS"]
+
+log = logging.getLogger(__name__)
+
+# The XNNPACK EP's kernels (onnxruntime/core/providers/xnnpack): onnxruntime's usability checker
+# covers NNAPI and CoreML only, so this table stands in for XNNPACK. QDQ node units around these
+# ops are taken with them; other ops stay on the CPU EP.
+XNNPACK_OPS = {
+    "ai.onnx": ["AveragePool", "Conv", "ConvTranspose", "Gemm", "MatMul", "MaxPool", "QLinearConv",
+                "Resize", "Softmax", "DequantizeLinear", "QuantizeLinear"],
+    "com.microsoft": ["QLinearAveragePool", "QLinearConvTranspose", "QLinearSoftmax"],
+}
+_QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _ort_file_names(style: str) -> tuple[str, str]:
+    """The names onnxruntime's converter gives `model.onnx`'s outputs for an optimization style."""
+    if style == "runtime":
+        return "model.with_runtime_opt.ort", "model.required_operators.with_runtime_opt.config"
+    return "model.ort", "model.required_operators.config"
+
+
+def _supported_ops_table(ops: dict[str, list[str]]) -> str:
+    """A Markdown table in the layout onnxruntime's usability checker reads (domain:op | caveat)."""
+    rows = ["|Operator|Note|", "|--------|------|"]
+    rows += [f"|{domain}:{op}||" for domain, names in ops.items() for op in names]
+    return "\n".join(rows) + "\n"
+
+
+def _ep_checkers(tables: Path) -> dict:
+    """EP name -> function(model_proto, require_fixed_input_sizes) -> PartitioningInfo."""
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+
+    xnnpack_table = tables / "xnnpack_supported_ops.md"
+    xnnpack_table.write_text(_supported_ops_table(XNNPACK_OPS))
+    return {
+        "NNAPI": uc.check_nnapi_partitions,
+        "CoreML NeuralNetwork": lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_neuralnetwork_ops.md"),
+        "CoreML MLProgram": lambda m, fixed: uc.check_coreml_partitions(m, fixed, "coreml_supported_mlprogram_ops.md"),
+        # the checker has no public entry point for an op table of our own
+        "XNNPACK": lambda m, fixed: uc._check_ep_partitioning(m, xnnpack_table, fixed),
+    }
+
+
+def _partition_json(info) -> dict:
+    return {
+        "nodes": info.num_nodes,
+        "supported_nodes": info.num_supported_nodes,
+        "partitions": info.num_partitions,
+        "partition_sizes": [len(group) for group in info.supported_groups],
+        "unsupported_ops": sorted(info.unsupported_ops),
+        "unsupported_due_to_op": info.nodes_unsupported_due_to_op,
+        "unsupported_due_to_dynamic_shape": info.nodes_unsupported_due_to_dynamic_input,
+        "unsupported_due_to_rank": info.num_unsupported_nodes_due_to_rank,
+        "suitability": info.suitability().name,
+        "caveats": info.supported_ops_checker.get_caveats(),
+    }
+
+
+def usability_report(onnx_path: Path, work: Path, model_name: str) -> tuple[dict, str]:
+    """Which mobile EPs would take which nodes of the model at `onnx_path`: (JSON, text).
+
+    Mirrors `python -m onnxruntime.tools.check_onnx_model_mobile_usability`: the model is first
+    optimized at the basic level (as the ORT-format conversion does), shapes are inferred, and
+    each EP's op table is checked with the shapes as they are and as if they were fixed. The text
+    is onnxruntime's own analysis log; the JSON adds XNNPACK and a per-node EP assignment.
+    """
+    from onnxruntime.tools.mobile_helpers import usability_checker as uc
+    from onnxruntime.tools.onnx_model_utils import ModelProtoWithShapeInfo, optimize_model
+
+    basic = work / "basic.onnx"
+    optimize_model(onnx_path, basic, use_external_initializers=True)
+    text = io.StringIO()
+    logger = logging.getLogger(f"graphopt.ort_mobile.usability.{id(text)}")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    try:
+        try_eps = uc.checker(basic.resolve(), logger)
+    finally:
+        logger.removeHandler(handler)
+
+    proto = ModelProtoWithShapeInfo(basic).model_with_shape_info
+    dynamic_inputs, dynamic_values = uc.check_shapes(proto.graph)
+    eps = {}
+    node_eps: dict[str, list[str]] = {}
+    for ep, check in _ep_checkers(work).items():
+        as_is = check(proto, True)
+        if_fixed = check(proto, False)
+        eps[ep] = {"as_is": _partition_json(as_is), "if_shapes_fixed": _partition_json(if_fixed)}
+        for group in if_fixed.supported_groups:
+            for node in group:
+                node_eps.setdefault(node.name, []).append(ep)
+    nodes = [{"name": n.name, "op": n.op_type, "domain": n.domain or "ai.onnx", "eps": node_eps.get(n.name, [])}
+             for n in proto.graph.node]
+    report = {
+        "model": model_name,
+        "optimization": "basic (as before ORT-format conversion)",
+        "dynamic_inputs": [i.name for i in dynamic_inputs],
+        "dynamic_values": dynamic_values,
+        "try_nnapi_or_coreml": bool(try_eps),
+        "eps": eps,
+        "nodes": nodes,
+    }
+    return report, text.getvalue()
+
+
+def _usability_markdown(report: dict, log_text: str) -> str:
+    lines = [f"# Mobile usability: {report['model']}", "",
+             f"- dynamic inputs: {', '.join(report['dynamic_inputs']) or 'none'}",
+             f"- NNAPI or CoreML worth trying: {'yes' if report['try_nnapi_or_coreml'] else 'no'}", "",
+             "| EP | shapes | supported nodes | partitions | suitability | unsupported ops |",
+             "|---|---|---|---|---|---|"]
+    for ep, views in report["eps"].items():
+        for view, info in views.items():
+            lines.append(f"| {ep} | {view.replace('_', ' ')} | {info['supported_nodes']}/{info['nodes']} | "
+                         f"{info['partitions']} | {info['suitability']} | {', '.join(info['unsupported_ops'])} |")
+    lines += ["", "## onnxruntime's analysis", "", "```", log_text.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _is_qdq(model: Model) -> bool:
+    return any(node.op in _QDQ_OPS for node in model.graph.nodes)
+
+
+def _session_options(target_platform: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # the converter bakes its optimizations with this setting; the reference must match it
+    options.add_session_config_entry("session.qdqisint8allowed", "1" if target_platform == "arm" else "0")
+    return options
+
+
+@register_backend
+@dataclass(frozen=True)
+class OrtMobile(Backend):
+    """ORT Mobile package: `model.ort`, `required_operators.config`, `mobile_usability.{json,md}`.
+
+    Reads the ONNX form (float or QDQ). Writes, atomically into the out dir:
+    1. `model.ort`: the model in ORT format (onnxruntime's `convert_onnx_models_to_ort`),
+       optimized in the `fixed` style (optimizations baked in) or `runtime` style (basic
+       optimizations baked, the rest saved for replay, for NNAPI/CoreML).
+    2. `required_operators.config`: the operator list for an onnxruntime reduced build
+       (`--include_ops_by_config`), with per-op types when `type_reduction`.
+    3. `mobile_usability.json` / `.md`: which of NNAPI, CoreML and XNNPACK would take which nodes.
+    Validation runs `model.ort` and the ONNX model on the CPU EP with the same session settings on
+    the model's sample inputs: max |diff| <= `atol` for float models, exactly equal for QDQ models.
+    """
+
+    name: ClassVar[str] = "ort-mobile"
+    optimization_style: Literal["fixed", "runtime"] = "fixed"
+    target_platform: Literal["arm", "amd64"] = "arm"
+    type_reduction: bool = False
+    usability: bool = True
+    atol: float = 1e-5
+
+    def emit(self, model: Model, out_dir: Path) -> Artifact:
+        from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+        model.require("onnx", f"backend '{self.name}'")
+        out_dir = Path(out_dir)
+        inputs = [model.source] if model.source else []
+        ort_name, config_name = _ort_file_names(self.optimization_style)
+        report: dict = {"optimization_style": self.optimization_style, "target_platform": self.target_platform,
+                        "qdq": _is_qdq(model)}
+        with staged_folder(out_dir, inputs=inputs) as staging:
+            work = staging / "work"
+            work.mkdir()
+            onnx_path = save_onnx(model.to_onnx(), work / "model.onnx")
+            converter_log = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(converter_log):
+                    convert_onnx_models_to_ort(
+                        onnx_path, output_dir=work / "ort",
+                        optimization_styles=[OptimizationStyle[self.optimization_style.capitalize()]],
+                        target_platform=self.target_platform, enable_type_reduction=self.type_reduction,
+                    )
+            except Exception as exc:  # onnxruntime raises its own Fail/RuntimeError types
+                raise BackendError(f"backend '{self.name}': onnxruntime could not convert model "
+                                   f"'{model.name}' to ORT format: {exc}") from exc
+            log.debug("convert_onnx_models_to_ort:\n%s", converter_log.getvalue())
+            if self.type_reduction:
+                config_name = config_name.replace("required_operators", "required_operators_and_types")
+            (work / "ort" / ort_name).rename(staging / "model.ort")
+            (work / "ort" / config_name).rename(staging / "required_operators.config")
+            files = [out_dir / "model.ort", out_dir / "required_operators.config"]
+            if self.usability:
+                usability, text = usability_report(onnx_path, work, model.name)
+                atomic_write_text(staging / "mobile_usability.json", json.dumps(usability, indent=2))
+                atomic_write_text(staging / "mobile_usability.md", _usability_markdown(usability, text))
+                files += [out_dir / "mobile_usability.json", out_dir / "mobile_usability.md"]
+                report["usability"] = {ep: views["as_is"]["suitability"] for ep, views in usability["eps"].items()}
+            report["operators"] = _config_ops((staging / "required_operators.config").read_text())
+            atomic_write_text(staging / "ort_mobile.json", json.dumps(report, indent=2))
+            files.append(out_dir / "ort_mobile.json")
+        report["bytes"] = (out_dir / "model.ort").stat().st_size
+        return Artifact(backend=self.name, out_dir=out_dir, files=files, report=report)
+
+    def validate(self, artifact: Artifact, model: Model) -> dict:
+        import onnxruntime as ort
+
+        if not model.sample_inputs:
+            raise BackendError(f"backend '{self.name}': model '{model.name}' has no sample inputs to compare "
+                               "the .ort outputs on; give it sample_inputs or export with validate=False")
+        ort_path = artifact.out_dir / "model.ort"
+        options = _session_options(self.target_platform)
+        if self.optimization_style == "runtime":
+            options.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
+        try:
+            mobile = ort.InferenceSession(str(ort_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BackendError(f"{ort_path}: onnxruntime cannot load the ORT-format model: {exc}") from exc
+        reference = _reference_session(model, self.target_platform)
+        exact = _is_qdq(model)
+        worst = 0.0
+        for feeds in model.sample_inputs:
+            names = [i.name for i in reference.get_inputs()]
+            want = reference.run(None, {n: feeds[n] for n in names})
+            got = mobile.run(None, {n: feeds[n] for n in names})
+            for spec, a, b in zip(model.outputs, want, got):
+                if a.shape != b.shape:
+                    raise BackendError(f"{ort_path}: output '{spec.name}' has shape {b.shape}, the ONNX model {a.shape}")
+                worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
+        limit = 0.0 if exact else self.atol
+        if worst > limit:
+            kind = "QDQ (must be exact)" if exact else f"float (atol {self.atol})"
+            raise BackendError(f"{ort_path}: outputs differ from the ONNX model by {worst:.3g}, {kind}")
+        return {"batches": len(model.sample_inputs), "max_abs_diff": worst, "exact_required": exact,
+                "passed": True}
+
+
+def _reference_session(model: Model, target_platform: str):
+    """The ONNX model on the CPU EP, with the session settings the converter used."""
+    import onnxruntime as ort
+
+    proto = model.to_onnx()
+    return ort.InferenceSession(proto.SerializeToString(), _session_options(target_platform),
+                                providers=["CPUExecutionProvider"])
+
+
+def _config_ops(config_text: str) -> dict[str, list[str]]:
+    """domain -> op names, from a required-operators config (`domain;opset;op1,op2` lines)."""
+    ops: dict[str, set[str]] = {}
+    for line in config_text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        domain, _opset, names = line.split(";", 2)
+        ops.setdefault(domain, set()).update(_top_level_names(names))
+    return {domain: sorted(names) for domain, names in sorted(ops.items())}
+
+
+def _top_level_names(entries: str) -> list[str]:
+    """Op names of `Add,MatMul{"inputs": {...}}`: commas inside type-reduction braces do not split."""
+    names, depth, current = [], 0, ""
+    for char in entries + ",":
+        if char == "," and depth == 0:
+            names.append(current.split("{")[0].strip())
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        current += char
+    return [n for n in names if n]

@@ -1,0 +1,132 @@
+"""ort-mobile backend: .ort files that run like the ONNX model, operator config, usability report."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.errors import BackendError, OptionError, UnsupportedGraphError
+from graphopt.pipeline import available_backends, export
+
+
+def ort_qdq(model, tmp_path):
+    """`model` quantized by onnxruntime's own quantize_static (QDQ, per-channel int8 MatMul weights)."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter(model.sample_inputs)
+
+        def get_next(self):
+            return next(self.items, None)
+
+    onnx.save(model.to_onnx(), tmp_path / "float.onnx")
+    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), Feeds(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul"])
+    return graphopt.load(str(tmp_path / "qdq.onnx")).replace(sample_inputs=model.sample_inputs, name=f"{model.name}-qdq")
+
+
+@pytest.fixture(scope="module")
+def tiny_qdq(tiny_onnx, tmp_path_factory):
+    return ort_qdq(tiny_onnx, tmp_path_factory.mktemp("qdq"))
+
+
+def _outputs(session_or_path, feeds):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(session_or_path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {n: feeds[n] for n in names})
+
+
+def test_registered_with_its_options():
+    backend = available_backends()["ort-mobile"]
+    assert backend.from_options({"optimization_style": "runtime"}).optimization_style == "runtime"
+    with pytest.raises(OptionError, match="unknown option 'style'"):
+        backend.from_options({"style": "fixed"})
+    with pytest.raises(OptionError, match="optimization_style"):
+        backend.from_options({"optimization_style": "eager"})
+
+
+def test_float_tiny_model_ort_matches_onnx(tiny_onnx, tmp_path):
+    artifact = export(tiny_onnx, "ort-mobile", tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["mobile_usability.json", "mobile_usability.md", "model.ort", "ort_mobile.json",
+                     "required_operators.config"]
+    assert artifact.validation["passed"] and artifact.validation["max_abs_diff"] <= 1e-5
+    assert not artifact.validation["exact_required"]
+    # independently of validate(): a fresh session on the .ort against the fp32 model
+    feeds = tiny_onnx.sample_inputs[0]
+    got = _outputs(tmp_path / "out" / "model.ort", feeds)[0]
+    want = tiny_onnx.run(feeds)[0]
+    assert got.shape == want.shape == (2, 32, 256)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+    config = (tmp_path / "out" / "required_operators.config").read_text()
+    assert "MatMul" in config and "Softmax" in config
+    assert "MatMul" in artifact.report["operators"]["ai.onnx"]
+    usability = json.loads((tmp_path / "out" / "mobile_usability.json").read_text())
+    assert set(usability["eps"]) == {"NNAPI", "CoreML NeuralNetwork", "CoreML MLProgram", "XNNPACK"}
+    assert usability["dynamic_inputs"] == ["input_ids"]
+    by_op = {}
+    for node in usability["nodes"]:
+        by_op.setdefault(node["op"], set()).update(node["eps"])
+    assert "XNNPACK" in by_op["MatMul"] and "NNAPI" in by_op["MatMul"]
+    assert not by_op["CumSum"] & {"NNAPI", "XNNPACK"}  # no mobile EP takes CumSum
+    assert "| NNAPI | as is |" in (tmp_path / "out" / "mobile_usability.md").read_text()
+
+
+def test_runtime_style_with_type_reduction(tiny_onnx, tmp_path):
+    artifact = export(tiny_onnx, "ort-mobile", tmp_path,
+                      {"optimization_style": "runtime", "type_reduction": True, "usability": False})
+    assert [p.name for p in artifact.files] == ["model.ort", "required_operators.config", "ort_mobile.json"]
+    assert artifact.validation["max_abs_diff"] <= 1e-5
+    config = (tmp_path / "required_operators.config").read_text()
+    assert "{" in config  # per-op type lists
+    assert "MatMul" in artifact.report["operators"]["ai.onnx"]
+
+
+def test_qdq_model_is_exact(tiny_qdq, tmp_path):
+    artifact = export(tiny_qdq, "ort-mobile", tmp_path, {"usability": False})
+    assert artifact.report["qdq"] and artifact.validation["exact_required"]
+    assert artifact.validation["max_abs_diff"] == 0.0
+    assert "DequantizeLinear" in artifact.report["operators"]["ai.onnx"] or "com.microsoft" in artifact.report["operators"]
+
+
+def test_validation_catches_a_wrong_ort(tiny_onnx, tiny_qdq, tmp_path):
+    """The check has teeth: a .ort of a different (quantized) model fails against the float model."""
+    backend = available_backends()["ort-mobile"]()
+    artifact = backend.emit(tiny_qdq, tmp_path)
+    with pytest.raises(BackendError, match="outputs differ from the ONNX model"):
+        backend.validate(artifact, tiny_onnx)
+
+
+def test_errors_name_the_problem(tiny_fx, tiny_onnx, tmp_path):
+    backend = available_backends()["ort-mobile"]()
+    with pytest.raises(UnsupportedGraphError, match="ort-mobile"):
+        backend.emit(tiny_fx, tmp_path)
+    no_samples = tiny_onnx.replace(sample_inputs=[])
+    artifact = backend.emit(no_samples, tmp_path / "a")
+    with pytest.raises(BackendError, match="no sample inputs"):
+        backend.validate(artifact, no_samples)
+    assert not any(p.name.startswith(".staging") for p in (tmp_path / "a").iterdir())
+
+
+def test_never_overwrites_the_input(tiny_onnx, tmp_path):
+    from graphopt.errors import UnsafePathError
+
+    source = tmp_path / "model.ort"
+    source.write_bytes(b"input")
+    with pytest.raises(UnsafePathError, match="refusing to write over"):
+        export(tiny_onnx.replace(source=source), "ort-mobile", tmp_path, {"usability": False})
+    assert source.read_bytes() == b"input"
+
+
+@pytest.mark.real
+def test_minilm_ort_matches_onnx(minilm_onnx, tmp_path):
+    artifact = export(minilm_onnx, "ort-mobile", tmp_path, {"usability": False})
+    assert artifact.validation["passed"] and artifact.validation["max_abs_diff"] <= 1e-5
+    assert artifact.report["bytes"] > 80_000_000  # 22.7M float parameters
