@@ -1,0 +1,122 @@
+"""Quantization arithmetic in numpy: ranges to scale/zero point, quantize, dequantize, fake-quant.
+
+One implementation used by the ONNX quantize pass, fold_encodings, the observers, GPTQ and the
+QAT code (which mirrors these formulas in torch). Conventions:
+
+- q = clip(round(x / scale) + zero_point, qmin, qmax); x̂ = (q − zero_point) · scale
+  (round half to even, as ONNX QuantizeLinear does).
+- Ranges always include 0, so 0.0 is exactly representable (pruned weights stay exactly zero).
+- Symmetric: scale = max|x| / (2^(bits−1) − 1), zero point = 0 (signed) or 2^(bits−1) (unsigned).
+- Asymmetric: scale = (max − min) / (qmax − qmin), zero point = qmin − round(min / scale).
+- Parameter layout follows ONNX DequantizeLinear: per-tensor scalars, per-channel 1-D arrays
+  along `spec.axis`, per-block arrays shaped like x with `spec.axis` divided by `block_size`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graphopt.errors import OptionError
+from graphopt.quant.spec import QuantSpec
+
+__all__ = [
+    "scale_zero_point", "tensor_range", "params_for", "quantize", "dequantize", "fake_quant",
+    "to_blocks", "from_blocks", "expand_param", "MIN_SCALE",
+]
+
+MIN_SCALE = 1e-12  # an all-zero range still gets a usable positive scale
+
+
+def scale_zero_point(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) for ranges [lo, hi] (arrays broadcast elementwise)."""
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if spec.symmetric:
+        amax = np.maximum(-lo, hi)
+        scale = np.maximum(amax / ((1 << (spec.bits - 1)) - 1), MIN_SCALE).astype(np.float32)
+        middle = 0 if spec.signed else 1 << (spec.bits - 1)
+        return scale, np.full(scale.shape, middle, dtype=np.int64)
+    scale = np.maximum((hi - lo) / (spec.qmax - spec.qmin), MIN_SCALE).astype(np.float32)
+    zero_point = np.clip(spec.qmin - np.round(lo / scale.astype(np.float64)), spec.qmin, spec.qmax)
+    return scale, zero_point.astype(np.int64)
+
+
+def _axis(spec: QuantSpec, ndim: int) -> int:
+    axis = spec.axis if spec.axis is not None else -1
+    if not -ndim <= axis < ndim:
+        raise OptionError(f"quantization axis {spec.axis} is out of range for a {ndim}-D tensor")
+    return axis % ndim
+
+
+def to_blocks(x: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """View x with `axis` split into (blocks, block_size), the block elements on a new axis+1."""
+    if x.shape[axis] % block_size:
+        raise OptionError(f"axis {axis} of shape {list(x.shape)} is not a multiple of block_size {block_size}")
+    shape = x.shape[:axis] + (x.shape[axis] // block_size, block_size) + x.shape[axis + 1:]
+    return x.reshape(shape)
+
+
+def from_blocks(x: np.ndarray, axis: int) -> np.ndarray:
+    """Undo `to_blocks`: merge axes `axis` and `axis + 1`."""
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def expand_param(param: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
+    """A scale/zero-point array in ONNX layout, broadcastable against a tensor of `shape`."""
+    param = np.asarray(param)
+    if spec.granularity == "tensor" or param.ndim == 0 or param.size == 1 and spec.granularity != "block":
+        return param.reshape(())
+    axis = _axis(spec, len(shape))
+    if spec.granularity == "channel":
+        view = [1] * len(shape)
+        view[axis] = param.size
+        return param.reshape(view)
+    if spec.granularity == "block":
+        return np.repeat(param, spec.block_size, axis=axis)
+    return param  # token: already [..., 1] from params_for
+
+
+def tensor_range(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) of x at the spec's granularity, in the ONNX parameter layout."""
+    x = np.asarray(x, dtype=np.float32)
+    if spec.granularity == "tensor":
+        return np.asarray(x.min()), np.asarray(x.max())
+    if spec.granularity == "token":
+        return x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    axis = _axis(spec, x.ndim)
+    if spec.granularity == "channel":
+        others = tuple(i for i in range(x.ndim) if i != axis)
+        return x.min(axis=others), x.max(axis=others)
+    blocks = to_blocks(x, axis, spec.block_size)
+    return blocks.min(axis=axis + 1), blocks.max(axis=axis + 1)
+
+
+def params_for(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Min-max scale and zero point of x itself (weights, RTN)."""
+    lo, hi = tensor_range(x, spec)
+    return scale_zero_point(lo, hi, spec)
+
+
+def quantize(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
+    """Integer codes of x in the spec's numpy type (ml_dtypes int4/uint4 for 4 bits)."""
+    x = np.asarray(x, dtype=np.float32)
+    s = expand_param(np.asarray(scale, dtype=np.float32), x.shape, spec)
+    z = expand_param(np.asarray(zero_point), x.shape, spec)
+    q = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax)
+    return q.astype(np.int32).astype(spec.np_dtype)
+
+
+def dequantize(q: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
+    """Float32 values of codes q: (q − zero_point) · scale, as ONNX DequantizeLinear computes them."""
+    q = np.asarray(q).astype(np.int32)
+    s = expand_param(np.asarray(scale, dtype=np.float32), q.shape, spec)
+    z = expand_param(np.asarray(zero_point).astype(np.int32), q.shape, spec)
+    return ((q - z).astype(np.float32) * s).astype(np.float32)
+
+
+def fake_quant(x: np.ndarray, spec: QuantSpec, scale=None, zero_point=None) -> np.ndarray:
+    """dequantize(quantize(x)); without scale/zero point, x's own min-max parameters (per token
+    for the dynamic "token" granularity)."""
+    if scale is None:
+        scale, zero_point = params_for(x, spec)
+    return dequantize(quantize(x, scale, zero_point, spec), scale, zero_point, spec)

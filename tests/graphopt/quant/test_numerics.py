@@ -1,0 +1,88 @@
+"""QuantSpec grids, scale/zero point, quantize/dequantize against ONNX Runtime's QDQ arithmetic."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from graphopt.errors import OptionError
+from graphopt.quant import QuantSpec, dtype_for, numerics
+
+
+@pytest.mark.parametrize("dtype, lo, hi, bits, signed", [
+    ("int4", -8, 7, 4, True), ("uint4", 0, 15, 4, False), ("int8", -128, 127, 8, True),
+    ("uint8", 0, 255, 8, False), ("int16", -32768, 32767, 16, True), ("uint16", 0, 65535, 16, False),
+])
+def test_spec_grid(dtype, lo, hi, bits, signed):
+    spec = QuantSpec(dtype)
+    assert (spec.qmin, spec.qmax, spec.bits, spec.signed) == (lo, hi, bits, signed)
+    assert spec.np_dtype.itemsize == (1 if bits < 16 else 2)
+
+
+def test_spec_errors_name_the_option():
+    with pytest.raises(OptionError, match="dtype"):
+        QuantSpec("int3")
+    with pytest.raises(OptionError, match="needs an axis"):
+        QuantSpec("int8", "channel")
+    with pytest.raises(OptionError, match="block_size"):
+        QuantSpec("int4", "block", axis=0)
+    with pytest.raises(OptionError, match="bit width"):
+        dtype_for(3, True)
+    assert dtype_for(8, True) == "int8" and dtype_for(16, False) == "uint16"
+
+
+def test_scale_zero_point_conventions():
+    sym = QuantSpec("int8")
+    scale, zp = numerics.scale_zero_point(-1.0, 0.5, sym)
+    assert scale == np.float32(1.0 / 127) and zp == 0
+    scale, zp = numerics.scale_zero_point(-1.0, 3.0, QuantSpec("uint8", symmetric=False))
+    assert np.isclose(scale, 4.0 / 255) and zp == round(1.0 / (4.0 / 255))
+    # ranges are widened to hold 0: a positive-only range keeps zero point at qmin
+    scale, zp = numerics.scale_zero_point(2.0, 3.0, QuantSpec("uint8", symmetric=False))
+    assert zp == 0 and np.isclose(scale, 3.0 / 255)
+    scale, zp = numerics.scale_zero_point(0.0, 0.0, sym)
+    assert scale > 0
+
+
+def test_zero_is_exact_and_error_bounded():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 48)).astype(np.float32)
+    x[::3] = 0.0
+    for spec in [QuantSpec("int8", "channel", axis=1), QuantSpec("uint8", symmetric=False),
+                 QuantSpec("int4", "block", axis=0, block_size=16), QuantSpec("uint16", "token", symmetric=False)]:
+        y = numerics.fake_quant(x, spec)
+        assert np.all(y[::3] == 0.0), spec
+        scale, _ = numerics.params_for(x, spec)
+        bound = numerics.expand_param(scale, x.shape, spec) / 2 + 1e-7
+        assert np.all(np.abs(y - x) <= bound), spec
+
+
+def test_block_layout_matches_onnx():
+    """Per-block params are laid out as DequantizeLinear reads them; ORT agrees bit for bit."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 8)).astype(np.float32)
+    spec = QuantSpec("int4", "block", axis=0, block_size=16)
+    scale, zp = numerics.params_for(w, spec)
+    assert scale.shape == (4, 8)
+    q = numerics.quantize(w, scale, zp, spec)
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0, block_size=16)
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [
+        onnx.numpy_helper.from_array(q, "q"), onnx.numpy_helper.from_array(scale, "s"),
+        onnx.numpy_helper.from_array(zp.astype(spec.np_dtype), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(y, numerics.dequantize(q, scale, zp, spec))
+    assert np.abs(y - w).max() < 0.3
+
+
+def test_blocks_round_trip_and_errors():
+    x = np.arange(24.0).reshape(6, 4)
+    blocks = numerics.to_blocks(x, 0, 3)
+    assert blocks.shape == (2, 3, 4)
+    np.testing.assert_array_equal(numerics.from_blocks(blocks, 0), x)
+    with pytest.raises(OptionError, match="multiple of block_size 4"):
+        numerics.to_blocks(x, 0, 4)
+    with pytest.raises(OptionError, match="out of range"):
+        numerics.params_for(x, QuantSpec("int8", "channel", axis=5))
