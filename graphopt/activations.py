@@ -18,7 +18,7 @@ from graphopt.ir import Model
 
 __all__ = [
     "LinearSite", "linear_sites", "capture", "Accumulator", "InputHessian", "ChannelSquareSum",
-    "RunningMinMax", "progress_bar",
+    "RunningMinMax", "ChannelMoments", "progress_bar",
 ]
 
 
@@ -101,6 +101,39 @@ class ChannelSquareSum:
     @property
     def norm(self) -> np.ndarray:
         return np.sqrt(self.sum_sq)
+
+
+class ChannelMoments:
+    """Per-channel sum, sum of squares and row count along `axis` (last: MatMul inputs, 1: NCHW).
+
+    Gives the mean (bias compensation), the L2 norm (Wanda-style importance) and the variance
+    (FLAP-style fluctuation) of each channel.
+    """
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+        self.sum = self.sum_sq = None
+        self.rows = 0
+
+    def update(self, x: np.ndarray) -> None:
+        rows = np.moveaxis(x, self.axis, -1)
+        rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+        s, sq = rows.sum(0), np.einsum("ij,ij->j", rows, rows)
+        self.sum = s if self.sum is None else self.sum + s
+        self.sum_sq = sq if self.sum_sq is None else self.sum_sq + sq
+        self.rows += rows.shape[0]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.sum / max(self.rows, 1)
+
+    @property
+    def norm(self) -> np.ndarray:
+        return np.sqrt(self.sum_sq)
+
+    @property
+    def var(self) -> np.ndarray:
+        return np.maximum(self.sum_sq / max(self.rows, 1) - self.mean**2, 0.0)
 
 
 class InputHessian:

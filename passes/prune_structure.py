@@ -1,0 +1,372 @@
+"""prune_structure: remove attention KV groups/heads, FFN channels and conv channels, shapes rewritten."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt import activations
+from graphopt.errors import OptionError, UnsupportedGraphError
+from graphopt.ir import Model
+from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures, shape_entries
+
+__all__ = ["PruneStructure"]
+
+Group = AttentionGroup | FFNGroup | ConvGroup
+
+
+# ------------------------------------------------------------------------------ importance
+def _consumer_weight(group: Group, tensors: dict) -> tuple[np.ndarray, int]:
+    """The weight reading the pruned channels, and its input-channel axis (o_proj, down_proj, next conv)."""
+    if isinstance(group, AttentionGroup):
+        return tensors[group.o.weight].values, 0
+    if isinstance(group, FFNGroup):
+        return tensors[group.down.weight].values, 0
+    return np.concatenate([tensors[f.weight].values for f in group.followers], axis=0), 1
+
+
+def _channel_sq_norm(weight: np.ndarray, axis: int) -> np.ndarray:
+    """Per input channel: squared L2 norm of everything the channel multiplies."""
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
+    return np.einsum("ij,ij->i", moved, moved)
+
+
+def _per_unit(values: np.ndarray, group: Group) -> np.ndarray:
+    """Sum per-channel values into per-unit values (KV groups hold group_size × head_dim channels)."""
+    return values.reshape(group.units, -1).sum(1)
+
+
+def _magnitude(group: Group, tensors: dict, p: int) -> np.ndarray:
+    """Lp norm (p = 1 or 2) of every weight slice a unit owns."""
+    total = np.zeros(group.units)
+    for name, axis, per_unit in group.coupled():
+        values = np.moveaxis(tensors[name].values.astype(np.float64), axis, 0)
+        values = values.reshape(group.units, -1)
+        total += np.abs(values).sum(1) if p == 1 else (values**2).sum(1)
+    return total if p == 1 else np.sqrt(total)
+
+
+def _activation_score(group: Group, tensors: dict, moments, how: str) -> np.ndarray:
+    """Wanda-style ‖X_c‖·‖W_c‖ or FLAP-style Var(X_c)·‖W_c‖² of the channels entering the next layer."""
+    weight, axis = _consumer_weight(group, tensors)
+    sq = _channel_sq_norm(weight, axis)
+    if how == "activation":
+        return _per_unit(moments.norm * np.sqrt(sq), group)
+    return _per_unit(moments.var * sq, group)
+
+
+def _user_score(group: Group, scores: dict) -> np.ndarray:
+    if group.name not in scores:
+        raise OptionError(f"'prune_structure': option 'scores' has no entry for '{group.name}' "
+                          f"(keys are the weights reading the pruned channels: o_proj, down_proj, next conv)")
+    values = np.asarray(scores[group.name], dtype=np.float64)
+    if isinstance(group, AttentionGroup) and values.size == group.num_heads and group.group_size > 1:
+        values = values.reshape(group.num_kv_heads, -1).sum(1)  # per query head → per KV group
+    if values.size != group.units:
+        raise OptionError(f"'prune_structure': scores['{group.name}'] has {values.size} entries, expected {group.units}")
+    return values
+
+
+def _allocate(scores: list[np.ndarray], counts: list[int], schedule: str) -> list[np.ndarray]:
+    """Indices to remove per group: the `count` lowest of each (uniform), or the lowest of all
+    groups' mean-normalised scores with the same total (global, at least one unit kept per group)."""
+    if schedule == "uniform":
+        return [np.sort(np.argsort(s, kind="stable")[:c]) for s, c in zip(scores, counts)]
+    pool = [(float(v / (np.mean(s) or 1.0)), g, int(i)) for g, s in enumerate(scores) for i, v in enumerate(s)]
+    pool.sort()
+    removed: list[list[int]] = [[] for _ in scores]
+    budget = sum(counts)
+    for _, g, i in pool:
+        if budget == 0:
+            break
+        if len(removed[g]) < len(scores[g]) - 1:
+            removed[g].append(i)
+            budget -= 1
+    return [np.sort(np.asarray(r, dtype=np.int64)) for r in removed]
+
+
+# ------------------------------------------------------------------------------ rewriting
+def _unit_channels(removed: np.ndarray, width: int) -> np.ndarray:
+    """Channel indices of removed units, each unit `width` channels wide."""
+    return (removed[:, None] * width + np.arange(width)[None, :]).ravel()
+
+
+def _slice(tensors: dict, name: str, axis: int, drop: np.ndarray) -> int:
+    """Replace a constant by itself without `drop` along `axis`; returns elements removed."""
+    const = tensors[name]
+    before = const.values
+    const.values = np.ascontiguousarray(np.delete(before, drop, axis=axis))  # new array: copy-on-write
+    return int(before.size - const.values.size)
+
+
+def _rewrite_shape(graph: gs.Graph, node: gs.Node, index: int, edits: dict[int, int], tag: str) -> None:
+    """Give `node` a shape input with `edits` (position → value) applied, never touching shared tensors."""
+    shape = node.inputs[index]
+    if isinstance(shape, gs.Constant):
+        values = np.array(shape.values, copy=True)
+        for pos, value in edits.items():
+            values[pos] = value
+        node.inputs[index] = gs.Constant(f"{shape.name}__{tag}", values)
+        return
+    concat = shape.inputs[0]
+    pieces, offset = list(concat.inputs), 0
+    for i, piece in enumerate(concat.inputs):
+        length = piece.values.size if isinstance(piece, gs.Constant) else int(piece.shape[0])
+        hits = {p - offset: v for p, v in edits.items() if offset <= p < offset + length}
+        if hits:
+            values = np.array(piece.values, copy=True).reshape(-1)
+            for pos, value in hits.items():
+                values[pos] = value
+            pieces[i] = gs.Constant(f"{piece.name}__{tag}", values.reshape(piece.values.shape))
+        offset += length
+    out = gs.Variable(f"{shape.name}__{tag}", dtype=shape.dtype, shape=shape.shape)
+    graph.nodes.append(gs.Node("Concat", f"{concat.name}__{tag}", dict(concat.attrs), pieces, [out]))
+    node.inputs[index] = out
+
+
+def _forget_shapes(graph: gs.Graph, starts: list[gs.Tensor], stop: set[str]) -> None:
+    """Drop stale static shapes from tensors downstream of sliced projections, up to `stop` nodes."""
+    outputs = {id(t) for t in graph.outputs}
+    seen, queue = set(), deque(starts)
+    while queue:
+        tensor = queue.popleft()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        if id(tensor) not in outputs:
+            tensor.shape = None
+        for consumer in tensor.outputs:
+            if consumer.name not in stop:
+                queue.extend(consumer.outputs)
+
+
+def _add_bias(graph: gs.Graph, tensors: dict, proj, delta: np.ndarray, tag: str) -> None:
+    """Add `delta` to a projection's output: into its bias constant, or as a new Add of a constant."""
+    delta = delta.astype(np.float32)
+    if proj.bias:
+        const = tensors[proj.bias]
+        const.values = (const.values + delta.reshape(const.values.shape)).astype(const.values.dtype)
+        return
+    node = next(n for n in graph.nodes if n.name == proj.node)
+    if node.op == "Conv":
+        node.inputs.append(gs.Constant(f"{proj.weight}__bias_{tag}", delta))
+        return
+    out = node.outputs[0]
+    added = gs.Variable(f"{out.name}__{tag}", dtype=out.dtype, shape=out.shape)
+    for consumer in list(out.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is out:
+                consumer.inputs[i] = added
+    graph.nodes.append(gs.Node("Add", f"{proj.node}__{tag}", {}, [out, gs.Constant(f"{proj.weight}__{tag}", delta)], [added]))
+
+
+# ------------------------------------------------------------------------------------- pass
+@register_pass
+@dataclass(frozen=True)
+class PruneStructure(Pass):
+    """Remove attention heads (by KV group), FFN channels and conv output channels from an ONNX model.
+
+    Reads the graph (`graphopt.pruning_graph.find_structures`), calibration feeds when importance
+    is "activation"/"fluctuation" or `bias_compensation` is on, and `scores` when given. Rewrites:
+
+    1. Attention (MHA and GQA): removing KV group g slices K/V columns g·d..(g+1)·d, the Q columns of
+       its `group_size` query heads and the same rows of the output projection (and Q/K/V biases);
+       every Reshape/Expand shape entry counting heads is rewritten (shared constants and Concats
+       are cloned, never edited). `heads` is a count per layer (int) or a fraction of KV groups.
+    2. FFN: removing channel j slices column j of every gate/up weight (and bias) and row j of down.
+    3. Conv: removing output channel c slices the filter, its bias, the following BatchNorm's
+       scale/bias/mean/var and input channel c of every Conv reading it.
+    4. Importance per unit: "l1"/"l2" norm of all its weight slices; "activation" = Σ ‖X_c‖·‖W_c‖
+       (Wanda-style) and "fluctuation" = Σ Var(X_c)·‖W_c‖² (FLAP) over the channels entering the next
+       layer; "scores" = user values keyed by that next layer's weight name (a JSON file or mapping,
+       e.g. from `graphopt.l0_gates`). `schedule`: "uniform" (same count per layer, `layer_ratios`
+       overriding by group name) or "global" (lowest mean-normalised scores across layers).
+    5. `bias_compensation`: the removed channels' mean calibration activation times their next-layer
+       weights is added to that layer's bias (a new Add of a constant for bias-free MatMuls).
+    Does NOT fire when every ratio is 0 (`changed` False, model untouched). Refuses (clear error
+    naming the node) when asked to prune a kind the graph has none of, or to remove every unit.
+
+    Guarantees: units whose weights are all zero are removed with outputs unchanged (within float
+    rounding, < 1e-5 relative); graph inputs/outputs keep their names. Leaves one
+    `model.meta.pruning` record per pruned group (kind, group, removed indices, before/after counts).
+    """
+
+    name: ClassVar[str] = "prune_structure"
+    mutates_input: ClassVar[bool] = True
+
+    heads: int | float = field(default=0, metadata={"help": "KV groups (MHA: heads) removed per layer: a count (int) or a fraction < 1"})
+    ffn_ratio: float = field(default=0.0, metadata={"help": "fraction of FFN intermediate channels removed"})
+    conv_ratio: float = field(default=0.0, metadata={"help": "fraction of conv output channels removed"})
+    importance: Literal["l1", "l2", "activation", "fluctuation", "scores"] = field(
+        default="l2", metadata={"help": "how units are ranked (activation/fluctuation need calibration)"})
+    scores: str | dict[str, list[float]] = field(
+        default="", metadata={"help": "JSON file or mapping: next-layer weight name -> one score per unit"})
+    schedule: Literal["uniform", "global"] = field(default="uniform", metadata={"help": "per-layer or global ranking"})
+    layer_ratios: dict[str, float] = field(default_factory=dict, metadata={"help": "group name -> ratio override"})
+    bias_compensation: bool = field(default=False, metadata={"help": "keep removed units' mean contribution as a bias"})
+
+    def check(self) -> None:
+        for option in ("ffn_ratio", "conv_ratio"):
+            value = getattr(self, option)
+            if not 0.0 <= value < 1.0:
+                raise OptionError(f"'prune_structure': option '{option}' must be in [0, 1), got {value}")
+        if isinstance(self.heads, float) and not 0.0 <= self.heads < 1.0:
+            raise OptionError(f"'prune_structure': option 'heads' as a fraction must be in [0, 1), got {self.heads}")
+        if isinstance(self.heads, int) and self.heads < 0:
+            raise OptionError(f"'prune_structure': option 'heads' must be >= 0, got {self.heads}")
+        for key, value in self.layer_ratios.items():
+            if not 0.0 <= value < 1.0:
+                raise OptionError(f"'prune_structure': layer_ratios['{key}'] must be in [0, 1), got {value}")
+        if self.importance == "scores" and not self.scores:
+            raise OptionError("'prune_structure': importance 'scores' needs option 'scores' (a JSON file or mapping)")
+
+    # ---------------------------------------------------------------- planning
+    def _count(self, group: Group) -> int:
+        if group.name in self.layer_ratios:
+            return int(round(self.layer_ratios[group.name] * group.units))
+        if isinstance(group, AttentionGroup):
+            return self.heads if isinstance(self.heads, int) else int(round(self.heads * group.units))
+        ratio = self.ffn_ratio if isinstance(group, FFNGroup) else self.conv_ratio
+        return int(round(ratio * group.units))
+
+    def _selected(self, found: StructureMap) -> list[tuple[str, list[Group]]]:
+        asked = [("attention", found.attention, self.heads != 0), ("ffn", found.ffn, self.ffn_ratio > 0),
+                 ("conv", found.conv, self.conv_ratio > 0)]
+        chosen = []
+        for kind, groups, wanted in asked:
+            wanted = wanted or any(g.name in self.layer_ratios for g in groups)
+            if wanted and not groups:
+                why = "; ".join(found.unmatched[:3]) or "no Softmax/FFN/Conv pattern in the graph"
+                raise UnsupportedGraphError(f"prune_structure: asked to prune {kind} but none matched: {why}")
+            if wanted:
+                chosen.append((kind, groups))
+        known = {g.name for _, gs_ in chosen for g in gs_} | {g.name for g in found.attention + found.ffn + found.conv}
+        unknown = sorted(set(self.layer_ratios) - known)
+        if unknown:
+            raise OptionError(f"'prune_structure': layer_ratios names '{unknown[0]}', which is no prunable group")
+        return chosen
+
+    def _scores(self, groups: list[Group], tensors: dict, moments: dict) -> list[np.ndarray]:
+        if self.importance in ("l1", "l2"):
+            return [_magnitude(g, tensors, 1 if self.importance == "l1" else 2) for g in groups]
+        if self.importance == "scores":
+            table = self.scores if isinstance(self.scores, dict) else _read_scores(self.scores)
+            return [_user_score(g, table) for g in groups]
+        return [_activation_score(g, tensors, moments[g.name], self.importance) for g in groups]
+
+    # ---------------------------------------------------------------- running
+    def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
+        found = find_structures(model)
+        chosen = self._selected(found)
+        plan = [(kind, g, self._count(g)) for kind, groups in chosen for g in groups]
+        for kind, g, count in plan:
+            if count >= g.units:
+                raise OptionError(f"'prune_structure': removing {count} of {g.units} {kind} units of '{g.name}' "
+                                  "would remove all of them; keep at least one")
+        plan = [(kind, g, c) for kind, g, c in plan if c > 0]
+        if not plan:
+            return PassResult(model, False, {"matched": found.summary()})
+        graph, tensors = model.graph, model.graph.tensors()
+        moments = {}
+        if self.importance in ("activation", "fluctuation") or self.bias_compensation:
+            moments = _capture_moments(model, [g for _, g, _ in plan], ctx.require_calib(self.name), ctx.progress)
+        removed_by_group = []
+        for kind in ("attention", "ffn", "conv"):
+            part = [(g, c) for k, g, c in plan if k == kind]
+            if part:
+                scores = self._scores([g for g, _ in part], tensors, moments)
+                removed_by_group += zip([g for g, _ in part], _allocate(scores, [c for _, c in part], self.schedule), scores)
+        stats: Counter = Counter()
+        for group, removed, scores in removed_by_group:
+            if removed.size == 0:
+                continue
+            stats["params_removed"] += self._apply(graph, tensors, group, removed, moments.get(group.name))
+            record = {"pass": self.name, "kind": type(group).__name__.replace("Group", "").lower(), "group": group.name,
+                      "removed": removed.tolist(), "before": group.units, "after": group.units - removed.size,
+                      "importance": self.importance, "bias_compensation": self.bias_compensation,
+                      "removed_scores": [float(scores[i]) for i in removed]}
+            model.meta.pruning.append(record)
+            if isinstance(group, AttentionGroup):
+                stats["kv_groups_removed"] += removed.size
+                stats["heads_removed"] += removed.size * group.group_size
+            elif isinstance(group, FFNGroup):
+                stats["ffn_channels_removed"] += removed.size
+            else:
+                stats["conv_channels_removed"] += removed.size
+            stats["groups_pruned"] += 1
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        changed = stats["groups_pruned"] > 0
+        return PassResult(model, changed, {**dict(stats), "matched": found.summary(), "unmatched": found.unmatched[:10]})
+
+    def _apply(self, graph: gs.Graph, tensors: dict, group: Group, removed: np.ndarray, moments) -> int:
+        """Slice every coupled tensor of one group, rewrite its shapes, compensate; returns params removed."""
+        nodes = {n.name: n for n in graph.nodes}
+        compensation = []
+        if self.bias_compensation and moments is not None:
+            compensation = _compensation(group, tensors, removed, moments)  # before the rows are sliced away
+        total = 0
+        for name, axis, width in group.coupled():
+            total += _slice(tensors, name, axis, _unit_channels(removed, width))
+        tag = f"pruned{len(removed)}"
+        if isinstance(group, AttentionGroup):
+            kv = group.num_kv_heads - removed.size
+            new = {"kv_heads": kv, "q_heads": kv * group.group_size, "q_width": kv * group.group_size * group.head_dim}
+            edits: dict[tuple[str, int], dict[int, int]] = {}
+            for site in group.shape_sites:
+                edits.setdefault((site.node, site.input_index), {})[site.position] = new[site.kind]
+            for (node_name, index), change in edits.items():
+                _rewrite_shape(graph, nodes[node_name], index, change, f"{tag}_{node_name}")
+            starts, stop = [group.q, group.k, group.v], {group.o.node}
+        elif isinstance(group, FFNGroup):
+            starts, stop = group.inputs, {group.down.node}
+        else:
+            bn = nodes.get(group.batch_norm) if group.batch_norm else None
+            for t in (bn.inputs[1:] if bn else []):
+                total += _slice(tensors, t.name, 0, removed)
+            starts, stop = [group.conv], {f.node for f in group.followers}
+        _forget_shapes(graph, [tensors[p.output] for p in starts] + [nodes[p.node].outputs[0] for p in starts], stop)
+        for proj, delta in compensation:
+            _add_bias(graph, tensors, proj, delta, "prune_bias")
+        return total
+
+
+def _compensation(group: Group, tensors: dict, removed: np.ndarray, moments) -> list[tuple]:
+    """(projection, bias delta): the removed channels' mean activation through the next layer's weights."""
+    if isinstance(group, ConvGroup):
+        mean = moments.mean[removed]
+        return [(f, np.einsum("c,ocij->o", mean, tensors[f.weight].values[:, removed].astype(np.float64)))
+                for f in group.followers]
+    nxt = group.o if isinstance(group, AttentionGroup) else group.down
+    width = group.group_size * group.head_dim if isinstance(group, AttentionGroup) else 1
+    channels = _unit_channels(removed, width)
+    return [(nxt, moments.mean[channels] @ tensors[nxt.weight].values[channels].astype(np.float64))]
+
+
+def _read_scores(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise OptionError(f"'prune_structure': cannot read scores file '{path}': {exc}") from exc
+    if not isinstance(data, dict):
+        raise OptionError(f"'prune_structure': scores file '{path}' must hold a mapping of weight name -> scores")
+    return data
+
+
+def _capture_moments(model: Model, groups: list[Group], calib, progress: bool) -> dict:
+    """Per group: channel moments of the activation entering the layer that reads the pruned channels."""
+    nodes = {n.name: n for n in model.graph.nodes}
+    wanted = {}
+    for g in groups:
+        reader = g.o if isinstance(g, AttentionGroup) else g.down if isinstance(g, FFNGroup) else g.followers[0]
+        wanted[g.name] = (nodes[reader.node].inputs[0].name, isinstance(g, ConvGroup))
+    axis_of = {tensor: (1 if conv else -1) for tensor, conv in wanted.values()}
+    acc = activations.capture(model, calib, list(axis_of), lambda name: activations.ChannelMoments(axis_of[name]),
+                              progress=progress, desc="prune_structure: calibrating")
+    return {name: acc[tensor] for name, (tensor, _) in wanted.items()}
