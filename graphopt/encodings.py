@@ -255,7 +255,7 @@ class Encodings:
     def __eq__(self, other) -> bool:
         if not isinstance(other, Encodings):
             return NotImplemented
-        return (list(self.activations) == list(other.activations) and list(self.params) == list(other.params)
+        return (set(self.activations) == set(other.activations) and set(self.params) == set(other.params)
                 and all(self.activations[k] == other.activations[k] for k in self.activations)
                 and all(self.params[k] == other.params[k] for k in self.params))
 
@@ -372,9 +372,10 @@ def _from_dq(node: gs.Node, name: str, shape, code_dtype: np.dtype) -> Encoding:
     signed = not kind.startswith("u")
     zero_point = (np.zeros(scale.shape, np.int64) if zp_t is None
                   else np.asarray(zp_t.values).astype(np.int64))
-    symmetric = bool(np.all(zero_point == (0 if signed else 1 << (bits - 1))))
+    # graphopt's convention (dtype_for): symmetric = signed with zero point 0. An unsigned type is
+    # asymmetric even when its zero point sits mid-grid, so the encoding maps back to the same type.
+    symmetric = signed and bool(np.all(zero_point == 0))
     qmin = -(1 << (bits - 1)) if signed else 0
-    # a signed asymmetric or unsigned symmetric pair maps to the same real grid on graphopt's types
     offset = qmin - zero_point
     block_size = node.attrs.get("block_size", 0)
     axis = node.attrs.get("axis", 1)

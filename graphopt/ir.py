@@ -164,6 +164,7 @@ class Model:
     def to_onnx(self) -> onnx.ModelProto:
         """Serialise the ONNX form to a ModelProto, with metadata and node provenance attached."""
         self.require("onnx", "to_onnx")
+        _pack_4bit_constants(self.graph)
         proto = gs.export_onnx(self.graph, do_type_check=False)
         if self.ir_version:
             proto.ir_version = max(proto.ir_version, self.ir_version)
@@ -257,6 +258,17 @@ def _nbytes(tensor: gs.Constant) -> int:
     if export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or _dtype_name(tensor) in ("int4", "uint4"):
         return (int(np.prod(tensor.shape)) + 1) // 2
     return int(tensor.values.nbytes)
+
+
+def _pack_4bit_constants(graph: gs.Graph) -> None:
+    """Reading a Constant's values turns its lazy proto into an ml_dtypes int4/uint4 array, which
+    onnx-graphsurgeon would export one byte per value (onnx refuses it); hand it the packed proto."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if isinstance(values, np.ndarray) and values.dtype.name in ("int4", "uint4"):
+            tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
 
 
 def _spec_of(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -23,6 +23,7 @@ class MinMaxObserver:
     def __init__(self, axis: int | None = None):
         self.axis = axis
         self.lo = self.hi = None
+        self.sum_sq, self.count = 0.0, 0
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -31,6 +32,8 @@ class MinMaxObserver:
         else:
             others = tuple(i for i in range(x.ndim) if i != self.axis % x.ndim)
             lo, hi = x.min(axis=others), x.max(axis=others)
+        self.sum_sq += float(np.einsum("i,i->", x.ravel(), x.ravel(), dtype=np.float64))
+        self.count += x.size
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
 
@@ -41,6 +44,14 @@ class MinMaxObserver:
 
     def params(self, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         return numerics.scale_zero_point(*self.range(), spec)
+
+    def sqnr_db(self, spec: QuantSpec) -> float:
+        """Estimated SQNR of quantizing what was seen with `spec` (rounding noise scale²/12 per
+        value against the mean square): a cheap per-point sensitivity proxy."""
+        scale, _ = self.params(spec)
+        noise = float(np.mean(np.asarray(scale, np.float64) ** 2)) / 12.0
+        signal = self.sum_sq / max(self.count, 1)
+        return float(10.0 * np.log10(max(signal, 1e-30) / noise))
 
 
 class HistogramObserver(MinMaxObserver):
