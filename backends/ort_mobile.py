@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from graphopt.backend_infra import Artifact, Backend, register_backend
+from graphopt.backend_infra import Artifact, Backend, register_backend, validation_feeds
 from graphopt.errors import BackendError
 from graphopt.ir import Model
 from graphopt.onnx_io import atomic_write_text, save_onnx, staged_folder
@@ -140,6 +140,31 @@ def _usability_markdown(report: dict, log_text: str) -> str:
     return "\n".join(lines)
 
 
+def _refuse_4bit(model: Model) -> None:
+    """The ORT format has no int4/uint4 tensors: onnxruntime writes the .ort but cannot load it."""
+    import onnx
+
+    for tensor in model.graph.tensors().values():
+        export_dtype = getattr(tensor, "export_dtype", None)
+        dtype = getattr(tensor, "dtype", None)
+        if export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or str(dtype) in ("int4", "uint4"):
+            raise BackendError(
+                f"backend 'ort-mobile': tensor '{tensor.name}' of '{model.name}' is 4-bit, which the ORT format "
+                "cannot store; quantize weights to 8 bits for ORT Mobile (or ship the ONNX model)")
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    """Silence a chatty onnxruntime logger below WARNING for the duration."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _is_qdq(model: Model) -> bool:
     return any(node.op in _QDQ_OPS for node in model.graph.nodes)
 
@@ -167,7 +192,8 @@ class OrtMobile(Backend):
        (`--include_ops_by_config`), with per-op types when `type_reduction`.
     3. `mobile_usability.json` / `.md`: which of NNAPI, CoreML and XNNPACK would take which nodes.
     Validation runs `model.ort` and the ONNX model on the CPU EP with the same session settings on
-    the model's sample inputs: max |diff| <= `atol` for float models, exactly equal for QDQ models.
+    the model's sample inputs (or feeds built from its input specs, `validation_feeds`):
+    max |diff| <= `atol` for float models, exactly equal for QDQ models.
     """
 
     name: ClassVar[str] = "ort-mobile"
@@ -181,6 +207,7 @@ class OrtMobile(Backend):
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         model.require("onnx", f"backend '{self.name}'")
+        _refuse_4bit(model)
         out_dir = Path(out_dir)
         inputs = [model.source] if model.source else []
         ort_name, config_name = _ort_file_names(self.optimization_style)
@@ -192,7 +219,7 @@ class OrtMobile(Backend):
             onnx_path = save_onnx(model.to_onnx(), work / "model.onnx")
             converter_log = io.StringIO()
             try:
-                with contextlib.redirect_stdout(converter_log):
+                with contextlib.redirect_stdout(converter_log), _quiet("ort_format_model.utils"):
                     convert_onnx_models_to_ort(
                         onnx_path, output_dir=work / "ort",
                         optimization_styles=[OptimizationStyle[self.optimization_style.capitalize()]],
@@ -222,9 +249,7 @@ class OrtMobile(Backend):
     def validate(self, artifact: Artifact, model: Model) -> dict:
         import onnxruntime as ort
 
-        if not model.sample_inputs:
-            raise BackendError(f"backend '{self.name}': model '{model.name}' has no sample inputs to compare "
-                               "the .ort outputs on; give it sample_inputs or export with validate=False")
+        feeds_list, feeds_source = validation_feeds(model)
         ort_path = artifact.out_dir / "model.ort"
         options = _session_options(self.target_platform)
         if self.optimization_style == "runtime":
@@ -236,7 +261,7 @@ class OrtMobile(Backend):
         reference = _reference_session(model, self.target_platform)
         exact = _is_qdq(model)
         worst = 0.0
-        for feeds in model.sample_inputs:
+        for feeds in feeds_list:
             names = [i.name for i in reference.get_inputs()]
             want = reference.run(None, {n: feeds[n] for n in names})
             got = mobile.run(None, {n: feeds[n] for n in names})
@@ -248,7 +273,7 @@ class OrtMobile(Backend):
         if worst > limit:
             kind = "QDQ (must be exact)" if exact else f"float (atol {self.atol})"
             raise BackendError(f"{ort_path}: outputs differ from the ONNX model by {worst:.3g}, {kind}")
-        return {"batches": len(model.sample_inputs), "max_abs_diff": worst, "exact_required": exact,
+        return {"batches": len(feeds_list), "feeds": feeds_source, "max_abs_diff": worst, "exact_required": exact,
                 "passed": True}
 
 

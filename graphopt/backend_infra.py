@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from graphopt.errors import OptionError
 from graphopt.ir import Model
 from graphopt.pass_infra import validate_options
 
-__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend"]
+__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds"]
 
 BACKENDS: dict[str, type["Backend"]] = {}
 
@@ -64,3 +66,22 @@ class Backend:
 
     def validate(self, artifact: Artifact, model: Model) -> dict:
         raise NotImplementedError
+
+
+def validation_feeds(model: Model, *, dynamic_dim: int = 8) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Feeds a backend validates its artifact on, and where they came from.
+
+    The model's sample inputs when it has them ("sample_inputs"); otherwise one batch built from
+    the input specs ("synthesized"): dynamic dims of `dynamic_dim`, floats from a fixed-seed
+    normal, integers zero (a valid token id, index and mask value).
+    """
+    if model.sample_inputs:
+        return list(model.sample_inputs), "sample_inputs"
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for spec in model.inputs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
+                            else np.zeros(shape, dtype=dtype))
+    return [feeds], "synthesized"

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.backends.qnn import check_encodings_v1, load_package, rebuild_qdq, strip_qdq
-from graphopt.errors import BackendError, OptionError, UnsupportedGraphError
+from graphopt.errors import BackendError, GraphoptError, OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.pipeline import available_backends, export
 
@@ -223,23 +223,55 @@ def test_errors_name_the_problem(tiny_fx, tiny_qdq, tmp_path):
     assert not (tmp_path / "lone").exists() or not any((tmp_path / "lone").iterdir())
 
 
-def test_convert_with_backend_flag(tmp_path, capsys):
+def test_convert_with_backend_flag(tiny_qdq, tmp_path, capsys):
+    onnx.save(tiny_qdq.to_onnx(), tmp_path / "qdq.onnx")
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes: []\nbackend:\n  name: qnn\n  encodings_version: \"0.6.1\"\n")
-    assert cli.main(["convert", "sample:tiny-llama", "--recipe", str(recipe), "-o", str(tmp_path / "out"),
+    assert cli.main(["convert", str(tmp_path / "qdq.onnx"), "--recipe", str(recipe), "-o", str(tmp_path / "out"),
                      "--backend", "qnn"]) == 0
     assert json.loads((tmp_path / "out" / "qnn" / "model.encodings").read_text())["version"] == "0.6.1"
     assert (tmp_path / "out" / "qnn" / "model_net.json").is_file()
     bad = tmp_path / "bad.yaml"
     bad.write_text("passes: []\nbackend:\n  name: qnn\n  encodings: \"0.6.1\"\n")
-    assert cli.main(["convert", "sample:tiny-llama", "--recipe", str(bad), "-o", str(tmp_path / "out3")]) == 2
+    assert cli.main(["convert", str(tmp_path / "qdq.onnx"), "--recipe", str(bad), "-o", str(tmp_path / "out3")]) == 2
     assert "unknown option 'encodings'" in capsys.readouterr().err
+
+
+def graphopt_qdq(model, **options):
+    """`model` through graphopt's own quantize pass, calibrated on its sample inputs."""
+    from graphopt.pipeline import Pipeline, get_pass
+
+    pipeline = Pipeline([get_pass("quantize")(**options)], verify=False, progress=False, log=lambda *a: None)
+    return pipeline.run(model, calib=model.sample_inputs).model
+
+
+@pytest.mark.parametrize("options, bits", [
+    ({"weight_bits": 4, "weight_granularity": "block", "weight_block_size": 32, "embedding_bits": 8}, {"w4": 14, "w8": 1, "a8": 9}),
+    ({"activation_bits": 16}, {"w8": 15, "a16": 9}),
+])
+def test_graphopt_quantize_pass_packages(tiny_onnx, tmp_path, options, bits):
+    qdq = graphopt_qdq(tiny_onnx, **options)
+    artifact = export(qdq, "qnn", tmp_path)
+    assert artifact.validation["identical"] and artifact.report["bitwidths"] == bits
+    data = json.loads((tmp_path / "model.encodings").read_text())
+    assert check_encodings_v1(data) == []
+    net = json.loads((tmp_path / "model_net.json").read_text())["graph"]["tensors"]
+    if "w4" in bits:
+        blocked = [e for e in data["param_encodings"] if e["enc_type"] == "PER_BLOCK"]
+        assert len(blocked) == 14 and all(e["block_size"] == 32 and e["bw"] == 4 for e in blocked)
+        quant = net[blocked[0]["name"]]["quant_params"]
+        assert quant["encoding_name"] == "QNN_QUANTIZATION_ENCODING_BLOCK" and quant["block_encoding"]["block_size"] == 32
+        assert net[blocked[0]["name"]]["data_type_name"] == "QNN_DATATYPE_SFIXED_POINT_4"
+        assert artifact.report["htp"]["rules"].get("block_not_allowed") is None  # 4-bit FC blocks are HTP's LPBQ
+        with pytest.raises(GraphoptError, match="PER_BLOCK cannot be written as 0.6.1"):
+            available_backends()["qnn"](encodings_version="0.6.1").emit(qdq, tmp_path / "v0")
+    else:
+        assert net["mul_126"]["data_type_name"] == "QNN_DATATYPE_UFIXED_POINT_16"
 
 
 @pytest.mark.real
 def test_minilm_package_is_exact(minilm_onnx, tmp_path):
-    qdq = ort_qdq(minilm_onnx, tmp_path)
-    artifact = export(qdq, "qnn", tmp_path / "qnn")
-    assert artifact.validation["identical"] and artifact.report["encodings"]["params"] == 36  # 6 layers x 6 linears
+    artifact = export(graphopt_qdq(minilm_onnx), "qnn", tmp_path)
+    assert artifact.validation["identical"] and artifact.validation["entries"] == 63  # 39 weights + 24 activations
     assert artifact.report["qnn_ops"]["FullyConnected"] == 36 and artifact.report["qnn_ops"]["LayerNorm"] == 13
-    assert artifact.report["macs_per_inference"] > 1e9  # 4 x 64 tokens through 22M weights
+    assert artifact.report["macs_per_inference"] > 1e9  # 4 x 64 tokens through 21M linear weights
