@@ -92,6 +92,7 @@ class _Compiler:
         self.consumers: dict[str, list[gs.Node]] = {}
         self.used_names: set[str] = set()
         self.feeds = feeds
+        self.absorbed: set[str] = set()  # nodes folded into a fused kernel (RMSNorm chain)
         for node in graph.nodes:
             for t in node.inputs:
                 self.consumers.setdefault(t.name, []).append(node)
@@ -210,6 +211,8 @@ class _Compiler:
 
     def visit(self, node: gs.Node) -> None:
         op = node.op
+        if node.name in self.absorbed:
+            return None
         if op == "QuantizeLinear":
             return self.visit_q(node)
         if op == "DequantizeLinear":
@@ -375,6 +378,8 @@ class _Compiler:
             masked = self.try_mask(node, inputs)
             if masked:
                 return None
+        if op == "Pow" and self.try_rmsnorm(node, inputs):
+            return None
         encoding = self.out_encoding(node)
         if encoding is None:
             return "output is not quantized (no QuantizeLinear after it)"
@@ -385,6 +390,8 @@ class _Compiler:
             return self.binary(node, inputs, encoding)
         if op == "Softmax":
             return self.softmax(node, inputs, encoding)
+        if op == "LayerNormalization":
+            return self.layernorm(node, inputs, encoding)
         if op in UNARY_OPS:
             return self.unary(node, inputs, encoding)
         return f"no integer kernel for {op}"
@@ -494,6 +501,68 @@ class _Compiler:
         table = kernels.quantize(values, out_scale, out_zp, out_dtype)
         self.finish(node, "lut", [x.name], {"offset": lo, "function": node.op}, {"table": table}, encoding)
         return None
+
+    def _sole_user(self, tensor, op_type: str):
+        users = self.consumers.get(tensor.name, [])
+        if len(users) != 1 or users[0].op != op_type or tensor in self.graph.outputs:
+            return None
+        return users[0]
+
+    def try_rmsnorm(self, node, inputs) -> bool:
+        """x^2 -> ReduceMean(last axis) -> + eps -> Sqrt -> Reciprocal -> x * r, x quantized: one `norm` kernel."""
+        x, exponent = inputs[0], inputs[1]
+        if x.kind != "quant" or not x.per_tensor or exponent.kind != "const" or float(exponent.array) != 2.0:
+            return False
+        mean = self._sole_user(node.outputs[0], "ReduceMean")
+        add = mean and self._sole_user(mean.outputs[0], "Add")
+        sqrt = add and self._sole_user(add.outputs[0], "Sqrt")
+        recip = sqrt and self._sole_user(sqrt.outputs[0], "Reciprocal")
+        mul = recip and self._sole_user(recip.outputs[0], "Mul")
+        if mul is None:
+            return False
+        ndim = self.env[x.name].ndim
+        axes = mean.attrs.get("axes") if len(mean.inputs) < 2 else self.values[mean.inputs[1].name].array
+        if axes is None or [int(a) % ndim for a in np.atleast_1d(axes)] != [ndim - 1] or not mean.attrs.get("keepdims", 1):
+            return False
+        eps = [self.values[t.name] for t in add.inputs if t is not mean.outputs[0]]
+        other = [t for t in mul.inputs if t is not recip.outputs[0]]
+        if len(eps) != 1 or eps[0].kind not in ("const", "qconst") or len(other) != 1:
+            return False
+        if self.values.get(other[0].name) is None or self.values[other[0].name].name != x.name:
+            return False
+        encoding = self.out_encoding(mul)
+        if encoding is None:
+            return False
+        self.absorbed |= {mean.name, add.name, sqrt.name, recip.name, mul.name}
+        self.emit_norm(mul, x, False, float(np.asarray(self.real(eps[0])).reshape(-1)[0]), 1.0, 0.0, encoding)
+        return True
+
+    def layernorm(self, node, inputs, encoding) -> str | None:
+        x = inputs[0]
+        if x.kind != "quant" or not x.per_tensor:
+            return f"input is {x.kind}, not a per-tensor quantized activation"
+        ndim = self.env[x.name].ndim
+        if node.attrs.get("axis", -1) % ndim != ndim - 1:
+            return "layer norm over more than the last axis"
+        gamma = np.asarray(self.real(inputs[1]), np.float64)
+        beta = np.asarray(self.real(inputs[2]), np.float64) if len(inputs) > 2 and inputs[2] is not None else 0.0
+        if any(v is not None and v.kind not in ("const", "qconst") for v in inputs[1:]):
+            return "scale or bias is not constant"
+        self.emit_norm(node, x, True, float(node.attrs.get("epsilon", 1e-5)), gamma, beta, encoding)
+        return None
+
+    def emit_norm(self, node, x: Value, center: bool, eps: float, gamma, beta, encoding) -> None:
+        s_x, z_x, _ = x.params()
+        out_scale, out_zp, out_dtype = encoding
+        n = self.env[x.name].shape[-1]
+        frac, gbits = kernels.NORM_FRACTION_BITS, kernels.NORM_GAMMA_BITS
+        params = {
+            "gamma_q": np.round(np.atleast_1d(np.asarray(gamma, np.float64)) / out_scale * 2.0**gbits).astype(np.int64),
+            "beta_q": np.round(np.atleast_1d(np.asarray(beta, np.float64)) / out_scale * 2.0**(frac + gbits)).astype(np.int64),
+        }
+        attrs = {"x_zp": z_x, "center": center, "eps_q": int(round(n * n * eps / (s_x * s_x))), "out_zp": out_zp,
+                 "out_dtype": out_dtype}
+        self.finish(node, "norm", [x.name], attrs, params, encoding)
 
     def try_mask(self, node, inputs) -> bool:
         """Add(quantized scores, constant 0/-inf mask) -> a masked value the softmax kernel honours."""

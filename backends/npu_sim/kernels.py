@@ -7,9 +7,10 @@ Conventions (TFLite / gemmlowp):
   left-shifted value followed by RoundingDivideByPOT (round half away from zero).
 - Accumulators are int32; numpy holds them in int64 so intermediate products never wrap.
 
-MatMul accumulates through float64 BLAS: every product and partial sum is an integer below 2^53,
-so float64 represents it exactly and the result equals integer accumulation bit for bit, at BLAS
-speed (numpy has no integer GEMM).
+MatMul accumulates through float32 BLAS in slices of the depth axis short enough that every
+partial sum is an integer below 2^24 (|product| bound x slice length), which float32 represents
+exactly whatever the summation order; the slices are added in int64. The result equals integer
+accumulation bit for bit, at BLAS speed (numpy has no integer GEMM).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 __all__ = [
     "INT_RANGES", "quantize_multiplier", "srdhm", "rounding_divide_by_pot", "multiply_by_quantized_multiplier",
     "requantize", "matmul", "add", "mul", "lut", "softmax", "quantize", "dequantize", "EXP_FRACTION_BITS",
-    "SOFTMAX_OUT_BITS", "ADD_LEFT_SHIFT",
+    "SOFTMAX_OUT_BITS", "ADD_LEFT_SHIFT", "isqrt", "norm", "NORM_FRACTION_BITS", "NORM_GAMMA_BITS",
 ]
 
 INT_RANGES = {
@@ -29,7 +30,10 @@ INT_RANGES = {
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 EXP_FRACTION_BITS = 20  # softmax exp table entries are Q0.20 fixed point
 SOFTMAX_OUT_BITS = 16  # softmax output multiplier fraction bits
-ADD_LEFT_SHIFT = {8: 20, 16: 14}  # headroom bits for add/sub rescaling (TFLite uses 20 for 8-bit)
+ADD_LEFT_SHIFT = {8: 20, 16: 14}
+NORM_FRACTION_BITS = 12  # fraction bits of the normalised value in the norm kernel
+NORM_GAMMA_BITS = 16  # fraction bits of gamma / s_out
+FLOAT32_EXACT = 2**24  # float32 holds every integer of magnitude up to this exactly  # headroom bits for add/sub rescaling (TFLite uses 20 for 8-bit)
 
 
 def quantize_multiplier(real) -> tuple[np.ndarray, np.ndarray]:
@@ -100,9 +104,18 @@ def matmul(a, b, a_zp, b_zp, m0, shift, out_zp, out_dtype: str, bias=None) -> np
 
 def matmul_accumulate(a, b, a_zp, b_zp) -> np.ndarray:
     """The int32 accumulator Σ_k (a - za)(b - zb), batched with numpy broadcasting (exact: see module doc)."""
-    af = np.asarray(a, dtype=np.float64) - np.float64(a_zp)
-    bf = np.asarray(b, dtype=np.float64) - np.asarray(b_zp, dtype=np.float64)
-    return np.matmul(af, bf).astype(np.int64)
+    a_c = np.asarray(a, dtype=np.float32) - np.float32(a_zp)
+    b_c = np.asarray(b, dtype=np.float32) - np.asarray(b_zp, dtype=np.float32)
+    bound = max(float(np.abs(a_c).max(initial=1.0)) * float(np.abs(b_c).max(initial=1.0)), 1.0)
+    chunk = max(1, int(FLOAT32_EXACT // bound))
+    depth = a_c.shape[-1]
+    if chunk >= depth:
+        return np.matmul(a_c, b_c).astype(np.int64)
+    acc = None
+    for k in range(0, depth, chunk):
+        part = np.matmul(a_c[..., k:k + chunk], b_c[..., k:k + chunk, :]).astype(np.int64)
+        acc = part if acc is None else acc + part
+    return acc
 
 
 def add(a, b, a_zp, b_zp, a_m0, a_shift, b_m0, b_shift, left_shift, out_m0, out_shift, out_zp, out_dtype: str,
@@ -146,6 +159,37 @@ def softmax(x, exp_table, out_multiplier: int, out_zp: int, out_dtype: str, mask
     half = 1 << (SOFTMAX_OUT_BITS - 1)
     q = ((e * out_multiplier) // safe + half) >> SOFTMAX_OUT_BITS
     return _saturate(q + out_zp, out_dtype)
+
+
+def isqrt(v) -> np.ndarray:
+    """floor(sqrt(v)) of non-negative int64 values, exact (a float guess corrected by integer steps)."""
+    v = np.asarray(v, dtype=np.int64)
+    r = np.floor(np.sqrt(v.astype(np.float64))).astype(np.int64)
+    for _ in range(2):
+        r = np.where(r * r > v, r - 1, r)
+        r = np.where((r + 1) * (r + 1) <= v, r + 1, r)
+    return r
+
+
+def norm(x, x_zp, center: bool, eps_q: int, gamma_q, beta_q, out_zp: int, out_dtype: str) -> np.ndarray:
+    """Integer LayerNorm (center=True) / RMSNorm (center=False) over the last axis.
+
+    With xc = x - zp, N the row length, S = Σxc (0 for RMSNorm), D = N·Σxc² - S² + eps_q:
+    normalised = (N·xc - S) / sqrt(D). Fixed point with F = NORM_FRACTION_BITS:
+    r = isqrt(D · 2^2F), n = round((N·xc - S) · 2^2F / r) (= normalised · 2^F),
+    out = zp + RoundingDivideByPOT(n · gamma_q + beta_q, F + NORM_GAMMA_BITS), where gamma_q =
+    round(gamma / s_out · 2^G) and beta_q = round(beta / s_out · 2^(F+G)) per channel.
+    """
+    xc = np.asarray(x, dtype=np.int64) - np.int64(x_zp)
+    n = xc.shape[-1]
+    total = xc.sum(axis=-1, keepdims=True) if center else np.zeros(xc.shape[:-1] + (1,), np.int64)
+    squares = (xc * xc).sum(axis=-1, keepdims=True)
+    d = n * squares - total * total + np.int64(eps_q)
+    r = np.maximum(isqrt(d << (2 * NORM_FRACTION_BITS)), 1)
+    num = (n * xc - total) << (2 * NORM_FRACTION_BITS + 1)
+    normalised = (num + r) // (2 * r)
+    y = normalised * np.asarray(gamma_q, np.int64) + np.asarray(beta_q, np.int64)
+    return _saturate(rounding_divide_by_pot(y, NORM_FRACTION_BITS + NORM_GAMMA_BITS) + out_zp, out_dtype)
 
 
 def quantize(x, scale, zero_point, out_dtype: str, axis: int | None = None) -> np.ndarray:

@@ -10,10 +10,12 @@ import itertools
 
 import numpy as np
 
-from graphopt.backends.npu_sim.kernels import INT_RANGES, SOFTMAX_OUT_BITS
+import math
+
+from graphopt.backends.npu_sim.kernels import INT_RANGES, NORM_FRACTION_BITS, NORM_GAMMA_BITS, SOFTMAX_OUT_BITS
 
 __all__ = ["srdhm", "rounding_divide_by_pot", "multiply_by_quantized_multiplier", "requantize", "matmul", "add",
-           "mul", "lut", "softmax"]
+           "mul", "lut", "softmax", "norm"]
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -127,4 +129,23 @@ def softmax(x, exp_table, out_multiplier, out_zp, out_dtype, mask=None):
         for j, e in enumerate(exps):
             q = ((e * int(out_multiplier)) // total + (1 << (SOFTMAX_OUT_BITS - 1))) >> SOFTMAX_OUT_BITS
             out[row + (j,)] = _sat(q + int(out_zp), out_dtype)
+    return out
+
+
+def norm(x, x_zp, center, eps_q, gamma_q, beta_q, out_zp, out_dtype):
+    x = np.asarray(x)
+    gamma = np.broadcast_to(np.asarray(gamma_q), x.shape[-1:])
+    beta = np.broadcast_to(np.asarray(beta_q), x.shape[-1:])
+    frac = NORM_FRACTION_BITS
+    out = np.zeros(x.shape, dtype=np.int64)
+    for row in itertools.product(*map(range, x.shape[:-1])):
+        xc = [int(v) - int(x_zp) for v in x[row]]
+        n = len(xc)
+        total = sum(xc) if center else 0
+        d = n * sum(v * v for v in xc) - total * total + int(eps_q)
+        r = max(math.isqrt(d << (2 * frac)), 1)
+        for j, v in enumerate(xc):
+            normalised = (((n * v - total) << (2 * frac + 1)) + r) // (2 * r)
+            y = normalised * int(gamma[j]) + int(beta[j])
+            out[row + (j,)] = _sat(rounding_divide_by_pot(y, frac + NORM_GAMMA_BITS) + int(out_zp), out_dtype)
     return out

@@ -61,6 +61,9 @@ def _npu(op: Op, args: list[np.ndarray], params: dict[str, np.ndarray]) -> list[
     if kind == "softmax":
         return [kernels.softmax(args[0], kw["exp_table"], kw["out_multiplier"], kw["out_zp"], kw["out_dtype"],
                                 kw.get("mask"))]
+    if kind == "norm":
+        return [kernels.norm(args[0], kw["x_zp"], kw["center"], kw["eps_q"], kw["gamma_q"], kw["beta_q"], kw["out_zp"],
+                             kw["out_dtype"])]
     if kind == "requantize":
         return [kernels.requantize(args[0], kw["in_zp"], kw["m0"], kw["shift"], kw["out_zp"], kw["out_dtype"])]
     if kind == "quantize":
