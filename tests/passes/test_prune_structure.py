@@ -214,3 +214,14 @@ def test_smollm2_one_layer_zero_units_removed_exactly(smollm2_onnx):
     onnx.checker.check_model(proto)
     onnx.shape_inference.infer_shapes(proto, strict_mode=True, check_type=True)
     assert rel_err(reference, quick_session(proto).run(None, feeds)[0]) < 1e-5
+
+
+def test_recipe_is_valid():
+    from pathlib import Path
+
+    from graphopt.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[2] / "samples" / "recipes" / "smollm2-prune.yaml")
+    (prune,) = recipe.passes
+    assert (prune.name, prune.heads, prune.ffn_ratio, prune.importance) == ("prune_structure", 1, 0.25, "activation")
+    assert recipe.calibration.windows == 16 and recipe.calibration.length == 128
