@@ -381,6 +381,9 @@ class _Compiler:
         if op == "Pow" and self.try_rmsnorm(node, inputs):
             return None
         encoding = self.out_encoding(node)
+        if encoding is None and op == "Gather" and present[0].kind == "qconst" and present[1].kind in ("index", "const"):
+            self.gather_dequantize(node, inputs)
+            return None
         if encoding is None:
             return "output is not quantized (no QuantizeLinear after it)"
         quantized = [v for v in present if v.kind in ("quant", "qconst")]
@@ -394,7 +397,22 @@ class _Compiler:
             return self.layernorm(node, inputs, encoding)
         if op in UNARY_OPS:
             return self.unary(node, inputs, encoding)
-        return f"no integer kernel for {op}"
+        kinds = ", ".join(sorted({v.kind for v in present}))
+        return f"no integer kernel for {op} with {kinds} inputs"
+
+    def gather_dequantize(self, node, inputs) -> None:
+        """Embedding lookup into a quantized table whose result stays float: rows are gathered as
+        integers and only they are dequantized (with their own per-channel scales), on the host."""
+        table, idx = inputs[0], inputs[1]
+        axis = node.attrs.get("axis", 0) % table.array.ndim
+        q = self.constant(table.array, node.inputs[0].name + ".q")
+        ids = idx.name if idx.kind == "index" else self.constant(np.asarray(idx.array, np.int64), node.inputs[1].name)
+        params = {"scale": np.asarray(table.scale, np.float32), "zero_point": np.asarray(table.zp, np.int64)}
+        attrs = {"axis": axis, "channel_axis": None if table.scale.size == 1 else table.axis % table.array.ndim}
+        out = self.emit("gather_dequantize", "host", node.name, [q, ids], [node.outputs[0].name], attrs, params)[0]
+        self.values[node.outputs[0].name] = Value("float", out)
+        self.program.host_partition.append(
+            {"op": node.op, "node": node.name, "reason": "output is not quantized: int8 rows gathered, dequantized on the host"})
 
     def _operands_8bit(self, values: list[Value]) -> str | None:
         for v in values:

@@ -155,7 +155,7 @@ def estimate(program: Program, profile: Profile) -> CostReport:
         row = {"index": index, "node": op.node, "kind": op.kind, "unit": op.unit, "macs": 0, "cycles": 0,
                "compute_cycles": 0, "memory_cycles": 0, "bound": "", "dram_read": 0, "dram_write": 0,
                "sram_read": 0, "sram_write": 0, "utilisation": 0.0, "sparsity": ""}
-        if op.kind == "host":
+        if op.unit == "host" and op.kind not in ("quantize", "dequantize"):
             row["bound"] = "host"
             rows.append(row)
             continue

@@ -208,6 +208,22 @@ def dequantize(q, scale, zero_point, axis: int | None = None) -> np.ndarray:
     return ((q.astype(np.int64) - zp).astype(np.float32) * scale).astype(np.float32)
 
 
+def gather_dequantize(table, indices, scale, zero_point, axis: int, channel_axis: int | None) -> np.ndarray:
+    """take(table, indices, axis) dequantized; a per-channel scale along the gathered axis is gathered too."""
+    rows = np.take(table, np.asarray(indices, np.int64), axis=axis)
+    if channel_axis is None:
+        return dequantize(rows, scale, zero_point)
+    if channel_axis != axis:
+        shift = np.asarray(indices).ndim - 1 if channel_axis > axis else 0
+        return dequantize(rows, scale, zero_point, channel_axis + shift)
+    shape = [1] * rows.ndim
+    index_shape = np.asarray(indices).shape
+    shape[axis:axis + len(index_shape)] = index_shape
+    s = np.take(np.asarray(scale, np.float32), np.asarray(indices, np.int64)).reshape(shape)
+    z = np.take(np.asarray(zero_point, np.int64), np.asarray(indices, np.int64)).reshape(shape)
+    return ((rows.astype(np.int64) - z).astype(np.float32) * s).astype(np.float32)
+
+
 def _along(param: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     """A per-channel parameter shaped to broadcast along `axis` (scalars pass through)."""
     if param.size == 1 or axis is None:

@@ -68,6 +68,9 @@ def _npu(op: Op, args: list[np.ndarray], params: dict[str, np.ndarray]) -> list[
         return [kernels.requantize(args[0], kw["in_zp"], kw["m0"], kw["shift"], kw["out_zp"], kw["out_dtype"])]
     if kind == "quantize":
         return [kernels.quantize(args[0], kw["scale"], kw["zero_point"], kw["out_dtype"], kw.get("axis"))]
+    if kind == "gather_dequantize":
+        return [kernels.gather_dequantize(args[0], args[1], kw["scale"], kw["zero_point"], kw["axis"],
+                                          kw["channel_axis"])]
     if kind == "dequantize":
         return [kernels.dequantize(args[0], kw["scale"], kw["zero_point"], kw.get("axis"))]
     raise BackendError(f"npu-sim: op '{op.node}' asks for unknown kernel '{kind}'")
