@@ -106,15 +106,24 @@ def _slice(tensors: dict, name: str, axis: int, drop: np.ndarray) -> int:
     return int(before.size - const.values.size)
 
 
-def _rewrite_shape(graph: gs.Graph, node: gs.Node, index: int, edits: dict[int, int], tag: str) -> None:
-    """Give `node` a shape input with `edits` (position → value) applied, never touching shared tensors."""
+def _rewrite_shape(graph: gs.Graph, node: gs.Node, index: int, edits: dict[int, int], made: dict) -> None:
+    """Give `node` a shape input with `edits` (position → value) applied, never touching shared tensors.
+
+    `made` maps (original shape tensor, edits) to the rewritten tensor, so layers pruned alike share one.
+    """
     shape = node.inputs[index]
+    key = (id(shape), tuple(sorted(edits.items())))
+    if key not in made:
+        made[key] = _edited_shape(graph, shape, edits, f"pruned_{'_'.join(f'{p}to{v}' for p, v in sorted(edits.items()))}")
+    node.inputs[index] = made[key]
+
+
+def _edited_shape(graph: gs.Graph, shape: gs.Tensor, edits: dict[int, int], tag: str) -> gs.Tensor:
     if isinstance(shape, gs.Constant):
         values = np.array(shape.values, copy=True)
         for pos, value in edits.items():
             values[pos] = value
-        node.inputs[index] = gs.Constant(f"{shape.name}__{tag}", values)
-        return
+        return gs.Constant(f"{shape.name}__{tag}", values)
     concat = shape.inputs[0]
     pieces, offset = list(concat.inputs), 0
     for i, piece in enumerate(concat.inputs):
@@ -128,7 +137,7 @@ def _rewrite_shape(graph: gs.Graph, node: gs.Node, index: int, edits: dict[int, 
         offset += length
     out = gs.Variable(f"{shape.name}__{tag}", dtype=shape.dtype, shape=shape.shape)
     graph.nodes.append(gs.Node("Concat", f"{concat.name}__{tag}", dict(concat.attrs), pieces, [out]))
-    node.inputs[index] = out
+    return out
 
 
 def _forget_shapes(graph: gs.Graph, starts: list[gs.Tensor], stop: set[str]) -> None:
@@ -284,10 +293,11 @@ class PruneStructure(Pass):
                 scores = self._scores([g for g, _ in part], tensors, moments)
                 removed_by_group += zip([g for g, _ in part], _allocate(scores, [c for _, c in part], self.schedule), scores)
         stats: Counter = Counter()
+        shapes_made: dict = {}
         for group, removed, scores in removed_by_group:
             if removed.size == 0:
                 continue
-            stats["params_removed"] += self._apply(graph, tensors, group, removed, moments.get(group.name))
+            stats["params_removed"] += self._apply(graph, tensors, group, removed, moments.get(group.name), shapes_made)
             record = {"pass": self.name, "kind": type(group).__name__.replace("Group", "").lower(), "group": group.name,
                       "removed": removed.tolist(), "before": group.units, "after": group.units - removed.size,
                       "importance": self.importance, "bias_compensation": self.bias_compensation,
@@ -305,7 +315,7 @@ class PruneStructure(Pass):
         changed = stats["groups_pruned"] > 0
         return PassResult(model, changed, {**dict(stats), "matched": found.summary(), "unmatched": found.unmatched[:10]})
 
-    def _apply(self, graph: gs.Graph, tensors: dict, group: Group, removed: np.ndarray, moments) -> int:
+    def _apply(self, graph: gs.Graph, tensors: dict, group: Group, removed: np.ndarray, moments, shapes_made: dict) -> int:
         """Slice every coupled tensor of one group, rewrite its shapes, compensate; returns params removed."""
         nodes = {n.name: n for n in graph.nodes}
         compensation = []
@@ -314,7 +324,6 @@ class PruneStructure(Pass):
         total = 0
         for name, axis, width in group.coupled():
             total += _slice(tensors, name, axis, _unit_channels(removed, width))
-        tag = f"pruned{len(removed)}"
         if isinstance(group, AttentionGroup):
             kv = group.num_kv_heads - removed.size
             new = {"kv_heads": kv, "q_heads": kv * group.group_size, "q_width": kv * group.group_size * group.head_dim}
@@ -322,7 +331,7 @@ class PruneStructure(Pass):
             for site in group.shape_sites:
                 edits.setdefault((site.node, site.input_index), {})[site.position] = new[site.kind]
             for (node_name, index), change in edits.items():
-                _rewrite_shape(graph, nodes[node_name], index, change, f"{tag}_{node_name}")
+                _rewrite_shape(graph, nodes[node_name], index, change, shapes_made)
             starts, stop = [group.q, group.k, group.v], {group.o.node}
         elif isinstance(group, FFNGroup):
             starts, stop = group.inputs, {group.down.node}
