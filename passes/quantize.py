@@ -160,9 +160,21 @@ class Quantize(Pass):
                               f"a quantized MatMul/Gemm/Conv of '{model.name}'")
         calib = ctx.require_calib(self.name) if points or self.weight_rounding == "gptq" or self.smoothquant_alpha else None
         stats: dict = {}
-        if self.smoothquant_alpha and points:
-            stats["smoothed"] = self._smooth(model, sites, points, calib, ctx)
-        observers, hessians = self._calibrate(model, sites, points, calib, ctx)
+        plans = self._smooth_plans(model, sites, points) if self.smoothquant_alpha and points else {}
+        if plans and self.observer == "minmax" and self.weight_rounding == "rtn":
+            # one calibration run: per-channel statistics give the smoothed ranges exactly
+            channels = activations.capture(model, calib, points, lambda _: MinMaxObserver(axis=-1),
+                                           progress=ctx.progress, desc="quantize: calibrating")
+            migrated = self._migrate(model, plans, channels)
+            observers = {p: channels[p].divided(migrated.get(p)) for p in points}
+            hessians = {}
+        else:
+            if plans:
+                channels = activations.capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
+                                               progress=ctx.progress, desc="quantize: smoothing")
+                self._migrate(model, plans, channels)
+            observers, hessians = self._calibrate(model, sites, points, calib, ctx)
+        stats["smoothed"] = len(plans)
         int16 = self._int16_points(points, observers)
         encodings = Encodings()
         for point in points:
@@ -174,7 +186,7 @@ class Quantize(Pass):
         stats.update(weights=len(result.weights), activations=len(result.activations),
                      int16_points=len(int16), biases=len(result.biases),
                      int16=[p for p in points if p in int16][:64])
-        if stats.get("smoothed") == 0:
+        if not stats["smoothed"]:
             del stats["smoothed"]
         return PassResult(model, True, stats)
 
@@ -271,7 +283,8 @@ class Quantize(Pass):
         return codes
 
     # ---------------------------------------------------------------- SmoothQuant
-    def _smooth(self, model, sites, points, calib, ctx) -> int:
+    def _smooth_plans(self, model, sites, points) -> dict:
+        """point -> (fold, consumer sites) for the points SmoothQuant can migrate."""
         graph = model.graph
         by_activation: dict[str, list] = {}
         for s in sites:
@@ -286,12 +299,14 @@ class Quantize(Pass):
             plan = _smooth_plan(tensors[point], by_activation.get(point, []), users, tensors)
             if plan is not None:
                 plans[point] = plan
-        if not plans:
-            return 0
-        stats = activations.capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
-                                    progress=ctx.progress, desc="quantize: smoothing")
+        return plans
+
+    def _migrate(self, model, plans: dict, channels: dict) -> dict[str, np.ndarray]:
+        """Fold the migration factors of each planned point; returns them by point."""
+        tensors = model.graph.tensors()
+        factors = {}
         for point, (fold, consumers) in plans.items():
-            lo, hi = stats[point].range()
+            lo, hi = channels[point].range()
             act = np.maximum(np.abs(lo), np.abs(hi))
             wmax = np.max([np.abs(tensors[s.weight].values).max(axis=1) for s in consumers], axis=0)
             s = numerics.smooth_scales(act, wmax, self.smoothquant_alpha)
@@ -299,7 +314,8 @@ class Quantize(Pass):
             for site in consumers:
                 w = tensors[site.weight]
                 w.values = (np.asarray(w.values, np.float32) * s[:, None]).astype(np.float32)
-        return len(plans)
+            factors[point] = s
+        return factors
 
 
 def _only_reader(tensor, node, users) -> bool:
