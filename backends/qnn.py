@@ -38,7 +38,8 @@ QNN_DATATYPES = {
     "QNN_DATATYPE_FLOAT_32": 0x0232, "QNN_DATATYPE_SFIXED_POINT_4": 0x0304,
     "QNN_DATATYPE_SFIXED_POINT_8": 0x0308, "QNN_DATATYPE_SFIXED_POINT_16": 0x0316,
     "QNN_DATATYPE_UFIXED_POINT_4": 0x0404, "QNN_DATATYPE_UFIXED_POINT_8": 0x0408,
-    "QNN_DATATYPE_UFIXED_POINT_16": 0x0416, "QNN_DATATYPE_BOOL_8": 0x0508,
+    "QNN_DATATYPE_SFIXED_POINT_32": 0x0332, "QNN_DATATYPE_UFIXED_POINT_16": 0x0416,
+    "QNN_DATATYPE_BOOL_8": 0x0508,
 }
 _PLAIN_DATATYPES = {
     "float32": "QNN_DATATYPE_FLOAT_32", "float16": "QNN_DATATYPE_FLOAT_16", "int64": "QNN_DATATYPE_INT_64",
@@ -87,14 +88,17 @@ _WEIGHT_OPS = {"FullyConnected", "Conv2d", "TransposeConv2d", "MatMul"}
 
 
 # ---------------------------------------------------------------- QDQ <-> float + encodings
-def _codes_spec(node: gs.Node, codes: np.ndarray, scale: np.ndarray) -> QuantSpec:
-    """The layout of a DequantizeLinear's parameters, on the codes' own type (not the encoding's)."""
-    dtype = np.dtype(codes.dtype).name
+def _layout_spec(node: gs.Node, scale: np.ndarray) -> QuantSpec:
+    """The parameter layout of a DequantizeLinear (tensor / channel / block along `axis`).
+
+    `numerics.dequantize` reads only the layout of a spec (the codes carry their own type), so
+    the spec's dtype is a placeholder; int32 bias codes have no QuantSpec type of their own.
+    """
     block = int(node.attrs.get("block_size", 0) or 0)
     if scale.size == 1 and not block:
-        return QuantSpec(dtype, "tensor", symmetric=False)
+        return QuantSpec("int8", "tensor", symmetric=False)
     axis = int(node.attrs.get("axis", 1))
-    return QuantSpec(dtype, "block" if block else "channel", axis, block, symmetric=False)
+    return QuantSpec("int8", "block" if block else "channel", axis, block, symmetric=False)
 
 
 def _consumers_to(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
@@ -109,51 +113,70 @@ def _index_of(items, tensor) -> int | None:
     return next((i for i, t in enumerate(items) if t is tensor), None)
 
 
+def _fold_constant_dq(graph: gs.Graph, node: gs.Node) -> None:
+    """Replace DequantizeLinear(integer constant) by a float constant under the DQ output's name,
+    with the values DequantizeLinear computes."""
+    source, out = node.inputs[0], node.outputs[0]
+    codes, scale = source.values, np.asarray(node.inputs[1].values)
+    zero_point = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
+    values = numerics.dequantize(codes, scale, zero_point, _layout_spec(node, scale))
+    const = gs.Constant(out.name, values.astype(scale.dtype))
+    out.name = f"{out.name}__dq"
+    _consumers_to(graph, out, const)
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def _is_bias_dq(node: gs.Node) -> bool:
+    return (node.op == "DequantizeLinear" and isinstance(node.inputs[0], gs.Constant)
+            and np.dtype(node.inputs[0].values.dtype) == np.int32)
+
+
 def strip_qdq(model: Model) -> tuple[Model, Encodings, dict[str, str]]:
     """The float model the QNN converter reads, the encodings keyed by its tensor names, and the
-    integer type each quantized tensor had (int8, uint8, ...), keyed the same way.
+    integer type each quantized tensor had (int8, uint8, int32 for biases...), keyed the same way.
 
     1. DequantizeLinear of an integer constant -> a float32 constant with the DQ output's name
        (graphopt names that after the original weight), values exactly as DequantizeLinear computes.
+       int32 biases (scale s_x·s_w) get no encoding: QNN derives them, as `rebuild_qdq` does.
     2. QuantizeLinear(x) -> DequantizeLinear -> readers: the readers read x again.
     3. When that DQ output is a graph output, x takes the output's name (graph signatures are
        stable) and the activation encoding follows the rename.
     Every other node and every other tensor name stays as it was.
     """
-    encodings = Encodings.from_qdq_model(model)
     # a shallow metadata copy: the encodings travel in their own file, and deep-copying and
     # serialising thousands of per-channel scales in the float model's metadata costs seconds
     result = model.replace(graph=model.graph.copy(), meta=dataclasses.replace(
         model.meta, encodings={}, provenance=dict(model.meta.provenance)))
     graph = result.graph
-    renames: dict[str, str] = {}
     code_types: dict[str, str] = {}
+    for node in [n for n in graph.nodes if _is_bias_dq(n)]:
+        code_types[node.outputs[0].name] = "int32"
+        _fold_constant_dq(graph, node)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    encodings = Encodings.from_qdq_model(result)
+    renames: dict[str, str] = {}
     for node in list(graph.nodes):
         if node.op != "DequantizeLinear" or not node.outputs:
             continue
         source, out = node.inputs[0], node.outputs[0]
-        code_types[out.name] = _code_type(node)
         if isinstance(source, gs.Constant):
-            codes, scale = source.values, np.asarray(node.inputs[1].values)
-            zero_point = node.inputs[2].values if len(node.inputs) > 2 and node.inputs[2].name else np.zeros_like(scale, np.int64)
-            values = numerics.dequantize(codes, scale, zero_point, _codes_spec(node, codes, scale))
-            const = gs.Constant(out.name, values.astype(scale.dtype))
-            out.name = f"{out.name}__dq"
-            _consumers_to(graph, out, const)
-        else:
-            producer = source.inputs[0] if source.inputs else None
-            if producer is None or producer.op != "QuantizeLinear":
-                raise BackendError(f"backend 'qnn': DequantizeLinear '{node.name}' reads '{source.name}', "
-                                   "which is neither a constant nor a QuantizeLinear output; QNN needs QDQ pairs")
-            x = producer.inputs[0]
-            code_types[x.name] = code_types.pop(out.name)
-            _consumers_to(graph, out, x)
-            position = _index_of(graph.outputs, out)
-            if position is not None:
-                renames[x.name] = out.name
-                out.name, x.name = f"{out.name}__dq", out.name
-                x.dtype, x.shape = out.dtype or x.dtype, out.shape or x.shape
-                graph.outputs[position] = x
+            code_types[out.name] = _code_type(node)
+            _fold_constant_dq(graph, node)
+            continue
+        producer = source.inputs[0] if source.inputs else None
+        if producer is None or producer.op != "QuantizeLinear":
+            raise BackendError(f"backend 'qnn': DequantizeLinear '{node.name}' reads '{source.name}', "
+                               "which is neither a constant nor a QuantizeLinear output; QNN needs QDQ pairs")
+        x = producer.inputs[0]
+        code_types[x.name] = _code_type(node)
+        _consumers_to(graph, out, x)
+        position = _index_of(graph.outputs, out)
+        if position is not None:
+            renames[x.name] = out.name
+            out.name, x.name = f"{out.name}__dq", out.name
+            x.dtype, x.shape = out.dtype or x.dtype, out.shape or x.shape
+            graph.outputs[position] = x
         node.inputs.clear()
         node.outputs.clear()
     for node in graph.nodes:
@@ -198,72 +221,78 @@ def _on_type(enc: Encoding, code_type: str | None, shape=None) -> tuple[QuantSpe
     return spec, scale, zero_point.reshape(np.shape(own_zero_point))
 
 
-def _resolve_axis(enc: Encoding, shape: tuple[int, ...]) -> Encoding:
-    """0.6.1 files carry no axis: the one dim as long as the scales (the last on a tie)."""
-    if enc.enc_type != "PER_CHANNEL" or enc.axis is not None:
-        return enc
-    fits = [i for i, d in enumerate(shape) if d == enc.scale.size]
-    if not fits:
-        raise BackendError(f"encoding '{enc.name}': {enc.scale.size} channel scales fit no axis of shape {list(shape)}")
-    return enc.with_axis(fits[-1])
+def rebuild_qdq(float_model: Model, encodings: Encodings, code_types: dict[str, str] | None = None, *,
+                quantize_bias: bool = False) -> Model:
+    """The QDQ model a package stands for, written by graphopt's one QDQ writer
+    (`graphopt.quant.qdq.apply_encodings`: integer weights -> DQ, Q -> DQ on activations, int32
+    biases with `quantize_bias`), then matched to what `strip_qdq` took apart:
 
-
-def rebuild_qdq(float_model: Model, encodings: Encodings, code_types: dict[str, str] | None = None) -> Model:
-    """The QDQ model a package stands for: integer weights -> DQ, and Q -> DQ after each activation.
-
-    The inverse of `strip_qdq`: quantized constants keep their name on the DQ output; an
-    activation that is a graph output keeps the output name on its DQ output. `code_types`
-    (from model_net.json's QNN datatypes) picks the integer type of each tensor; without it the
-    encodings' convention holds (signed iff symmetric). The type matters beyond the values:
-    onnxruntime fuses u8 and s8 QDQ groups into different integer kernels.
+    1. an activation that is a graph output is quantized too, its DQ output keeping the name;
+    2. `code_types` (model_net.json's QNN datatypes) puts each tensor on its integer type, e.g.
+       uint8 with zero point 128 where the encodings' convention says int8 with zero point 0:
+       the same values, but onnxruntime fuses u8 and s8 QDQ groups into different kernels.
     """
-    code_types = code_types or {}
+    from graphopt.quant import qdq
+
     result = float_model.copy()
     graph = result.graph
-    tensors = graph.tensors()
-    for name, enc in encodings.params.items():
-        const = tensors.get(name)
-        if not isinstance(const, gs.Constant):
-            raise BackendError(f"encoding '{name}': the float model has no constant of that name")
-        enc = _resolve_axis(enc, const.values.shape)
-        spec, scale, zero_point = _on_type(enc, code_types.get(name), const.values.shape)
-        codes = numerics.quantize(const.values, scale, zero_point, spec)
-        dq_out = gs.Variable(name, dtype=const.values.dtype, shape=list(const.values.shape))
-        const.name = f"{name}__float"
-        _consumers_to(graph, const, dq_out)
-        graph.nodes.append(_dq_node(f"{name}_DequantizeLinear", gs.Constant(f"{name}_quantized", codes),
-                                    scale, zero_point, spec, dq_out))
-    for name, enc in encodings.activations.items():
-        x = tensors.get(name)
-        if x is None or isinstance(x, gs.Constant):
-            raise BackendError(f"encoding '{name}': the float model has no activation of that name")
-        spec, scale, zero_point = _on_type(enc, code_types.get(name))
-        dq_out = gs.Variable(f"{name}_DequantizeLinear_Output", dtype=np.float32)
-        _consumers_to(graph, x, dq_out)
-        position = _index_of(graph.outputs, x)
-        if position is not None:
-            x.name, dq_out.name = f"{name}__float", name
-            dq_out.shape = x.shape
-            graph.outputs[position] = dq_out
-        q_out = gs.Variable(f"{name}_QuantizeLinear_Output", dtype=spec.np_dtype)
-        q_params = [gs.Constant(f"{name}_scale", np.asarray(scale, np.float32)),
-                    gs.Constant(f"{name}_zero_point", np.asarray(zero_point).astype(spec.np_dtype))]
-        graph.nodes.append(gs.Node("QuantizeLinear", f"{name}_QuantizeLinear", inputs=[x] + q_params, outputs=[q_out]))
-        graph.nodes.append(gs.Node("DequantizeLinear", f"{name}_DequantizeLinear", inputs=[q_out] + q_params,
-                                   outputs=[dq_out]))
-    graph.toposort()
+    exits = _route_graph_outputs(graph, encodings)
+    written = qdq.apply_encodings(graph, encodings, quantize_bias=quantize_bias)
+    if written.missing:
+        raise BackendError(f"encoding '{written.missing[0]}': the float model has no tensor of that name "
+                           f"({len(written.missing)} such encodings)")
+    _land_graph_outputs(graph, exits)
+    _retype(graph, code_types or {})
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
     return result
 
 
-def _dq_node(name: str, codes: gs.Constant, scale, zero_point, spec: QuantSpec, out: gs.Variable) -> gs.Node:
-    attrs = {}
-    if spec.granularity in ("channel", "block"):
-        attrs["axis"] = int(spec.axis)
-    if spec.granularity == "block":
-        attrs["block_size"] = int(spec.block_size)
-    params = [gs.Constant(f"{out.name}_scale", np.asarray(scale, np.float32)),
-              gs.Constant(f"{out.name}_zero_point", np.asarray(zero_point).astype(spec.np_dtype))]
-    return gs.Node("DequantizeLinear", name, attrs=attrs, inputs=[codes] + params, outputs=[out])
+def _route_graph_outputs(graph: gs.Graph, encodings: Encodings) -> list[gs.Node]:
+    """Give each quantized graph output a reader (an Identity) so the writer quantizes it."""
+    exits = []
+    for position, tensor in enumerate(graph.outputs):
+        if tensor.name in encodings.activations:
+            out = gs.Variable(f"{tensor.name}__exit", dtype=tensor.dtype, shape=tensor.shape)
+            exits.append(gs.Node("Identity", f"{tensor.name}__exit", inputs=[tensor], outputs=[out]))
+            graph.nodes.append(exits[-1])
+            graph.outputs[position] = out
+    return exits
+
+
+def _land_graph_outputs(graph: gs.Graph, exits: list[gs.Node]) -> None:
+    """Undo `_route_graph_outputs`: the DQ output becomes the graph output, under the old name."""
+    for identity in exits:
+        dequantized, out = identity.inputs[0], identity.outputs[0]
+        name = out.name.removesuffix("__exit")
+        source = graph.tensors()[name]
+        source.name, dequantized.name = f"{name}__float", name
+        dequantized.dtype, dequantized.shape = out.dtype, out.shape
+        graph.outputs[_index_of(graph.outputs, out)] = dequantized
+        identity.inputs.clear()
+        identity.outputs.clear()
+
+
+def _retype(graph: gs.Graph, code_types: dict[str, str]) -> None:
+    """Move Q/DQ pairs to the integer type `code_types` names (same bits, other signedness):
+    codes and zero points shift by the difference of the types' smallest codes."""
+    from graphopt.quant import qdq
+
+    for node in graph.nodes:
+        if node.op != "DequantizeLinear" or len(node.inputs) < 3:
+            continue
+        codes, zero = node.inputs[0], node.inputs[2]
+        quantize = codes.inputs[0] if not isinstance(codes, gs.Constant) and codes.inputs else None
+        name = quantize.inputs[0].name.removesuffix("__float") if quantize is not None else node.outputs[0].name
+        have, want = np.dtype(zero.values.dtype).name, code_types.get(name)
+        if not want or want == have or want.lstrip("u") != have.lstrip("u"):
+            continue
+        old, new = QuantSpec(have), QuantSpec(want)
+        shift = new.qmin - old.qmin
+        zero.values = (np.asarray(zero.values).astype(np.int32) + shift).astype(new.np_dtype)
+        if quantize is not None:
+            codes.dtype = new.np_dtype
+        else:
+            node.inputs[0] = qdq.constant(codes.name, (np.asarray(codes.values).astype(np.int32) + shift).astype(new.np_dtype))
 
 
 # ----------------------------------------------------------------------- schema (1.0.0)
@@ -483,6 +512,9 @@ def net_json(float_model: Model, encodings: Encodings, shapes: dict, code_types:
                  "dataFormat": 0}
         if enc is not None and enc.dtype == "int":
             datatype, quant = _quant_params(enc, (code_types or {}).get(tensor.name), transposed)
+        elif (code_types or {}).get(tensor.name) == "int32":
+            # a quantized bias: QNN derives its scale (s_x·s_w) and offset 0 from its operands
+            datatype, quant = "QNN_DATATYPE_SFIXED_POINT_32", {"definition": 0x7FFFFFFF, "encoding": 0}
         else:
             datatype, quant = _PLAIN_DATATYPES.get(dtype or "float32", "QNN_DATATYPE_FLOAT_32"), {
                 "definition": 0, "encoding": QNN_QUANT_ENCODINGS["QNN_QUANTIZATION_ENCODING_SCALE_OFFSET"],
@@ -616,19 +648,21 @@ def _compat_markdown(model_name: str, findings: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_package(folder: Path) -> tuple[Model, Encodings, dict[str, str]]:
-    """A package's float model, its encodings, and each quantized tensor's integer type (from the
-    QNN datatypes in model_net.json): everything `rebuild_qdq` needs, read from the files alone."""
+def load_package(folder: Path) -> tuple[Model, Encodings, dict[str, str], bool]:
+    """What `rebuild_qdq` needs, read from a package's files alone: the float model, its
+    encodings, each quantized tensor's integer type and whether biases are quantized (both from
+    the QNN datatypes in model_net.json)."""
     folder = Path(folder)
     float_model = Model.from_onnx(load_onnx(folder / "model.onnx"), name=f"{folder.name}-float")
     encodings = Encodings.read(folder / "model.encodings")
     net = json.loads((folder / "model_net.json").read_text())
-    code_types = {}
+    code_types, biases = {}, False
     for name, tensor in net["graph"]["tensors"].items():
         kind = _datatype_code_type(tensor.get("data_type_name", ""))
         if name in encodings and kind:
             code_types[name] = kind
-    return float_model, encodings, code_types
+        biases = biases or (kind == "int32" and name not in encodings)
+    return float_model, encodings, code_types, biases
 
 
 # ---------------------------------------------------------------------------- backend
@@ -701,13 +735,13 @@ class Qnn(Backend):
             problems = check_encodings_v1(data)
             if problems:
                 raise BackendError(f"{folder / 'model.encodings'}: not valid 1.0.0: {problems[0]}")
-        float_model, encodings, code_types = load_package(folder)
+        float_model, encodings, code_types, biases = load_package(folder)
         expected = strip_qdq(model)[1]
         missing = [n for n in expected if n not in encodings]
         if missing:
             raise BackendError(f"{folder / 'model.encodings'}: quantized tensor '{missing[0]}' has no entry "
                                f"({len(missing)} missing)")
-        rebuilt = rebuild_qdq(float_model, encodings, code_types)
+        rebuilt = rebuild_qdq(float_model, encodings, code_types, quantize_bias=biases)
         original, again = model.session(), rebuilt.session()
         batches = 0
         for feeds in feeds_list:

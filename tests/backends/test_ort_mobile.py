@@ -3,35 +3,23 @@
 import json
 
 import numpy as np
-import onnx
 import pytest
 
-import graphopt
 from graphopt.errors import BackendError, OptionError, UnsupportedGraphError
 from graphopt.pipeline import available_backends, export
 
 
-def ort_qdq(model, tmp_path):
-    """`model` quantized by onnxruntime's own quantize_static (QDQ, per-channel int8 MatMul weights)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def quantized(model, **options):
+    """`model` through graphopt's quantize pass (QDQ), calibrated on its sample inputs."""
+    from graphopt.pipeline import Pipeline, get_pass
 
-    class Feeds(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter(model.sample_inputs)
-
-        def get_next(self):
-            return next(self.items, None)
-
-    onnx.save(model.to_onnx(), tmp_path / "float.onnx")
-    quantize_static(str(tmp_path / "float.onnx"), str(tmp_path / "qdq.onnx"), Feeds(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul"])
-    return graphopt.load(str(tmp_path / "qdq.onnx")).replace(sample_inputs=model.sample_inputs, name=f"{model.name}-qdq")
+    pipeline = Pipeline([get_pass("quantize")(**options)], verify=False, progress=False, log=lambda *a: None)
+    return pipeline.run(model, calib=model.sample_inputs).model
 
 
 @pytest.fixture(scope="module")
-def tiny_qdq(tiny_onnx, tmp_path_factory):
-    return ort_qdq(tiny_onnx, tmp_path_factory.mktemp("qdq"))
+def tiny_qdq(tiny_onnx):
+    return quantized(tiny_onnx)
 
 
 def _outputs(session_or_path, feeds):
@@ -89,24 +77,14 @@ def test_runtime_style_with_type_reduction(tiny_onnx, tmp_path):
     assert "MatMul" in artifact.report["operators"]["ai.onnx"]
 
 
-def test_qdq_model_is_exact(tiny_qdq, tmp_path):
-    artifact = export(tiny_qdq, "ort-mobile", tmp_path, {"usability": False})
+def test_qdq_model_is_exact(tiny_onnx, tiny_qdq, tmp_path):
+    artifact = export(tiny_qdq, "ort-mobile", tmp_path / "w8a8", {"usability": False})
     assert artifact.report["qdq"] and artifact.validation["exact_required"]
     assert artifact.validation["max_abs_diff"] == 0.0
     assert "DequantizeLinear" in artifact.report["operators"]["ai.onnx"] or "com.microsoft" in artifact.report["operators"]
-
-
-def test_graphopt_quantized_models(tiny_onnx, tmp_path):
-    from graphopt.pipeline import Pipeline, get_pass
-
-    def quantized(**options):
-        pipeline = Pipeline([get_pass("quantize")(**options)], verify=False, progress=False, log=lambda *a: None)
-        return pipeline.run(tiny_onnx, calib=tiny_onnx.sample_inputs).model
-
-    artifact = export(quantized(), "ort-mobile", tmp_path / "w8a8", {"usability": False})
-    assert artifact.validation["exact_required"] and artifact.validation["max_abs_diff"] == 0.0
     with pytest.raises(BackendError, match="4-bit, which the ORT format cannot store"):
-        export(quantized(weight_bits=4, weight_granularity="block", weight_block_size=32), "ort-mobile", tmp_path / "w4")
+        export(quantized(tiny_onnx, weight_bits=4, weight_granularity="block", weight_block_size=32), "ort-mobile",
+               tmp_path / "w4")
     assert not (tmp_path / "w4" / "model.ort").exists()
 
 

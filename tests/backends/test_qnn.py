@@ -10,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.backends.qnn import check_encodings_v1, load_package, rebuild_qdq, strip_qdq
+from graphopt.encodings import Encodings
 from graphopt.errors import BackendError, GraphoptError, OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.pipeline import available_backends, export
@@ -91,7 +92,7 @@ def test_package_rebuilds_the_qdq_model_exactly(tiny_qdq, tiny_package):
         ["model.onnx", "model.encodings", "model_net.json", "htp_compatibility.json", "htp_compatibility.md",
          "qnn_package.json"])
     assert tiny_package.validation["identical"] and tiny_package.validation["entries"] == 51  # 15 weights + 36 acts
-    float_model, encodings, code_types = load_package(folder)
+    float_model, encodings, code_types, biases = load_package(folder)
     assert not [n for n in float_model.graph.nodes if n.op in QDQ_OPS]
     # stable names: every tensor the QDQ graph computes outside Q/DQ keeps its name; outputs keep theirs
     kept = {t.name for n in tiny_qdq.graph.nodes if n.op not in QDQ_OPS for t in n.outputs}
@@ -107,7 +108,7 @@ def test_package_rebuilds_the_qdq_model_exactly(tiny_qdq, tiny_package):
     assert code_types["mul_126"] == "uint8" and code_types[dq.outputs[0].name] == "int8"
     feeds = tiny_qdq.sample_inputs[0]
     want = tiny_qdq.run(feeds)[0]
-    assert np.array_equal(rebuild_qdq(float_model, encodings, code_types).run(feeds)[0], want)
+    assert not biases and np.array_equal(rebuild_qdq(float_model, encodings, code_types).run(feeds)[0], want)
     # without the datatypes, zero point 128 activations come back as int8: same values, other kernels
     assert 0 < np.abs(float_model.run(feeds)[0] - want).max() < 0.5  # the float model is not the QDQ model
 
@@ -275,3 +276,27 @@ def test_minilm_package_is_exact(minilm_onnx, tmp_path):
     assert artifact.validation["identical"] and artifact.validation["entries"] == 63  # 39 weights + 24 activations
     assert artifact.report["qnn_ops"]["FullyConnected"] == 36 and artifact.report["qnn_ops"]["LayerNorm"] == 13
     assert artifact.report["macs_per_inference"] > 1e9  # 4 x 64 tokens through 21M linear weights
+
+
+def test_quantized_biases_come_back(tmp_path):
+    """int32 biases (scale s_x·s_w) get no encoding; model_net.json marks them SFIXED_POINT_32 and
+    the rebuild derives them again, exactly."""
+    rng = np.random.default_rng(1)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "b")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="matmul"),
+             helper.make_node("Add", ["mm", "b"], ["y"], name="bias")]
+    proto = helper.make_model(helper.make_graph(nodes, "fc", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 21)])
+    onnx.save(proto, tmp_path / "fc.onnx")
+    model = graphopt.load(str(tmp_path / "fc.onnx")).replace(
+        sample_inputs=[{"x": rng.normal(size=(1, 8)).astype(np.float32)} for _ in range(2)])
+    qdq = graphopt_qdq(model, quantize_bias=True)
+    assert any(n.op == "DequantizeLinear" and n.outputs[0].name == "b" for n in qdq.graph.nodes)
+    artifact = export(qdq, "qnn", tmp_path / "qnn")
+    assert artifact.validation["identical"] and artifact.validation["batches"] == 2
+    net = json.loads((tmp_path / "qnn" / "model_net.json").read_text())["graph"]["tensors"]
+    assert net["b"]["data_type_name"] == "QNN_DATATYPE_SFIXED_POINT_32"
+    assert "b" not in Encodings.read(tmp_path / "qnn" / "model.encodings")
