@@ -1,0 +1,403 @@
+"""Quantization-aware training on the FX form: fake-quant modules, a distillation loop, encodings export.
+
+The `fake_quantize` pass (passes/fake_quantize.py) calls `insert_fake_quant` and `calibrate`;
+`train` fine-tunes weights and quantizer scales against the float model's logits (temperature
+KD or BiLD); `export_encodings` writes the learned scales as AIMET/QNN encodings keyed by the
+ONNX tensor names of the lowered model, which `fold_encodings` turns into a static QDQ model.
+
+Quantization points mirror the ONNX quantize pass: the weight of every `aten.linear` (a tied
+embedding table is one point, quantized for both its uses) and the activation entering it (one
+quantizer per distinct tensor, shared by q/k/v or gate/up). Activation names survive lowering
+only through the weights they feed, so every activation quantizer records those weights and
+`export_encodings` finds the ONNX tensor through `activations.linear_sites`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from graphopt import activations
+from graphopt.encodings import Encoding, Encodings
+from graphopt.errors import OptionError, UnsupportedGraphError
+from graphopt.ir import Model
+from graphopt.quant import numerics
+from graphopt.quant.spec import QuantSpec
+
+__all__ = [
+    "FakeQuant", "insert_fake_quant", "calibrate", "fake_quant_modules", "set_fake_quant",
+    "kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
+]
+
+MODULE_PREFIX = "graphopt_fq_"
+Loss = Literal["kd", "bild"]
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round() forward, identity backward (the straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+class FakeQuant(torch.nn.Module):
+    """Quantize-dequantize with a learnable step size (LSQ, Esser et al. 2019).
+
+    The step is held as log(scale) so optimiser steps are relative and the scale stays positive;
+    rounding passes gradients straight through, clipping stops them outside the grid, and the
+    scale gets LSQ's gradient (rounding residual inside the grid, ±qmax/qmin outside).
+    `spec` uses torch layout: a weight [out, in] has its channel axis 0. The zero point is fixed
+    at calibration (asymmetric activations); the formulas are `graphopt.quant.numerics`'.
+
+    kind: "weight" or "activation"; name: the parameter name (weights) or, for activations,
+    the first weight fed; feeds: every weight this activation enters.
+    """
+
+    def __init__(self, spec: QuantSpec, kind: str, name: str, feeds: tuple[str, ...] = (), channels: int = 1):
+        super().__init__()
+        if spec.granularity not in ("tensor", "channel"):
+            raise OptionError(f"fake_quantize: granularity '{spec.granularity}' is not supported (tensor, channel)")
+        self.spec, self.kind, self.name, self.feeds = spec, kind, name, tuple(feeds)
+        shape = (channels,) if spec.granularity == "channel" else ()
+        self.log_scale = torch.nn.Parameter(torch.zeros(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.register_buffer("lo", torch.full(shape, math.inf))
+        self.register_buffer("hi", torch.full(shape, -math.inf))
+        self.observing = False
+        self.enabled = True
+
+    def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if t.ndim == 0:
+            return t
+        shape = [1] * x.ndim
+        shape[self.spec.axis] = -1
+        return t.view(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            with torch.no_grad():
+                lo, hi = self._range(x)
+                self.lo.copy_(torch.minimum(self.lo, lo))
+                self.hi.copy_(torch.maximum(self.hi, hi))
+            return x
+        if not self.enabled:
+            return x
+        scale = self._view(self.log_scale.exp(), x)
+        zero_point = self._view(self.zero_point, x)
+        q = torch.clamp(_round_ste(x / scale) + zero_point, self.spec.qmin, self.spec.qmax)
+        return (q - zero_point) * scale
+
+    def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.spec.granularity == "tensor":
+            return x.min(), x.max()
+        flat = x.detach().movedim(self.spec.axis, 0).reshape(x.shape[self.spec.axis], -1)
+        return flat.min(1).values, flat.max(1).values
+
+    def init_from_range(self) -> None:
+        """Scale and zero point from the observed min/max (numerics.scale_zero_point)."""
+        if not torch.isfinite(self.lo).all():
+            raise UnsupportedGraphError(f"fake quantizer of '{self.name}' saw no data during calibration")
+        scale, zero_point = numerics.scale_zero_point(self.lo.cpu().numpy(), self.hi.cpu().numpy(), self.spec)
+        with torch.no_grad():
+            self.log_scale.copy_(torch.from_numpy(np.asarray(np.log(scale), dtype=np.float32)).reshape(self.log_scale.shape))
+            self.zero_point.copy_(torch.from_numpy(np.asarray(zero_point, dtype=np.float32)).reshape(self.zero_point.shape))
+
+    def params(self) -> tuple[np.ndarray, np.ndarray]:
+        """ONNX-style (scale float32, zero point int64) in this module's layout."""
+        return (self.log_scale.detach().exp().cpu().numpy().astype(np.float32),
+                self.zero_point.detach().cpu().numpy().astype(np.int64))
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} '{self.name}', {self.spec.dtype} per {self.spec.granularity}"
+
+
+# ------------------------------------------------------------------------------- insertion
+def _linear_nodes(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
+
+
+def fake_quant_modules(model: Model) -> dict[str, FakeQuant]:
+    """The fake quantizers in an FX model, by submodule name."""
+    model.require("fx", "fake_quant_modules")
+    return {name: m for name, m in model.fx.named_children() if isinstance(m, FakeQuant)}
+
+
+def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None,
+                      skip: tuple[str, ...] = ()) -> list[FakeQuant]:
+    """Insert quantizers into `model.fx` in place; returns them (empty when there is nothing to do).
+
+    weight_spec: torch layout (channel axis 0 of [out, in]); None leaves weights float.
+    activation_spec: per tensor; None leaves activations float. `skip` names weights (their
+    parameter names) whose weight and input activation stay float.
+    """
+    model.require("fx", "insert_fake_quant")
+    gm = model.fx
+    if fake_quant_modules(model):
+        return []
+    graph = gm.graph
+    inserted: list[FakeQuant] = []
+    weight_q: dict[Any, Any] = {}
+    act_q: dict[Any, Any] = {}
+    linears = [n for n in _linear_nodes(gm) if n.args[1].op == "get_attr" and n.args[1].target not in skip]
+    feeds: dict[Any, list[str]] = {}
+    for node in linears:
+        feeds.setdefault(node.args[0], []).append(node.args[1].target)
+    pairs = [(node.args[0], node.args[1]) for node in linears]  # read before rewiring changes args
+    for x, w in pairs:
+        if weight_spec is not None and w not in weight_q:
+            param = functools.reduce(getattr, w.target.split("."), gm)  # tied tables are deduplicated in named_parameters
+            module = FakeQuant(weight_spec, "weight", w.target, channels=param.shape[0])
+            weight_q[w] = _add(gm, module, w, inserted, users=None)
+        if activation_spec is not None and x not in act_q:
+            module = FakeQuant(activation_spec, "activation", feeds[x][0], tuple(feeds[x]))
+            act_q[x] = _add(gm, module, x, inserted, users=[n for n, (a, _) in zip(linears, pairs) if a is x])
+    graph.lint()
+    gm.recompile()
+    return inserted
+
+
+def _add(gm, module: FakeQuant, source, inserted: list, users) -> Any:
+    """Call `module` on `source`; rewire `users` (None: every user) to its output."""
+    name = f"{MODULE_PREFIX}{len(inserted)}"
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(source):
+        new = gm.graph.call_module(name, (source,))
+    if users is None:
+        source.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    else:
+        for user in users:
+            user.replace_input_with(source, new)
+    inserted.append(module)
+    return new
+
+
+def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progress: bool = True) -> None:
+    """Observe min/max of every quantizer's input over `feeds` (default: the model's sample
+    inputs, enough for weights alone), then set scales and zero points."""
+    modules = list(fake_quant_modules(model).values())
+    for module in modules:
+        module.observing = True
+    feeds = feeds or model.sample_inputs
+    if not feeds:
+        raise OptionError(f"calibrating the fake quantizers of '{model.name}' needs at least one feed")
+    try:
+        for batch in activations.progress_bar(feeds, len(feeds), "fake_quantize: ranges", progress):
+            model.run(batch)
+    finally:
+        for module in modules:
+            module.observing = False
+    for module in modules:
+        module.init_from_range()
+
+
+def set_fake_quant(model: Model, enabled: bool) -> None:
+    """Switch every quantizer on or off (off: the float model, for a teacher or a check)."""
+    for module in fake_quant_modules(model).values():
+        module.enabled = enabled
+
+
+def strip_fake_quant(model: Model) -> Model:
+    """A float FX model with the (trained) weights and no quantizers, ready for lowering."""
+    out = model.copy()
+    gm = out.fx
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(MODULE_PREFIX)]:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+        delattr(gm, node.target)
+    gm.graph.lint()
+    gm.recompile()
+    return out
+
+
+# ---------------------------------------------------------------------------------- losses
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """Hinton's KD: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), mean over positions."""
+    vocab = student.shape[-1]
+    log_p_s = F.log_softmax(student.reshape(-1, vocab) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def _logit_differences(logits: torch.Tensor, k: int) -> torch.Tensor:
+    i, j = torch.triu_indices(k, k, offset=1, device=logits.device)
+    return logits[..., i] - logits[..., j]
+
+
+def _led_loss(lead: torch.Tensor, follow: torch.Tensor, k: int, temperature: float, teacher_leads: bool) -> torch.Tensor:
+    """One direction of BiLD: top-k of `lead`, the same indices of `follow`, pairwise differences."""
+    picked, index = torch.topk(lead, k, dim=-1)
+    other = torch.gather(follow, -1, index)
+    student, teacher = (other, picked) if teacher_leads else (picked, other)
+    diff_s = _logit_differences(student / temperature, k)
+    diff_t = _logit_differences(teacher.detach() / temperature, k)
+    return F.kl_div(F.log_softmax(diff_s, -1), F.log_softmax(diff_t, -1), log_target=True,
+                    reduction="none").sum(-1).mean()
+
+
+def bild_loss(student: torch.Tensor, teacher: torch.Tensor, top_k: int = 8, temperature: float = 3.0) -> torch.Tensor:
+    """BiLD (Li, Zhou, Song, arXiv 2406.13555): bi-directional logits-difference loss.
+
+    For the teacher's top-k logits (t-LD) and for the student's top-k (s-LD), take the logits of
+    both models at those k indices, divide by T, form all k(k−1)/2 pairwise differences
+    z[i] − z[j] (i < j in top-k order), and take KL(softmax(teacher diffs) ‖ softmax(student
+    diffs)) summed over pairs; the loss is t-LD + s-LD, averaged over positions. Only the top-k
+    of each model enters, so the long tail of the vocabulary adds no noise.
+    """
+    teacher = teacher.float()
+    return (_led_loss(teacher, student, top_k, temperature, teacher_leads=True)
+            + _led_loss(student, teacher, top_k, temperature, teacher_leads=False))
+
+
+# ---------------------------------------------------------------------------------- training
+@dataclass
+class TrainReport:
+    steps: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    loss: str = "kd"
+    device: str = "cpu"
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(self.steps, 1)
+
+
+def train(
+    student: Model,
+    teacher: Model | Callable[[torch.Tensor], torch.Tensor],
+    windows: list[np.ndarray],
+    *,
+    steps: int = 100,
+    lr: float = 1e-5,
+    scale_lr: float = 1e-3,
+    loss: Loss = "kd",
+    temperature: float | None = None,
+    top_k: int = 8,
+    clip: float = 1.0,
+    warmup: int = 0,
+    weight_decay: float = 0.0,
+    train_weights: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = lambda _: None,
+) -> TrainReport:
+    """Fine-tune `student` (FX, with quantizers) to match `teacher`'s logits on token `windows`.
+
+    AdamW (weights at `lr`, log-scales at `scale_lr`, no decay by default), linear warm-up then
+    cosine decay to 0, gradient-norm clipping at `clip`. Windows are cycled in order; teacher
+    logits are computed once per window and kept (fp16) for later epochs. loss "kd" uses
+    temperature 2 by default, "bild" temperature 3 and `top_k` 8 (the paper's settings).
+    The student is trained in place (on `device`, moved back to CPU at the end).
+    """
+    student.require("fx", "qat.train")
+    if loss not in ("kd", "bild"):
+        raise OptionError(f"qat.train: loss must be 'kd' or 'bild', got '{loss}'")
+    if steps < 1 or not windows:
+        raise OptionError("qat.train needs steps >= 1 and at least one window")
+    if not fake_quant_modules(student):
+        raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
+    temperature = temperature or (2.0 if loss == "kd" else 3.0)
+    gm = student.fx.to(device)
+    scales = [p for n, p in gm.named_parameters() if n.endswith("log_scale")]
+    weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
+    for p in weights:
+        p.requires_grad_(train_weights)
+    groups = [{"params": scales, "lr": scale_lr, "weight_decay": 0.0}]
+    if train_weights:
+        groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay})
+    optimizer = torch.optim.AdamW(groups)
+    bases = [g["lr"] for g in optimizer.param_groups]
+    teacher_fn = _teacher_fn(teacher, device)
+    cache: dict[int, torch.Tensor] = {}
+    report = TrainReport(steps, 0.0, loss=loss, device=device)
+    start = time.perf_counter()
+    bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
+    for step in bar:
+        index = step % len(windows)
+        ids = torch.from_numpy(np.atleast_2d(windows[index]).astype(np.int64)).to(device)
+        if index not in cache:
+            with torch.no_grad():
+                cache[index] = teacher_fn(ids).to(torch.float16)
+        factor = _lr_factor(step, steps, warmup)
+        for group, base in zip(optimizer.param_groups, bases):
+            group["lr"] = base * factor
+        logits = gm(ids)
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        target = cache[index].float()
+        value = kd_loss(logits, target, temperature) if loss == "kd" else bild_loss(logits, target, top_k, temperature)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
+        optimizer.step()
+        report.losses.append(float(value.detach()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"qat: step {step + 1}/{steps} loss {sum(report.losses[-10:]) / len(report.losses[-10:]):.4f}")
+    report.seconds = time.perf_counter() - start
+    for p in weights:
+        p.requires_grad_(False)
+    student.fx = gm.to("cpu")
+    return report
+
+
+def _lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _teacher_fn(teacher, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if not isinstance(teacher, Model):
+        return teacher
+    teacher.require("fx", "qat.train teacher")
+    gm = teacher.fx.to(device)
+
+    def run(ids: torch.Tensor) -> torch.Tensor:
+        out = gm(ids)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return run
+
+
+# ---------------------------------------------------------------------------------- export
+def _onnx_spec(module: FakeQuant, onnx_axis: int | None) -> QuantSpec:
+    spec = module.spec
+    if spec.granularity == "channel":
+        return QuantSpec(spec.dtype, "channel", axis=onnx_axis, symmetric=spec.symmetric)
+    return QuantSpec(spec.dtype, spec.granularity, symmetric=spec.symmetric)
+
+
+def export_encodings(model: Model, lowered: Model) -> Encodings:
+    """The learned scales as AIMET/QNN encodings named by `lowered`'s ONNX tensors.
+
+    Weights keep their parameter names through lowering (a tied table is stored transposed as
+    `NAME.T`); an [out, in] channel axis becomes the ONNX [in, out] weight's output axis. An
+    activation is the input tensor of the ONNX linear site of a weight it feeds. A quantizer whose
+    tensor cannot be found raises UnsupportedGraphError naming it.
+    """
+    model.require("fx", "export_encodings")
+    lowered.require("onnx", "export_encodings")
+    sites = {s.weight: s for s in activations.linear_sites(lowered)}
+    encodings = Encodings()
+    for module in fake_quant_modules(model).values():
+        site = next((sites[n] for w in (module.feeds or (module.name,)) for n in (w, f"{w}.T") if n in sites), None)
+        if site is None:
+            raise UnsupportedGraphError(
+                f"export_encodings: no ONNX linear layer in '{lowered.name}' reads weight '{module.name}' "
+                f"(looked for '{module.name}' and '{module.name}.T')")
+        scale, zero_point = module.params()
+        if module.kind == "weight":
+            spec = _onnx_spec(module, site.out_axis)
+            encodings.add(Encoding.from_params(site.weight, scale, zero_point, spec), "param")
+        else:
+            spec = _onnx_spec(module, None)
+            encodings.add(Encoding.from_params(site.activation, scale.reshape(()), zero_point.reshape(()), spec),
+                          "activation")
+    return encodings

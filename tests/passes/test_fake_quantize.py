@@ -1,0 +1,104 @@
+"""fake_quantize (FX): where quantizers go, that they compute numerics' fake-quant, and when the pass must not fire."""
+
+import numpy as np
+import pytest
+import torch
+
+import graphopt
+from graphopt import qat
+from graphopt.errors import OptionError, UnsupportedGraphError
+from graphopt.metrics import sqnr_db
+from graphopt.pass_infra import PassContext
+from graphopt.pipeline import get_pass
+from graphopt.quant import numerics
+from graphopt.quant.spec import QuantSpec
+
+FakeQuantize = get_pass("fake_quantize")
+
+
+@pytest.fixture(scope="module")
+def tiny_calib():
+    from graphopt import samples
+
+    return [{"input_ids": w} for w in samples.lm_windows(None, "calib", 2, 32)]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_fx, tiny_calib):
+    model = tiny_fx.copy()
+    result = FakeQuantize().run(model, PassContext(calib=tiny_calib, progress=False))
+    return model, result
+
+
+def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_calib):
+    model, result = quantized
+    assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9}
+    modules = qat.fake_quant_modules(model)
+    weights = sorted(m.name for m in modules.values() if m.kind == "weight")
+    assert "lm_head.weight" in weights and len(weights) == 15
+    # the tied table's one quantizer feeds both the embedding lookup and the lm_head linear
+    tied = next(n for n in model.fx.graph.nodes if n.target in modules and modules[n.target].name == "lm_head.weight")
+    assert sorted(str(u.target) for u in tied.users) == ["aten.embedding.default", "aten.linear.default"]
+    # residual adds keep reading the float tensor: only linears were rewired
+    for node in model.fx.graph.nodes:
+        if node.target in modules and modules[node.target].kind == "activation":
+            assert {str(u.target) for u in node.users} == {"aten.linear.default"}
+    reference = tiny_fx.run(tiny_calib[1])[0]
+    out = model.run(tiny_calib[1])[0]
+    assert 25.0 < sqnr_db(reference, out) < 60.0  # W8A8 moves the output, but not far
+    qat.set_fake_quant(model, False)
+    try:
+        np.testing.assert_array_equal(model.run(tiny_calib[1])[0], reference)
+    finally:
+        qat.set_fake_quant(model, True)
+    assert model.meta.extra["fake_quant"][0].keys() >= {"module", "kind", "name", "feeds"}
+
+
+def test_quantizer_computes_numerics_fake_quant_exactly():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 40)).astype(np.float32) * 3
+    for spec, channels in ((QuantSpec("uint8", "tensor", symmetric=False), 1),
+                           (QuantSpec("int4", "channel", axis=0, symmetric=True), 6)):
+        module = qat.FakeQuant(spec, "weight", "w", channels=channels)
+        module.observing = True
+        module(torch.from_numpy(x))
+        module.observing = False
+        module.init_from_range()
+        scale, zero_point = module.params()
+        expected = numerics.fake_quant(x, spec, scale, zero_point)
+        np.testing.assert_array_equal(module(torch.from_numpy(x)).detach().numpy(), expected)
+        # straight-through: gradient 1 inside the grid, and the scale receives a gradient
+        t = torch.from_numpy(x).requires_grad_(True)
+        module(t).sum().backward()
+        assert module.log_scale.grad is not None and torch.all(t.grad[(t.grad != 0)] == 1)
+
+
+def test_nothing_to_do_leaves_the_model_alone(quantized, tiny_calib):
+    model, _ = quantized
+    code = model.fx.code
+    again = FakeQuantize().run(model, PassContext(calib=tiny_calib, progress=False))
+    assert not again.changed and model.fx.code == code
+    mlp = graphopt.load(torch.nn.Sequential(torch.nn.ReLU()), {"x": np.ones((2, 3), np.float32)}, log=lambda *_: None)
+    before = mlp.fx.code
+    result = FakeQuantize().run(mlp, PassContext(calib=None, progress=False))
+    assert not result.changed and mlp.fx.code == before
+
+
+def test_bad_options_and_forms_are_refused(tiny_fx, tiny_onnx):
+    with pytest.raises(OptionError, match="weight_bits"):
+        FakeQuantize(weight_bits=3)
+    with pytest.raises(OptionError, match="activation_bits"):
+        FakeQuantize(activation_bits=4)
+    with pytest.raises(OptionError, match="weight_granularity"):
+        FakeQuantize.from_options({"weight_granularity": "block"})
+    with pytest.raises(OptionError, match="calibration"):
+        FakeQuantize().run(tiny_fx.copy(), PassContext(calib=None, progress=False))
+    with pytest.raises(UnsupportedGraphError, match="FX"):
+        FakeQuantize().run(tiny_onnx, PassContext(progress=False))
+
+
+def test_weights_only_need_no_calibration(tiny_fx, tiny_calib):
+    model = tiny_fx.copy()
+    result = FakeQuantize(activation_bits=0, weight_bits=4).run(model, PassContext(calib=None, progress=False))
+    assert result.stats == {"weight_quantizers": 15, "activation_quantizers": 0}
+    assert 5.0 < sqnr_db(tiny_fx.run(tiny_calib[0])[0], model.run(tiny_calib[0])[0]) < 40.0
