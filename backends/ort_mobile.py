@@ -6,7 +6,7 @@ import contextlib
 import io
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -197,11 +197,12 @@ class OrtMobile(Backend):
     """
 
     name: ClassVar[str] = "ort-mobile"
-    optimization_style: Literal["fixed", "runtime"] = "fixed"
-    target_platform: Literal["arm", "amd64"] = "arm"
-    type_reduction: bool = False
-    usability: bool = True
-    atol: float = 1e-5
+    optimization_style: Literal["fixed", "runtime"] = field(
+        default="fixed", metadata={"help": "fixed: bake optimizations in; runtime: replay them (NNAPI/CoreML)"})
+    target_platform: Literal["arm", "amd64"] = field(default="arm", metadata={"help": "device CPU the .ort is tuned for"})
+    type_reduction: bool = field(default=False, metadata={"help": "per-op type lists in the operator config"})
+    usability: bool = field(default=True, metadata={"help": "write the NNAPI/CoreML/XNNPACK usability report"})
+    atol: float = field(default=1e-5, metadata={"help": "max |diff| of float outputs in validation (QDQ: exact)"})
 
     def emit(self, model: Model, out_dir: Path) -> Artifact:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -683,8 +683,9 @@ class Qnn(Backend):
     """
 
     name: ClassVar[str] = "qnn"
-    encodings_version: Literal["1.0.0", "0.6.1"] = "1.0.0"
-    fail_on_reject: bool = False
+    encodings_version: Literal["1.0.0", "0.6.1"] = field(
+        default="1.0.0", metadata={"help": "AIMET/QNN encodings layout (0.6.1 has no per-block)"})
+    fail_on_reject: bool = field(default=False, metadata={"help": "fail the export when HTP would reject the graph"})
 
     def emit(self, model: Model, out_dir: Path) -> Artifact:
         model.require("onnx", f"backend '{self.name}'")

@@ -91,8 +91,10 @@ def _describe_fields(cls) -> list[dict]:
         default = f.default
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
+        from graphopt.pass_infra import _type_name  # Literal options list their values
+
         tp = hints.get(f.name)
-        rows.append({"name": f.name, "type": getattr(tp, "__name__", str(tp).replace("typing.", "")),
+        rows.append({"name": f.name, "type": _type_name(tp) if tp is not None else "None",
                      "default": None if default is dataclasses.MISSING else default,
                      "required": default is dataclasses.MISSING, "help": f.metadata.get("help", "")})
     return rows
