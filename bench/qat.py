@@ -1,0 +1,142 @@
+"""QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
+
+    python bench/qat.py [--model sample:smollm2] [--steps 200] [--device cpu|cuda] [--json PATH]
+
+Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
+against fp32's logits in onnxruntime; calibration and training on `lm_windows(tok, "calib", 16, 128)`.
+PTQ is the quantize pass at W8A8 (per-channel int8 weights, per-tensor uint8 min-max activations);
+QAT inserts the same points with the fake_quantize pass, trains weights and scales against the
+float model's logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings
+and folds them with fold_encodings: the rows compare deployable static QDQ models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import graphopt
+from graphopt import evaluation, qat, samples
+from graphopt.errors import GraphoptError
+from graphopt.onnx_io import atomic_write_text
+from graphopt.pass_infra import PassContext
+from graphopt.pipeline import get_pass
+
+COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "train_steps", "train_s", "s_per_step", "pipeline_s"]
+
+
+def _calib_windows(model, count: int, length: int):
+    return samples.lm_windows(model.tokenizer, "calib", count, length)
+
+
+def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None, log) -> tuple[dict, list]:
+    log(f"qat bench: evaluating {name} on {len(eval_windows)} windows...")
+    row, tops = evaluation.evaluate_causal_lm(model, eval_windows, reference)
+    row["name"] = name
+    row["ppl_ratio"] = row["ppl"] / fp32_ppl if fp32_ppl else 1.0
+    return row, tops
+
+
+def _ptq(fp32_onnx, calib, log) -> tuple[object, float]:
+    start = time.perf_counter()
+    model = get_pass("quantize")(weight_bits=8, activation_bits=8).run(
+        fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
+    seconds = time.perf_counter() - start
+    log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
+    return model, seconds
+
+
+def _qat(fx, calib, windows, *, loss: str, steps: int, lr: float, scale_lr: float, device: str, log):
+    start = time.perf_counter()
+    student = fx.copy()
+    get_pass("fake_quantize")(weight_bits=8, activation_bits=8).run(student, PassContext(calib=calib, progress=False))
+    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss,
+                       warmup=max(1, steps // 20), device=device, log=log)
+    lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
+    encodings = qat.export_encodings(student, lowered)
+    lowered.meta.encodings = encodings.to_meta()
+    result = get_pass("fold_encodings")().run(lowered, PassContext(progress=False))
+    seconds = time.perf_counter() - start
+    log(f"qat bench: QAT ({loss}) {steps} steps in {report.seconds:.1f} s, pipeline {seconds:.1f} s; "
+        f"fold: {json.dumps({k: v for k, v in result.stats.items() if not isinstance(v, list)})}")
+    return result.model, report, seconds, encodings
+
+
+def run(args, log) -> dict:
+    fx = graphopt.load(args.model, log=log)
+    fp32 = graphopt.lower(fx, log=log)
+    eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
+    train_windows = _calib_windows(fp32, args.calib, args.length)
+    calib = [{fp32.inputs[0].name: w} for w in train_windows]
+    row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log)
+    fp32_ppl = row["ppl"]
+    row.update({"overlap@1": 1.0, "overlap@8": 1.0})
+    rows = [row]
+    if "ptq" in args.rows:
+        model, seconds = _ptq(fp32, calib, log)
+        row, _ = _evaluate(model, "PTQ W8A8 static (quantize)", eval_windows, reference, fp32_ppl, log)
+        rows.append({**row, "pipeline_s": seconds})
+        del model
+        gc.collect()
+    for loss in ("kd", "bild"):
+        if f"qat-{loss}" not in args.rows:
+            continue
+        model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps, lr=args.lr,
+                                                 scale_lr=args.scale_lr, device=args.device, log=log)
+        if args.encodings_dir:
+            encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
+        row, _ = _evaluate(model, f"QAT ({loss.upper() if loss == 'kd' else 'BiLD'}) + fold_encodings",
+                           eval_windows, reference, fp32_ppl, log)
+        rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
+                     "s_per_step": report.seconds_per_step, "pipeline_s": seconds,
+                     "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses))})
+        del model
+        gc.collect()
+    return {
+        "model": args.model,
+        "protocol": {"eval": {"split": "eval", "windows": args.windows, "length": args.length},
+                     "train": {"split": "calib", "windows": args.calib, "length": args.length,
+                               "steps": args.steps, "lr": args.lr, "scale_lr": args.scale_lr, "device": args.device},
+                     "reference": "fp32 (ONNX Runtime)"},
+        "machine": {"python": platform.python_version(), "processor": platform.machine(), "device": args.device},
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sample:smollm2")
+    parser.add_argument("--rows", nargs="+", default=["ptq", "qat-kd", "qat-bild"],
+                        choices=["ptq", "qat-kd", "qat-bild"])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--scale-lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
+    parser.add_argument("--windows", type=int, default=24)
+    parser.add_argument("--calib", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--encodings-dir", type=Path, help="write each QAT run's AIMET 1.0.0 encodings here")
+    args = parser.parse_args(argv)
+    log = lambda message: print(message, file=sys.stderr, flush=True)
+    try:
+        data = run(args, log)
+    except GraphoptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    data["command"] = "python bench/qat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    if args.json:
+        atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
+        log(f"qat bench: rows written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
