@@ -133,7 +133,8 @@ class _Compiler:
             value = self.env[o]
             info = TensorInfo(o, value.dtype.name, list(value.shape))
             if quant is not None and i == 0:
-                info.scale, info.zero_point = float(quant[0]), int(quant[1])
+                info.scale = float(np.asarray(quant[0]).reshape(-1)[0])
+                info.zero_point = int(np.asarray(quant[1]).reshape(-1)[0])
             self.program.tensors[o] = info
         return outputs
 
@@ -384,6 +385,8 @@ class _Compiler:
         if encoding is None and op == "Gather" and present[0].kind == "qconst" and present[1].kind in ("index", "const"):
             self.gather_dequantize(node, inputs)
             return None
+        if encoding is None and op == "MatMul":
+            return self.matmul_to_float(node, inputs)
         if encoding is None:
             return "output is not quantized (no QuantizeLinear after it)"
         quantized = [v for v in present if v.kind in ("quant", "qconst")]
@@ -423,29 +426,59 @@ class _Compiler:
         return None
 
     def matmul(self, node, inputs, encoding) -> str | None:
-        a, b = inputs[0], inputs[1]
-        reason = self._operands_8bit([a, b])
-        if reason:
-            return reason
-        if not a.per_tensor:
-            return "activation operand quantized per channel"
+        found = self._matmul_operands(node, inputs, ARITH_BITS_MAX)
+        if isinstance(found, str):
+            return found
+        a, b, attrs = found
         out_scale, out_zp, out_dtype = encoding
         sa, za, _ = a.params()
-        b_scale = np.atleast_1d(b.scale).astype(np.float64)
-        b_zp = np.atleast_1d(b.zp).astype(np.int64)
-        if b_scale.size > 1:
+        m0, shift = kernels.quantize_multiplier(sa * np.atleast_1d(b.scale).astype(np.float64) / out_scale)
+        params = {"m0": m0.astype(np.int64), "shift": shift.astype(np.int64), "b_zp": np.atleast_1d(b.zp).astype(np.int64)}
+        attrs.update(a_zp=za, out_zp=out_zp, out_dtype=out_dtype)
+        names = [self.as_int(a, node.inputs[0].name), self.as_int(b, node.inputs[1].name)]
+        self.finish(node, "matmul", names, attrs, params, encoding)
+        return None
+
+    def _matmul_operands(self, node, inputs, max_bits: int):
+        """(a, b, params, attrs) of a quantized MatMul, or a reason string."""
+        a, b = inputs[0], inputs[1]
+        for v in (a, b):
+            if v.kind not in ("quant", "qconst"):
+                return f"operand is {v.kind}, not quantized"
+            if _bits(v.dtype) > max_bits:
+                return f"{v.dtype} operand: this matmul form takes at most {max_bits}-bit operands"
+        if not a.per_tensor:
+            return "activation operand quantized per channel"
+        if np.atleast_1d(b.scale).size > 1:
             ndim = b.array.ndim if b.kind == "qconst" else self.env[b.name].ndim
             if b.axis is None or b.axis % ndim != ndim - 1:
                 return f"weight quantized per channel along axis {b.axis}, not the output axis"
-        m0, shift = kernels.quantize_multiplier(sa * b_scale / out_scale)
-        params = {"m0": m0.astype(np.int64), "shift": shift.astype(np.int64), "b_zp": b_zp}
-        attrs = {"a_zp": za, "out_zp": out_zp, "out_dtype": out_dtype}
-        b_name = self.as_int(b, node.inputs[1].name)
+        attrs = {}
         if b.kind == "qconst":
             attrs["weight"] = node.inputs[1].name
             pattern = self.masks.get(node.inputs[1].name, {}).get("pattern")
             attrs["sparsity"] = pattern or _detect_nm(b.array, b.zp)
-        self.finish(node, "matmul", [self.as_int(a, node.inputs[0].name), b_name], attrs, params, encoding)
+        return a, b, attrs
+
+    def matmul_to_float(self, node, inputs) -> str | None:
+        """A quantized MatMul whose output stays float: integer MACs on the NPU into a wide accumulator
+        (int32 for 8-bit operands, 48-bit held in int64 when an operand is 16-bit), dequantized by
+        s_a * s_b[c] on the host."""
+        found = self._matmul_operands(node, inputs, 16)
+        if isinstance(found, str):
+            return found
+        a, b, attrs = found
+        sa, za, _ = a.params()
+        wide = max(_bits(a.dtype), _bits(b.dtype)) > ARITH_BITS_MAX
+        attrs.update(a_zp=za, out_dtype="int64" if wide else "int32")
+        names = [self.as_int(a, node.inputs[0].name), self.as_int(b, node.inputs[1].name)]
+        acc = self.emit("matmul_acc", "npu", node.name, names, [node.outputs[0].name + ".acc"], attrs,
+                        {"b_zp": np.atleast_1d(b.zp).astype(np.int64)})[0]
+        scale = (np.float64(sa) * np.atleast_1d(b.scale).astype(np.float64)).astype(np.float32)
+        out = self.emit("dequantize", "host", node.name, [acc], [node.outputs[0].name],
+                        {"axis": -1 if scale.size > 1 else None},
+                        {"scale": scale if scale.size > 1 else scale.reshape(()), "zero_point": np.int64(0)})[0]
+        self.values[node.outputs[0].name] = Value("float", out)
         return None
 
     def binary(self, node, inputs, encoding) -> str | None:

@@ -168,11 +168,11 @@ def estimate(program: Program, profile: Profile) -> CostReport:
             rows.append(row)
             continue
         compute, w_bytes = 0.0, 0
-        if op.kind == "matmul":
+        if op.kind in ("matmul", "matmul_acc"):
             macs = _macs(program, op)
             rate = p["mac_array"]
             a_info = program.tensors[op.inputs[0]]
-            if np.dtype(a_info.dtype).itemsize > 1:
+            if max(np.dtype(a_info.dtype).itemsize, np.dtype(program.tensors[op.inputs[1]].dtype).itemsize) > 1:
                 rate /= float(p.get("int16_mac_divisor", 4))
             pattern = op.attrs.get("sparsity")
             sparse = pattern in supported

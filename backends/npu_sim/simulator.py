@@ -49,6 +49,8 @@ def _npu(op: Op, args: list[np.ndarray], params: dict[str, np.ndarray]) -> list[
     if kind == "matmul":
         return [kernels.matmul(args[0], args[1], kw["a_zp"], kw["b_zp"], kw["m0"], kw["shift"], kw["out_zp"],
                                kw["out_dtype"], kw.get("bias"))]
+    if kind == "matmul_acc":
+        return [kernels.matmul_accumulate(args[0], args[1], kw["a_zp"], kw["b_zp"]).astype(kw["out_dtype"])]
     if kind in ("add", "sub"):
         return [kernels.add(args[0], args[1], kw["a_zp"], kw["b_zp"], kw["a_m0"], kw["a_shift"], kw["b_m0"],
                             kw["b_shift"], kw["left_shift"], kw["out_m0"], kw["out_shift"], kw["out_zp"],
