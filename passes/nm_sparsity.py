@@ -226,6 +226,10 @@ class _Pruner:
     def prune(self, target: _Target, w: np.ndarray, accumulator) -> np.ndarray | None:
         """The pruned [out, in] weight, or None when nothing changed. Verifies the pattern."""
         self.done.add(target.weight)
+        if target.pattern.structured and w.shape[1] % target.pattern.m:
+            raise UnsupportedGraphError(
+                f"'nm_sparsity': weight '{target.weight}' has {w.shape[1]} inputs, not a multiple of "
+                f"{target.pattern.m} ({target.pattern.label}); add it to 'skip' or give it an 'overrides' entry")
         hessian = accumulator.hessian if accumulator is not None else None
         if self.opts.method != "magnitude" and hessian is None:
             raise UnsupportedGraphError(f"'nm_sparsity': no calibration activations reached weight '{target.weight}'")
@@ -321,6 +325,8 @@ def _block_plan(model: Model, sites, targets: list[_Target], block_pattern: str)
         mine = [t for t in targets if t.block == block]
         plan.append(_Block(block, mine, list(dict.fromkeys(t.activation for t in mine)),
                            None if last else add.outputs[0].name))
+    while plan and not plan[-1].targets:  # blocks after the last pruned one need no forward
+        plan.pop()
     return plan
 
 
@@ -352,7 +358,7 @@ def _run_sequential_onnx(model: Model, plan: list[_Block], calib, pruner: _Prune
             for target in block.targets:
                 _prune_onnx(target, tensors, hessians.get(target.activation), pruner)
             del hessians
-        if block.output is None:
+        if block.output is None or block is plan[-1]:
             break
         sub = _sub_model(model, cut, [block.output])
         session = sub.session()
