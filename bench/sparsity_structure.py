@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,14 +22,14 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
-from graphopt import evaluation, metrics, samples
+from graphopt import evaluation, metrics, onnx_io, samples
 from graphopt.errors import GraphoptError
 from graphopt.onnx_io import atomic_write_text
 from graphopt.pass_infra import PassContext
 from graphopt.pipeline import get_pass
 
 COLUMNS = ["ppl", "ppl_x", "overlap@1", "overlap@8", "cosine", "params", "params_x", "bytes", "bytes_x",
-           "latency_ms", "latency_min_ms", "latency_x", "latency_min_x", "pass_s"]
+           "latency_ms", "latency_min_ms", "latency_x", "paired_latency_x", "pass_s"]
 MEASURES = ["l1", "l2", "activation", "activation+bias", "fluctuation+bias"]
 
 
@@ -42,7 +43,7 @@ def structure_rows(fp32_onnx_model, calib_feeds, eval_windows, reference_logits,
     """Bench rows: SmolLM2 with one of three KV groups per layer and 25 % of FFN channels removed by
     each importance measure (ppl, overlap@1/@8, params, bytes, ORT latency at seq 128, pass time),
     then MiniLM with 4 of 12 heads per layer removed (embedding cosine, params, bytes, latency)."""
-    rows = []
+    rows, pruned = [], None
     length = int(np.atleast_2d(eval_windows[0]).shape[-1])
     for measure in measures or MEASURES:
         prune = _pass_for(measure, heads=1, ffn_ratio=0.25)
@@ -54,11 +55,38 @@ def structure_rows(fp32_onnx_model, calib_feeds, eval_windows, reference_logits,
         row, _ = evaluation.benchmark_causal_lm(result.model, eval_windows, reference_logits, latency_seq=length,
                                                 latency_repeats=latency_repeats, threads=threads)
         rows.append({"name": f"smollm2 kv 2/3 + ffn 75% ({measure})", **row, "pass_s": seconds})
+        pruned = result.model
         del result
         gc.collect()
+    if pruned is not None:
+        # every measure removes the same amount, so one interleaved timing serves all rows
+        ids = np.atleast_2d(eval_windows[0])[:1, :length].astype(np.int64)
+        paired = paired_latency(fp32_onnx_model, pruned, {fp32_onnx_model.inputs[0].name: ids},
+                                rounds=2 * latency_repeats, threads=threads)
+        log(f"structure: interleaved latency {paired}")
+        for row in rows:
+            row["paired_latency_x"] = paired["ratio_median"]
+            row["paired"] = paired
     if minilm:
         rows += minilm_rows(latency_repeats=latency_repeats, threads=threads, log=log)
     return rows
+
+
+def paired_latency(dense, pruned, feeds, *, rounds: int = 20, threads: int = 0) -> dict:
+    """ORT latency of two models run alternately, so that load from other processes hits both alike.
+
+    Returns each model's minimum and median in ms, and the median over rounds of pruned/dense.
+    """
+    sessions = [onnx_io.ort_session(m.to_onnx(), threads=threads) for m in (dense, pruned)]
+    models, times = (dense, pruned), ([], [])
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            timing = evaluation.ort_latency(models[i], feeds, 1, warmup=2 if r < 2 else 0, session=sessions[i])
+            times[i].append(timing["min_ms"])
+    return {"dense_min_ms": min(times[0]), "pruned_min_ms": min(times[1]),
+            "dense_median_ms": statistics.median(times[0]), "pruned_median_ms": statistics.median(times[1]),
+            "ratio_min": min(times[1]) / min(times[0]),
+            "ratio_median": statistics.median(p / d for d, p in zip(*times)), "rounds": rounds}
 
 
 def minilm_rows(*, latency_repeats: int = 10, threads: int = 0, log=print) -> list[dict]:
@@ -70,12 +98,15 @@ def minilm_rows(*, latency_repeats: int = 10, threads: int = 0, log=print) -> li
     reference = [run(b)[0] for b in batches]
     latency_feed = batches[0]
     rows = [_minilm_row("minilm fp32", model, batches, reference, latency_feed, latency_repeats, threads, 0.0)]
-    for measure in ("l2", "activation"):
+    for measure in ("l2", "activation", "fluctuation+bias"):
         start = time.perf_counter()
         result = _pass_for(measure, heads=4).run(model.copy(), PassContext(calib=calib, progress=False))
         seconds = time.perf_counter() - start
         rows.append(_minilm_row(f"minilm heads 8/12 ({measure})", result.model, batches, reference, latency_feed,
                                 latency_repeats, threads, seconds))
+    paired = paired_latency(model, result.model, latency_feed, rounds=2 * latency_repeats, threads=threads)
+    for row in rows[1:]:
+        row["paired_latency_x"], row["paired"] = paired["ratio_median"], paired
     return rows
 
 
@@ -92,8 +123,7 @@ def add_ratios(rows: list[dict], dense: dict) -> None:
     for row in rows:
         if not row["name"].startswith("smollm2"):
             continue
-        for key, column in (("ppl", "ppl_x"), ("params", "params_x"), ("bytes", "bytes_x"), ("latency_ms", "latency_x"),
-                            ("latency_min_ms", "latency_min_x")):
+        for key, column in (("ppl", "ppl_x"), ("params", "params_x"), ("bytes", "bytes_x"), ("latency_ms", "latency_x")):
             row[column] = row[key] / dense[key]
 
 

@@ -223,5 +223,5 @@ def test_recipe_is_valid():
 
     recipe = load_recipe(Path(__file__).parents[2] / "samples" / "recipes" / "smollm2-prune.yaml")
     (prune,) = recipe.passes
-    assert (prune.name, prune.heads, prune.ffn_ratio, prune.importance) == ("prune_structure", 1, 0.25, "activation")
+    assert (prune.name, prune.heads, prune.ffn_ratio, prune.importance) == ("prune_structure", 1, 0.25, "fluctuation")
     assert recipe.calibration.windows == 16 and recipe.calibration.length == 128
