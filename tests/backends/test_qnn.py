@@ -159,6 +159,10 @@ def test_model_net_json_layout(tiny_package):
     assert tensors["logits"]["tensor_type"] == "QNN_TENSOR_TYPE_APP_READ" and tensors["logits"]["dims"] == [2, 32, 256]
     assert {"ElementWiseAdd", "Softmax", "MatMul", "Gather", "FullyConnected"} <= set(net["op_types"])
     assert tiny_package.report["macs_per_inference"] == sum(n["macs_per_inference"] for n in nodes.values())
+    # the lowered model keeps dynamic batch/seq axes and an IsNaN in its attention mask
+    findings = json.loads((tiny_package.out_dir / "htp_compatibility.json").read_text())
+    rejects = {(f["rule"], f["tensor"] or nodes[f["node"]]["onnx_op"]) for f in findings if f["severity"] == "reject"}
+    assert rejects == {("dynamic_shape", "input_ids"), ("unsupported_op", "IsNaN")}
 
 
 def test_0_6_1_encodings(tiny_qdq, tmp_path):
