@@ -225,3 +225,31 @@ def test_recipe_is_valid():
     (prune,) = recipe.passes
     assert (prune.name, prune.heads, prune.ffn_ratio, prune.importance) == ("prune_structure", 1, 0.25, "fluctuation")
     assert recipe.calibration.windows == 16 and recipe.calibration.length == 128
+
+
+def test_conv_model_from_torch():
+    """A torch conv stack exported and lowered: zeroed output channels of the first conv go exactly."""
+    import torch
+
+    import graphopt
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 6, 3, padding=1)
+            self.c3 = torch.nn.Conv2d(6, 4, 1)
+
+        def forward(self, x):
+            return self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))).mean((2, 3))
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    model = graphopt.lower(graphopt.load(Net().eval(), {"x": x}), log=lambda *a: None)
+    zero(model, "c1.weight", 0, [2, 3])
+    zero(model, "c1.bias", 0, [2, 3])
+    reference = model.run({"x": x})[0]
+    result = run(model, conv_ratio=0.25, layer_ratios={"c2.weight": 0.0})
+    assert result.model.meta.pruning[0]["removed"] == [2, 3]
+    assert result.model.parameters()["c2.weight"][0] == (6, 6, 3, 3)
+    assert rel_err(reference, result.model.run({"x": x})[0]) < 1e-5
+    check_valid(result.model)
