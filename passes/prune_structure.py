@@ -256,7 +256,7 @@ class PruneStructure(Pass):
                 raise UnsupportedGraphError(f"prune_structure: asked to prune {kind} but none matched: {why}")
             if wanted:
                 chosen.append((kind, groups))
-        known = {g.name for _, gs_ in chosen for g in gs_} | {g.name for g in found.attention + found.ffn + found.conv}
+        known = {g.name for g in found.attention + found.ffn + found.conv}
         unknown = sorted(set(self.layer_ratios) - known)
         if unknown:
             raise OptionError(f"'prune_structure': layer_ratios names '{unknown[0]}', which is no prunable group")
