@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from graphopt.backend_infra import Artifact, Backend, register_backend, validation_feeds
+from graphopt.backend_infra import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.errors import BackendError
 from graphopt.ir import Model
 from graphopt.onnx_io import atomic_write_text, save_onnx, staged_folder
@@ -262,14 +262,10 @@ class OrtMobile(Backend):
         reference = _reference_session(model, self.target_platform)
         exact = _is_qdq(model)
         worst = 0.0
-        for feeds in feeds_list:
-            names = [i.name for i in reference.get_inputs()]
-            want = reference.run(None, {n: feeds[n] for n in names})
-            got = mobile.run(None, {n: feeds[n] for n in names})
-            for spec, a, b in zip(model.outputs, want, got):
-                if a.shape != b.shape:
-                    raise BackendError(f"{ort_path}: output '{spec.name}' has shape {b.shape}, the ONNX model {a.shape}")
-                worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
+        for name, a, b in paired_outputs(reference, mobile, feeds_list, [o.name for o in model.outputs]):
+            if a.shape != b.shape:
+                raise BackendError(f"{ort_path}: output '{name}' has shape {b.shape}, the ONNX model {a.shape}")
+            worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
         limit = 0.0 if exact else self.atol
         if worst > limit:
             kind = "QDQ (must be exact)" if exact else f"float (atol {self.atol})"

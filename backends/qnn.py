@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from graphopt.backend_infra import Artifact, Backend, register_backend, validation_feeds
+from graphopt.backend_infra import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import BackendError
 from graphopt.ir import Model
@@ -744,17 +744,11 @@ class Qnn(Backend):
                                f"({len(missing)} missing)")
         rebuilt = rebuild_qdq(float_model, encodings, code_types, quantize_bias=biases)
         original, again = model.session(), rebuilt.session()
-        batches = 0
-        for feeds in feeds_list:
-            names = [i.name for i in original.get_inputs()]
-            want = original.run(None, {n: feeds[n] for n in names})
-            got = again.run(None, {n: feeds[n] for n in names})
-            for spec, a, b in zip(model.outputs, want, got):
-                if a.shape != b.shape or not np.array_equal(a, b):
-                    diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
-                    raise BackendError(f"{folder}: the QDQ model rebuilt from the package differs from "
-                                       f"'{model.name}' on output '{spec.name}' (max |diff| {diff:.3g})")
-            batches += 1
-        return {"batches": batches, "feeds": feeds_source, "identical": True, "entries": len(encodings), "quantized_tensors": len(expected),
+        for name, a, b in paired_outputs(original, again, feeds_list, [o.name for o in model.outputs]):
+            if a.shape != b.shape or not np.array_equal(a, b):
+                diff = float(np.max(np.abs(a - b))) if a.shape == b.shape else float("inf")
+                raise BackendError(f"{folder}: the QDQ model rebuilt from the package differs from "
+                                   f"'{model.name}' on output '{name}' (max |diff| {diff:.3g})")
+        return {"batches": len(feeds_list), "feeds": feeds_source, "identical": True, "entries": len(encodings), "quantized_tensors": len(expected),
                 "rebuilt_qdq_nodes": sum(1 for n in rebuilt.graph.nodes if n.op in ("QuantizeLinear", "DequantizeLinear")),
                 "passed": True, "max_abs_diff": 0.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
@@ -13,7 +13,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import Model
 from graphopt.pass_infra import validate_options
 
-__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds"]
+__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs"]
 
 BACKENDS: dict[str, type["Backend"]] = {}
 
@@ -85,3 +85,13 @@ def validation_feeds(model: Model, *, dynamic_dim: int = 8) -> tuple[list[dict[s
         feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
                             else np.zeros(shape, dtype=dtype))
     return [feeds], "synthesized"
+
+
+def paired_outputs(reference, candidate, feeds_list: list[dict[str, np.ndarray]],
+                   output_names: list[str]) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """(output name, reference value, candidate value) for each output of each batch, from two
+    onnxruntime sessions fed the same inputs: what a backend's `validate` compares."""
+    names = [i.name for i in reference.get_inputs()]
+    for feeds in feeds_list:
+        batch = {n: feeds[n] for n in names}
+        yield from zip(output_names, reference.run(None, batch), candidate.run(None, batch))
