@@ -91,7 +91,10 @@ class Quantize(Pass):
     weight_bits: int = field(default=8, metadata={"help": "4, 8 or 16"})
     weight_granularity: Literal["tensor", "channel", "block"] = field(default="channel", metadata={"help": "weight scales"})
     weight_block_size: int = field(default=64, metadata={"help": "input rows per scale when weight_granularity is block"})
-    weight_symmetric: bool = field(default=True, metadata={"help": "signed codes, zero point 0"})
+    # asymmetric uint8 by default: ONNX Runtime's AVX2 (non-VNNI) u8s8 integer kernels saturate
+    # their int16 pair sums, which wrecked SmolLM2 (ppl 9057 fused vs 28.7 unfused); u8u8 does not.
+    # NPUs that want symmetric int8 weights set this true.
+    weight_symmetric: bool = field(default=False, metadata={"help": "signed codes, zero point 0"})
     weight_range: Literal["minmax", "mse"] = field(default="minmax", metadata={"help": "weight clipping: full range or MSE-optimal"})
     weight_rounding: Literal["rtn", "gptq"] = field(default="rtn", metadata={"help": "round to nearest, or GPTQ (needs calibration)"})
     embedding_bits: int = field(default=0, metadata={"help": "bits of Gather tables (0: weight_bits); per channel"})
