@@ -251,7 +251,7 @@ def graphopt_qdq(model, **options):
 
 
 @pytest.mark.parametrize("options, bits", [
-    ({"weight_bits": 4, "weight_granularity": "block", "weight_block_size": 32, "embedding_bits": 8}, {"w4": 14, "w8": 1, "a8": 9}),
+    ({"weight_bits": 4, "weight_granularity": "block", "weight_block_size": 32, "weight_symmetric": True, "embedding_bits": 8}, {"w4": 14, "w8": 1, "a8": 9}),
     ({"activation_bits": 16}, {"w8": 15, "a16": 9}),
 ])
 def test_graphopt_quantize_pass_packages(tiny_onnx, tmp_path, options, bits):
