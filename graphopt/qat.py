@@ -302,7 +302,7 @@ def train(
     if not fake_quant_modules(student):
         raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
     temperature = temperature or (2.0 if loss == "kd" else 3.0)
-    gm = student.fx.to(device)
+    gm = _to_device(student.fx, device)
     scales = [p for n, p in gm.named_parameters() if n.endswith("log_scale")]
     weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
     for p in weights:
@@ -342,8 +342,24 @@ def train(
     report.seconds = time.perf_counter() - start
     for p in weights:
         p.requires_grad_(False)
-    student.fx = gm.to("cpu")
+    student.fx = _to_device(gm, "cpu")
+    if isinstance(teacher, Model):
+        teacher.fx = _to_device(teacher.fx, "cpu")
     return report
+
+
+def _to_device(gm, device: str):
+    """Move parameters and the devices torch.export baked into the graph (arange, ones, ...)."""
+    gm = gm.to(device)
+    target = torch.device(device)
+    changed = False
+    for node in gm.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != target:
+            node.update_kwarg("device", target)
+            changed = True
+    if changed:
+        gm.recompile()
+    return gm
 
 
 def _lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -357,7 +373,7 @@ def _teacher_fn(teacher, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if not isinstance(teacher, Model):
         return teacher
     teacher.require("fx", "qat.train teacher")
-    gm = teacher.fx.to(device)
+    teacher.fx = gm = _to_device(teacher.fx, device)
 
     def run(ids: torch.Tensor) -> torch.Tensor:
         out = gm(ids)
