@@ -3,7 +3,8 @@
     python bench/quantize.py [--json PATH] [--windows 24] [--calib 16] [--only NAME ...]
 
 Rows, all measured in the same run on the same data: fp32; ONNX Runtime `quantize_static` (QDQ,
-per-channel int8 weights, MinMax, its default int8 activations, the same calibration windows),
+per-channel int8 weights, MinMax, its default int8 activations, the same calibration windows; the
+table Gather excluded, see `_table_gathers`),
 `quantize_dynamic` (int8 MatMul weights), `MatMulNBits` (4-bit, block 32, symmetric); graphopt's
 recipes samples/recipes/smollm2-{w8a8,w8a16,w4a16}.yaml. Protocol as bench/fidelity.py: 24
 evaluation windows x 128 tokens, overlap@k against fp32, latency of one batch-1 run at 128
@@ -50,7 +51,19 @@ def _ort_static(src: Path, out: Path, calib_windows) -> None:
             return next(self.feeds, None)
 
     quantize_static(str(src), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+                    calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True,
+                    nodes_to_exclude=_table_gathers(src))
+
+
+def _table_gathers(src: Path) -> list[str]:
+    """Gathers reading a weight table. quantize_static(per_channel=True) gives their output the
+    table's per-axis scale, which onnxruntime then refuses to run ("scale must be 1D tensor with
+    size 1"); excluded, the table is still quantized as the tied lm_head's MatMul weight."""
+    import onnx
+
+    graph = onnx.load(str(src), load_external_data=False).graph
+    tables = {t.name for t in graph.initializer}
+    return [n.name for n in graph.node if n.op_type == "Gather" and n.input[0] in tables]
 
 
 def _ort_dynamic(src: Path, out: Path, _calib) -> None:

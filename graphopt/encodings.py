@@ -335,13 +335,18 @@ class Encodings:
         Scale and zero point must be constants; a zero point absent means 0 of the input's type.
         """
         model.require("onnx", "Encodings.from_qdq_model")
+        return cls.from_qdq_graph(model.graph)
+
+    @classmethod
+    def from_qdq_graph(cls, graph: gs.Graph, params: set[str] | None = None) -> "Encodings":
+        """`from_qdq_model` on a bare graph; with `params`, only those pre-quantized weights."""
         found = cls()
-        for node in model.graph.nodes:
-            if node.op != "DequantizeLinear":
+        for node in graph.nodes:
+            if node.op != "DequantizeLinear" or params is not None and node.outputs[0].name not in params:
                 continue
             source = node.inputs[0]
             if isinstance(source, gs.Constant):
-                found.add(_from_dq(node, node.outputs[0].name, source.values.shape, np.dtype(source.values.dtype)), "param")
+                found.add(_from_dq(node, node.outputs[0].name, source.shape, np.dtype(source.dtype)), "param")
                 continue
             producer = source.inputs[0] if source.inputs else None
             if producer is not None and producer.op == "QuantizeLinear":

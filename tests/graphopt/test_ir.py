@@ -79,3 +79,22 @@ def test_int4_bytes_are_packed():
     model = onnx_model()
     model.graph.nodes[0].inputs[1].values = np.zeros((3, 3), ml_dtypes.int4)
     assert model.parameters()["W"] == ((3, 3), "int4", 5)  # 9 values, two per byte
+
+
+@pytest.mark.parametrize("options", [{}, {"weight_bits": 4, "weight_granularity": "block", "weight_block_size": 16,
+                                          "weight_symmetric": True}])
+def test_weight_encodings_live_in_the_graph_not_twice(tiny_onnx, tmp_path, options):
+    """A saved QDQ model keeps its weights' encodings in the DequantizeLinears only; reading it
+    back restores model.meta.encodings exactly."""
+    from graphopt import onnx_io
+    from graphopt.ir import META_KEY
+    from graphopt.pass_infra import PassContext
+    from graphopt.pipeline import get_pass
+
+    quantized = get_pass("quantize")(**options).run(
+        tiny_onnx.copy(), PassContext(calib=tiny_onnx.sample_inputs, progress=False)).model
+    weights = {n for n, e in quantized.meta.encodings.items() if e["kind"] == "param"}
+    stored = next(p.value for p in quantized.to_onnx().metadata_props if p.key == META_KEY)
+    assert weights and not any(f'"{name}": {{' in stored for name in weights)
+    back = Model.from_onnx(onnx_io.load_onnx(quantized.save(tmp_path / "q.onnx")))
+    assert back.meta.encodings == quantized.meta.encodings
