@@ -143,8 +143,8 @@ class InputHessian:
         self.h, self.rows = None, 0
 
     def update(self, x: np.ndarray) -> None:
-        rows = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        gram = rows.T @ rows
+        rows = x.reshape(-1, x.shape[-1]).astype(np.float32)
+        gram = (rows.T @ rows).astype(np.float64)  # float32 products per batch (2x faster), summed in float64
         self.h = gram if self.h is None else self.h + gram
         self.rows += rows.shape[0]
 

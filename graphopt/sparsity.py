@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from graphopt import obs
 from graphopt.errors import OptionError, UnsupportedGraphError
 
 __all__ = [
@@ -139,70 +140,37 @@ def sparsegpt(w: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, blocksize
               dampening: float = 0.01, scope: str = "layer") -> tuple[np.ndarray, np.ndarray]:
     """SparseGPT (Frantar & Alistarh 2023): prune `w` [out, in] to `pattern` given H = 2/n·XᵀX.
 
-    Inputs are processed in column blocks of `blocksize`; inside a block each pruned column's error
-    is spread over the remaining columns of the block through the upper Cholesky factor of H⁻¹
-    (OBS update), and the block's accumulated error is applied to all later columns in one matmul
-    (lazy batch update). H gets `dampening`·mean(diag H) on its diagonal. N:M groups are chosen per
-    group of M columns, unstructured masks per block (over the block: 'layer'; per row: 'row') by
-    w²/[H⁻¹]ⱼⱼ². Returns (pruned weight as float32, keep mask).
+    The OBS column sweep of `graphopt.obs` with pruning as the replacement: N:M groups are chosen
+    per group of M columns as the sweep reaches them, unstructured masks per block of `blocksize`
+    columns (over the block: 'layer'; per row: 'row'), by w²/[H⁻¹]ⱼⱼ²; the pruned entries' error
+    moves to the kept ones. H gets `dampening`·mean(diag H) on its diagonal. Returns (pruned
+    weight as float32, keep mask).
     """
     import torch
 
-    W = torch.tensor(w, dtype=torch.float32)
-    H = torch.tensor(hessian, dtype=torch.float64)
-    rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise UnsupportedGraphError(f"SparseGPT: Hessian {tuple(H.shape)} does not fit weight {tuple(W.shape)}")
+    cols = w.shape[1]
     if pattern.structured and cols % pattern.m:
         raise UnsupportedGraphError(f"N:M {pattern.label}: input dim {cols} is not a multiple of {pattern.m}")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    damp = dampening * torch.mean(torch.diag(H))
-    H += damp * torch.eye(cols, dtype=H.dtype)
-    Hinv = _upper_cholesky_of_inverse(H).to(torch.float32)
-    keep = torch.ones((rows, cols), dtype=torch.bool)
+    W, hinv = obs.prepare(w, hessian, dampening, "SparseGPT")
+    if pattern.structured:  # whole groups inside a block
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    d = torch.diag(hinv)
+    keep = torch.ones(W.shape, dtype=torch.bool)
     prune_count = pattern.m - pattern.n
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        d = torch.diag(Hinv1)
-        drop1 = torch.zeros_like(W1, dtype=torch.bool)
-        if not pattern.structured and pattern.ratio > 0:
-            drop1 = _unstructured_drop(W1 ** 2 / d[None, :] ** 2, pattern.ratio, scope)
-        for i in range(i2 - i1):
-            if pattern.structured and i % pattern.m == 0 and prune_count:
-                score = W1[:, i:i + pattern.m] ** 2 / d[None, i:i + pattern.m] ** 2
-                drop1.scatter_(1, i + torch.topk(score, prune_count, dim=1, largest=False)[1], True)
-            col = W1[:, i]
-            q = torch.where(drop1[:, i], torch.zeros_like(col), col)
-            err = (col - q) / d[i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        keep[:, i1:i2] = ~drop1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    def replace(j: int, block, i: int):
+        if i == 0 and not pattern.structured and pattern.ratio > 0:
+            span = slice(j, j + block.shape[1])
+            keep[:, span] = ~_unstructured_drop(block ** 2 / d[None, span] ** 2, pattern.ratio, scope)
+        if pattern.structured and prune_count and j % pattern.m == 0:
+            score = block[:, i:i + pattern.m] ** 2 / d[None, j:j + pattern.m] ** 2
+            weakest = torch.topk(score, prune_count, dim=1, largest=False)[1]
+            keep[:, j:j + pattern.m].scatter_(1, weakest, False)
+        return torch.where(keep[:, j], block[:, i], torch.zeros_like(block[:, i]))
+
+    W = obs.sweep(W, hinv, replace, blocksize)
     W[~keep] = 0.0
     return W.numpy(), keep.numpy()
-
-
-def _upper_cholesky_of_inverse(H):
-    """Upper Cholesky factor of H⁻¹, adding more dampening if H is not positive definite."""
-    import torch
-
-    extra = 0.0
-    scale = torch.mean(torch.diag(H)).item()
-    for _ in range(6):
-        try:
-            L = torch.linalg.cholesky(H + extra * torch.eye(H.shape[0], dtype=H.dtype))
-            inv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(inv, upper=True)
-        except RuntimeError:
-            extra = scale * 0.01 if extra == 0 else extra * 10
-    raise UnsupportedGraphError("SparseGPT: the calibration Hessian is not positive definite even after dampening")
 
 
 def _unstructured_drop(score, ratio: float, scope: str):

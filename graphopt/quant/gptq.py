@@ -3,16 +3,17 @@
 Rounding one input row of a linear weight at a time and spreading its rounding error over the
 rows not yet rounded, weighted by the inverse Hessian of the layer's inputs (H = 2/n·XᵀX, from
 `activations.InputHessian`), minimises ‖XW − XŴ‖² far better than round-to-nearest at 4 bits.
-This module is pure numpy and knows nothing of graphs: the quantize pass calls it per weight.
+The sweep is `graphopt.obs`'s (SparseGPT's too); this module chooses the grid and knows nothing of
+graphs: the quantize pass calls it per weight.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from graphopt import obs
 from graphopt.errors import OptionError
 from graphopt.quant import numerics
 
@@ -57,18 +58,12 @@ def _check(weight: np.ndarray, hessian: np.ndarray, spec, block_size: int, damp:
 
 
 def _group_params(rows: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of each output channel over a group of input rows ([group, out])."""
+    """Scale and zero point of each output channel over a group of its inputs ([out, group])."""
     if spec.granularity == "tensor":
-        lo, hi = np.full(rows.shape[1], rows.min()), np.full(rows.shape[1], rows.max())
+        lo, hi = np.full(rows.shape[0], rows.min()), np.full(rows.shape[0], rows.max())
     else:
-        lo, hi = rows.min(axis=0), rows.max(axis=0)
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
     return numerics.scale_zero_point(lo, hi, spec)
-
-
-def _round(row: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec) -> np.ndarray:
-    """Codes of one input row ([out]) under per-output-channel parameters."""
-    row_spec = dataclasses.replace(spec, granularity="channel", axis=0, block_size=0)
-    return numerics.quantize(row, scale, zero_point, row_spec).astype(np.int64)
 
 
 def gptq_quantize(
@@ -81,58 +76,47 @@ def gptq_quantize(
 ) -> GPTQResult:
     """Round `weight_in_out` ([in, out], as MatMul(x, W) reads it) to `spec` with GPTQ.
 
-    `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order,
-    in lazy batches of `block_size` rows; `damp` × mean(diag H) is added to the diagonal. With
-    spec.granularity "block", each group of spec.block_size input rows gets its own scales,
-    chosen from the error-updated weights when the group starts (as the reference does).
+    `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order
+    by the OBS sweep of `graphopt.obs`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
+    is added to the diagonal. Per channel or per tensor, the grid is the weight's min-max; with
+    spec.granularity "block", each group of spec.block_size input rows gets its own scales, chosen
+    from the error-updated weights when the sweep reaches the group (as the reference does).
     `mask` (bool [in, out], True = kept) keeps pruned weights exactly zero; their error is
     compensated by the kept ones. Inputs that never fire (zero Hessian diagonal) are zeroed.
     """
-    _check(weight_in_out, hessian, spec, block_size, damp, mask)
-    w = np.array(weight_in_out, dtype=np.float64)  # [in, out]: row i is the i-th input column of W
-    rows, cols = w.shape
-    h = np.array(hessian, dtype=np.float64)
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[dead, :] = 0.0
-    h[np.diag_indices(rows)] += damp * np.mean(np.diag(h))
-    # upper Cholesky factor of H⁻¹: row i holds how rounding input i moves the inputs after it
-    hinv = np.linalg.cholesky(np.linalg.inv(h)).T
+    import torch
 
+    _check(weight_in_out, hessian, spec, block_size, damp, mask)
+    W, hinv = obs.prepare(np.asarray(weight_in_out, np.float32).T, hessian, damp, "gptq")  # [out, in]
+    cols, rows = W.shape
     group = spec.block_size if spec.granularity == "block" else rows
-    n_groups = rows // group
-    scales = np.zeros((n_groups, cols))
-    zeros = np.zeros((n_groups, cols))
-    codes = np.zeros((rows, cols))
-    keep = None if mask is None else np.asarray(mask, dtype=bool)
-    scale = zero_point = None
-    for start in range(0, rows, block_size):
-        stop = min(start + block_size, rows)
-        block = w[start:stop].copy()
-        errors = np.zeros_like(block)
-        hblock = hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            row = start + i
-            if row % group == 0:
-                # the group's rows as they stand now: the ones inside this batch carry its updates
-                ahead = np.concatenate([block[i:], w[stop:row + group]]) if row + group > stop else block[i:i + group]
-                scale, zero_point = _group_params(ahead[:group], spec)
-                scales[row // group], zeros[row // group] = scale, zero_point
-            q = _round(block[i], scale, zero_point, spec)
-            if keep is not None:
-                q = np.where(keep[row], q, zero_point)
-            codes[row] = q
-            deq = (q - zero_point) * scale
-            err = (block[i] - deq) / hblock[i, i]
-            block[i:] -= np.outer(hblock[i, i:], err)
-            errors[i] = err
-        w[stop:] -= hinv[start:stop, stop:].T @ errors
+    if spec.granularity == "block":  # a group's scales come from rows inside the current batch
+        block_size = max(group, block_size // group * group)
+    scales = np.zeros((rows // group, cols), np.float32)
+    zeros = np.zeros((rows // group, cols), np.int64)
+    codes = torch.zeros((cols, rows), dtype=torch.float32)
+    keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool).T))
+    grid = {}
+
+    def replace(j: int, block, i: int):
+        if j % group == 0:
+            source = W if group == rows else block[:, i:i + group]  # whole rows: the grid of the weight
+            scale, zero_point = _group_params(source.numpy(), spec)
+            scales[j // group], zeros[j // group] = scale, zero_point
+            grid["scale"], grid["zero"] = torch.from_numpy(scale.astype(np.float32)), torch.from_numpy(zero_point.astype(np.float32))
+        scale, zero = grid["scale"], grid["zero"]
+        q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
+        if keep is not None:
+            q = torch.where(keep[:, j], q, zero)
+        codes[:, j] = q
+        return (q - zero) * scale
+
+    obs.sweep(W, hinv, replace, block_size)
+    codes = codes.numpy().T.astype(np.int64)
     if spec.granularity == "channel":
         scales, zeros = scales[0], zeros[0]
     elif spec.granularity == "tensor":
         scales, zeros = scales[0, 0], zeros[0, 0]
-    scales, zeros = scales.astype(np.float32), zeros.astype(np.int64)
-    codes = codes.astype(np.int64)
     return GPTQResult(numerics.dequantize(codes, scales, zeros, spec), codes, scales, zeros)
 
 
