@@ -17,25 +17,11 @@ from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import MIN_OPSET, Model
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import QuantSpec, dtype_for, numerics, qdq
+from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import MinMaxObserver, make_observer
+from graphopt.sensitivity import read_sensitivity
 
-__all__ = ["Quantize", "read_sensitivity"]
-
-
-def read_sensitivity(path: str) -> list[dict]:
-    """The ranking of a `graphopt sensitivity` JSON file: [{"point", "kind", "drop"}, ...], most
-    sensitive first."""
-    try:
-        data = json.loads(Path(path).read_text())
-        ranking = data["ranking"]
-        return [{"point": str(r["point"]), "kind": str(r.get("kind", "activation")), "drop": float(r.get("drop", 0.0))}
-                for r in ranking]
-    except FileNotFoundError:
-        raise OptionError(f"'quantize': option 'sensitivity': no such file '{path}'") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise OptionError(
-            f"'quantize': option 'sensitivity': '{path}' is not a sensitivity JSON with a "
-            f"'ranking' list of {{point, kind, drop}} entries ({exc})") from None
+__all__ = ["Quantize"]
 
 
 class _Tee:
@@ -136,12 +122,6 @@ class Quantize(Pass):
             raise OptionError(f"'quantize': option 'percentile' must be in (50, 100], got {self.percentile}")
         if self.sensitivity and not Path(self.sensitivity).is_file():
             raise OptionError(f"'quantize': option 'sensitivity': no such file '{self.sensitivity}'")
-        if self.weight_rounding == "gptq":
-            try:
-                from graphopt.quant import gptq  # noqa: F401  (written by the QAT/sensitivity work)
-            except ImportError:
-                raise OptionError("'quantize': option weight_rounding 'gptq' needs graphopt.quant.gptq, "
-                                  "which this installation lacks; use 'rtn'") from None
 
     # ---------------------------------------------------------------------------- entry
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
@@ -220,7 +200,7 @@ class Quantize(Pass):
         if self.activation_bits == 16 or budget <= len(chosen):
             return set(points) if self.activation_bits == 16 else set(chosen)
         if self.sensitivity:
-            ranked = [r["point"] for r in read_sensitivity(self.sensitivity) if r["kind"] == "activation"]
+            ranked = [r["point"] for r in read_sensitivity(self.sensitivity, self.name) if r["kind"] == "activation"]
         else:  # proxy: the points whose 8-bit grid loses the most signal
             spec = QuantSpec(dtype_for(8, self.activation_symmetric), symmetric=self.activation_symmetric)
             ranked = sorted(points, key=lambda p: observers[p].sqnr_db(spec))
@@ -264,24 +244,26 @@ class Quantize(Pass):
                   and tensors[n].values.ndim == 2 and tensors[n].values.dtype == np.float32 and n not in self.exclude]
         names += [t for t in tables if t not in names]
         site_of = {s.weight: s for s in sites}
+        specs = {}
+        for name in names:
+            channel_axis, block_axis = qdq.weight_axes(model.graph, tensors[name], users[name])
+            specs[name] = self._weight_spec(name, tensors[name].values.shape, channel_axis, block_axis, name in tables)
+        # GPTQ for linear weights (a table's rounding must serve its lookups too: RTN there)
+        solved = [n for n in names if self.weight_rounding == "gptq" and n not in tables and n in site_of
+                  and site_of[n].op == "MatMul" and site_of[n].activation in hessians]
+        found = {}
+        for group in activations.progress_bar(_shared_input_groups(solved, site_of, specs), None, "quantize: GPTQ", ctx.progress):
+            found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation], model.meta.masks))
         codes = {}
         for name in activations.progress_bar(names, len(names), "quantize: weights", ctx.progress):
-            weight = tensors[name]
-            values = np.asarray(weight.values, dtype=np.float32)
-            channel_axis, block_axis = qdq.weight_axes(model.graph, weight, users[name])
-            spec = self._weight_spec(name, values.shape, channel_axis, block_axis, name in tables)
-            site = site_of.get(name)
-            if self.weight_rounding == "gptq" and site is not None and site.activation in hessians and site.op == "MatMul":
-                from graphopt.quant.gptq import gptq_quantize
-
-                mask = (values != 0) if name in model.meta.masks else None
-                found = gptq_quantize(values, hessians[site.activation].hessian, spec, mask=mask)
-                scale, zero_point = found.scale, found.zero_point
-                codes[name] = np.asarray(found.codes).astype(np.int32).astype(spec.np_dtype)
+            spec = specs[name]
+            if name in found:
+                scale, zero_point = found[name].scale, found[name].zero_point
+                codes[name] = np.asarray(found[name].codes).astype(np.int32).astype(spec.np_dtype)
             elif self.weight_range == "mse":
-                scale, zero_point = numerics.mse_params(values, spec)
+                scale, zero_point = numerics.mse_params(np.asarray(tensors[name].values, np.float32), spec)
             else:
-                scale, zero_point = numerics.params_for(values, spec)
+                scale, zero_point = numerics.params_for(np.asarray(tensors[name].values, np.float32), spec)
             encodings.add(Encoding.from_params(name, scale, zero_point, spec), "param")
         return codes
 
@@ -319,6 +301,33 @@ class Quantize(Pass):
                 w.values = (np.asarray(w.values, np.float32) * s[:, None]).astype(np.float32)
             factors[point] = s
         return factors
+
+
+def _shared_input_groups(names: list[str], site_of: dict, specs: dict) -> list[list[str]]:
+    """Weights that read the same activation with the same per-channel/per-block spec (q/k/v,
+    gate/up): GPTQ solves them as one wider weight, the Hessian factored once."""
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        spec = specs[name]
+        key = (site_of[name].activation, spec) if spec.granularity != "tensor" else (name,)
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def _gptq_group(names: list[str], tensors, spec: QuantSpec, hessian, masks) -> dict:
+    """GPTQ of [in, out] weights side by side (output channels are independent), split back."""
+    values = [np.asarray(tensors[n].values, np.float32) for n in names]
+    mask = None
+    if any(n in masks for n in names):
+        mask = np.concatenate([(v != 0) if n in masks else np.ones(v.shape, bool) for n, v in zip(names, values)], axis=1)
+    joint = gptq_quantize(np.concatenate(values, axis=1), hessian, spec, mask=mask)
+    out, start = {}, 0
+    for name, value in zip(names, values):
+        part = slice(start, start + value.shape[1])
+        start = part.stop
+        out[name] = GPTQResult(joint.dequantized[:, part], joint.codes[:, part],
+                               joint.scale[..., part], joint.zero_point[..., part])
+    return out
 
 
 def _only_reader(tensor, node, users) -> bool:
