@@ -1,13 +1,18 @@
 """QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
 
-    python bench/qat.py [--model sample:smollm2] [--steps 200] [--device cpu|cuda] [--json PATH]
+    python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
+                        [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
-against fp32's logits in onnxruntime; calibration and training on `lm_windows(tok, "calib", 16, 128)`.
-PTQ is the quantize pass at W8A8 (per-channel int8 weights, per-tensor uint8 min-max activations);
-QAT inserts the same points with the fake_quantize pass, trains weights and scales against the
-float model's logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings
-and folds them with fold_encodings: the rows compare deployable static QDQ models.
+against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
+on the first `--train-windows` calibration windows (even topics, disjoint from evaluation).
+PTQ is the quantize pass at W8A8 (per-channel uint8 weights, per-tensor uint8 min-max activations,
+the `--int16-budget` most sensitive points of the `--sensitivity` ranking at 16 bits, as in QAT);
+QAT inserts the same points with the fake_quantize pass (asymmetric per-channel weights like the
+PTQ row; `--weight-symmetric` for int8), trains weights and scales against the float model's
+logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings and folds them
+with fold_encodings: the rows compare deployable static QDQ models. SmolLM2 trains in minutes on a
+GPU (`--device cuda`); on two CPU cores a step takes ~15 s.
 """
 
 from __future__ import annotations
@@ -43,21 +48,24 @@ def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None,
     return row, tops
 
 
-def _ptq(fp32_onnx, calib, log) -> tuple[object, float]:
+def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     start = time.perf_counter()
-    model = get_pass("quantize")(weight_bits=8, activation_bits=8).run(
+    model = get_pass("quantize")(weight_bits=8, activation_bits=8, int16_budget=args.int16_budget,
+                                 sensitivity=args.sensitivity).run(
         fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
     seconds = time.perf_counter() - start
     log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
     return model, seconds
 
 
-def _qat(fx, calib, windows, *, loss: str, steps: int, lr: float, scale_lr: float, device: str, log):
+def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
+         symmetric: bool, int16_budget: float, sensitivity: str, device: str, log):
     start = time.perf_counter()
     student = fx.copy()
-    get_pass("fake_quantize")(weight_bits=8, activation_bits=8).run(student, PassContext(calib=calib, progress=False))
-    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss,
-                       warmup=max(1, steps // 20), device=device, log=log)
+    get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
+                              sensitivity=sensitivity).run(student, PassContext(calib=calib, progress=False))
+    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
+                       warmup=max(1, steps // 20), device=device, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
@@ -72,14 +80,15 @@ def run(args, log) -> dict:
     fx = graphopt.load(args.model, log=log)
     fp32 = graphopt.lower(fx, log=log)
     eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
-    train_windows = _calib_windows(fp32, args.calib, args.length)
-    calib = [{fp32.inputs[0].name: w} for w in train_windows]
+    train_windows = _calib_windows(fp32, max(args.calib, args.train_windows), args.length)
+    calib = [{fp32.inputs[0].name: w} for w in train_windows[:args.calib]]
+    train_windows = train_windows[:args.train_windows]
     row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log)
     fp32_ppl = row["ppl"]
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
     rows = [row]
     if "ptq" in args.rows:
-        model, seconds = _ptq(fp32, calib, log)
+        model, seconds = _ptq(fp32, calib, args, log)
         row, _ = _evaluate(model, "PTQ W8A8 static (quantize)", eval_windows, reference, fp32_ppl, log)
         rows.append({**row, "pipeline_s": seconds})
         del model
@@ -87,8 +96,10 @@ def run(args, log) -> dict:
     for loss in ("kd", "bild"):
         if f"qat-{loss}" not in args.rows:
             continue
-        model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps, lr=args.lr,
-                                                 scale_lr=args.scale_lr, device=args.device, log=log)
+        model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps,
+                                                 batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
+                                                 symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
+                                                 sensitivity=args.sensitivity, device=args.device, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         row, _ = _evaluate(model, f"QAT ({loss.upper() if loss == 'kd' else 'BiLD'}) + fold_encodings",
@@ -101,8 +112,11 @@ def run(args, log) -> dict:
     return {
         "model": args.model,
         "protocol": {"eval": {"split": "eval", "windows": args.windows, "length": args.length},
-                     "train": {"split": "calib", "windows": args.calib, "length": args.length,
-                               "steps": args.steps, "lr": args.lr, "scale_lr": args.scale_lr, "device": args.device},
+                     "calibration": {"split": "calib", "windows": args.calib, "length": args.length},
+                     "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
+                               "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
+                               "weight_symmetric": args.weight_symmetric, "device": args.device},
+                     "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
                      "reference": "fp32 (ONNX Runtime)"},
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "device": args.device},
         "rows": rows,
@@ -115,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", nargs="+", default=["ptq", "qat-kd", "qat-bild"],
                         choices=["ptq", "qat-kd", "qat-bild"])
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1, help="windows per training step")
+    parser.add_argument("--train-windows", type=int, default=16, help="calibration-split windows trained on")
+    parser.add_argument("--weight-symmetric", action="store_true", help="int8 weights (default: uint8 asymmetric)")
+    parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of activation points at 16 bits")
+    parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")

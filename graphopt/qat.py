@@ -32,7 +32,7 @@ from graphopt.quant import numerics
 from graphopt.quant.spec import QuantSpec
 
 __all__ = [
-    "FakeQuant", "insert_fake_quant", "calibrate", "fake_quant_modules", "set_fake_quant",
+    "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "fake_quant_modules", "set_fake_quant",
     "kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
 ]
 
@@ -127,13 +127,30 @@ def fake_quant_modules(model: Model) -> dict[str, FakeQuant]:
     return {name: m for name, m in model.fx.named_children() if isinstance(m, FakeQuant)}
 
 
+def _quantized_linears(gm, skip: tuple[str, ...]) -> tuple[list, dict[Any, list[str]]]:
+    """Linears with a parameter weight not in `skip`, and each input activation's weights."""
+    linears = [n for n in _linear_nodes(gm) if n.args[1].op == "get_attr" and n.args[1].target not in skip]
+    feeds: dict[Any, list[str]] = {}
+    for node in linears:
+        feeds.setdefault(node.args[0], []).append(node.args[1].target)
+    return linears, feeds
+
+
+def activation_points(model: Model, skip: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The activation quantization points `insert_fake_quant` would make, each as the weights it feeds."""
+    model.require("fx", "activation_points")
+    return [tuple(f) for f in _quantized_linears(model.fx, skip)[1].values()]
+
+
 def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None,
-                      skip: tuple[str, ...] = ()) -> list[FakeQuant]:
+                      skip: tuple[str, ...] = (), wide: frozenset[str] = frozenset(),
+                      wide_spec: QuantSpec | None = None) -> list[FakeQuant]:
     """Insert quantizers into `model.fx` in place; returns them (empty when there is nothing to do).
 
     weight_spec: torch layout (channel axis 0 of [out, in]); None leaves weights float.
     activation_spec: per tensor; None leaves activations float. `skip` names weights (their
-    parameter names) whose weight and input activation stay float.
+    parameter names) whose weight and input activation stay float. An activation feeding a
+    weight named in `wide` gets `wide_spec` instead (16-bit sensitive points).
     """
     model.require("fx", "insert_fake_quant")
     gm = model.fx
@@ -143,10 +160,7 @@ def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_sp
     inserted: list[FakeQuant] = []
     weight_q: dict[Any, Any] = {}
     act_q: dict[Any, Any] = {}
-    linears = [n for n in _linear_nodes(gm) if n.args[1].op == "get_attr" and n.args[1].target not in skip]
-    feeds: dict[Any, list[str]] = {}
-    for node in linears:
-        feeds.setdefault(node.args[0], []).append(node.args[1].target)
+    linears, feeds = _quantized_linears(gm, skip)
     pairs = [(node.args[0], node.args[1]) for node in linears]  # read before rewiring changes args
     for x, w in pairs:
         if weight_spec is not None and w not in weight_q:
@@ -154,7 +168,8 @@ def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_sp
             module = FakeQuant(weight_spec, "weight", w.target, channels=param.shape[0])
             weight_q[w] = _add(gm, module, w, inserted, users=None)
         if activation_spec is not None and x not in act_q:
-            module = FakeQuant(activation_spec, "activation", feeds[x][0], tuple(feeds[x]))
+            spec = wide_spec if wide_spec is not None and wide.intersection(feeds[x]) else activation_spec
+            module = FakeQuant(spec, "activation", feeds[x][0], tuple(feeds[x]))
             act_q[x] = _add(gm, module, x, inserted, users=[n for n, (a, _) in zip(linears, pairs) if a is x])
     graph.lint()
     gm.recompile()
@@ -282,6 +297,7 @@ def train(
     warmup: int = 0,
     weight_decay: float = 0.0,
     train_weights: bool = True,
+    batch_size: int = 1,
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
@@ -289,16 +305,17 @@ def train(
     """Fine-tune `student` (FX, with quantizers) to match `teacher`'s logits on token `windows`.
 
     AdamW (weights at `lr`, log-scales at `scale_lr`, no decay by default), linear warm-up then
-    cosine decay to 0, gradient-norm clipping at `clip`. Windows are cycled in order; teacher
-    logits are computed once per window and kept (fp16) for later epochs. loss "kd" uses
+    cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
+    windows, cycling in order; teacher logits are computed once per window and kept (fp16) for
+    later epochs. loss "kd" uses
     temperature 2 by default, "bild" temperature 3 and `top_k` 8 (the paper's settings).
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")
     if loss not in ("kd", "bild"):
         raise OptionError(f"qat.train: loss must be 'kd' or 'bild', got '{loss}'")
-    if steps < 1 or not windows:
-        raise OptionError("qat.train needs steps >= 1 and at least one window")
+    if steps < 1 or not windows or batch_size < 1:
+        raise OptionError("qat.train needs steps >= 1, batch_size >= 1 and at least one window")
     if not fake_quant_modules(student):
         raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
     temperature = temperature or (2.0 if loss == "kd" else 3.0)
@@ -318,17 +335,18 @@ def train(
     start = time.perf_counter()
     bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
     for step in bar:
-        index = step % len(windows)
-        ids = torch.from_numpy(np.atleast_2d(windows[index]).astype(np.int64)).to(device)
-        if index not in cache:
-            with torch.no_grad():
-                cache[index] = teacher_fn(ids).to(torch.float16)
+        indices = [(step * batch_size + k) % len(windows) for k in range(batch_size)]
+        for index in indices:
+            if index not in cache:
+                with torch.no_grad():
+                    cache[index] = teacher_fn(_window(windows[index], device)).to(torch.float16)
+        ids = torch.cat([_window(windows[i], device) for i in indices])
         factor = _lr_factor(step, steps, warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
         logits = gm(ids)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-        target = cache[index].float()
+        target = torch.cat([cache[i] for i in indices]).float()
         value = kd_loss(logits, target, temperature) if loss == "kd" else bild_loss(logits, target, top_k, temperature)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
@@ -348,17 +366,28 @@ def train(
     return report
 
 
+def _window(tokens: np.ndarray, device: str) -> torch.Tensor:
+    return torch.from_numpy(np.atleast_2d(tokens).astype(np.int64)).to(device)
+
+
 def _to_device(gm, device: str):
-    """Move parameters and the devices torch.export baked into the graph (arange, ones, ...)."""
+    """Move parameters and the devices torch.export baked into the graph (arange, ones, to, ...)."""
+    from torch.fx.node import map_aggregate
+
     gm = gm.to(device)
     target = torch.device(device)
-    changed = False
-    for node in gm.graph.nodes:
-        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != target:
-            node.update_kwarg("device", target)
-            changed = True
-    if changed:
-        gm.recompile()
+    retarget = lambda v: target if isinstance(v, torch.device) else v  # noqa: E731
+    for module in gm.modules():  # nested GraphModules too (some torch versions export submodules)
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in module.graph.nodes:
+            args, kwargs = map_aggregate(node.args, retarget), map_aggregate(node.kwargs, retarget)
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed = True
+        if changed:
+            module.recompile()
     return gm
 
 

@@ -31,7 +31,7 @@ from graphopt.quant.spec import QuantSpec
 
 __all__ = [
     "QuantPoint", "quantization_points", "analyze_sensitivity", "SensitivityReport",
-    "DEFAULT_ACTIVATION_SPEC", "DEFAULT_WEIGHT_SPEC", "METRICS",
+    "DEFAULT_ACTIVATION_SPEC", "DEFAULT_WEIGHT_SPEC", "METRICS", "read_sensitivity",
 ]
 
 Metric = Literal["kl", "overlap", "ppl"]
@@ -125,6 +125,21 @@ class SensitivityReport:
         fig.savefig(path)
         plt.close(fig)
         return Path(path)
+
+
+def read_sensitivity(path: str, who: str) -> list[dict]:
+    """The ranking of a `graphopt sensitivity` JSON file, most sensitive first:
+    [{"point", "kind", "drop", "feeds"}, ...]. `who` (a pass name) prefixes errors."""
+    try:
+        ranking = json.loads(Path(path).read_text())["ranking"]
+        return [{"point": str(r["point"]), "kind": str(r.get("kind", "activation")), "drop": float(r.get("drop", 0.0)),
+                 "feeds": [str(f) for f in r.get("feeds", [])]} for r in ranking]
+    except FileNotFoundError:
+        raise OptionError(f"'{who}': option 'sensitivity': no such file '{path}'") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise OptionError(
+            f"'{who}': option 'sensitivity': '{path}' is not a sensitivity JSON with a "
+            f"'ranking' list of {{point, kind, drop}} entries ({exc})") from None
 
 
 def _feeds_note(row: dict) -> str:

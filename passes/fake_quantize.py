@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+import numpy as np
 
 from graphopt import qat
 from graphopt.errors import OptionError
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant.spec import QuantSpec, dtype_for
+from graphopt.sensitivity import read_sensitivity
 
 __all__ = ["FakeQuantize"]
 
@@ -29,7 +33,9 @@ class FakeQuantize(Pass):
          (`activation_bits`; 0 keeps activations float), rewired into the linears only — a
          residual add reading the same tensor stays float.
       3. Weights named in `skip` (parameter names) keep weight and input float.
-      4. A model that already holds quantizers, or has no linear layer, is left untouched.
+      4. The inputs of weights in `int16_inputs`, then the most sensitive activation points of a
+         `graphopt sensitivity` ranking up to `int16_budget` × the points, get 16 bits.
+      5. A model that already holds quantizers, or has no linear layer, is left untouched.
     Guarantees: scales start at min-max of calibration (numerics.scale_zero_point), so the
     fake-quant model computes what a static QDQ model with those scales computes; with the
     quantizers switched off (`qat.set_fake_quant(model, False)`) it is the float model exactly.
@@ -45,6 +51,15 @@ class FakeQuantize(Pass):
     activation_bits: int = field(default=8, metadata={"help": "0 (float), 8 or 16"})
     activation_symmetric: bool = False
     skip: tuple[str, ...] = field(default=(), metadata={"help": "weight names kept float (with their input)"})
+    int16_inputs: tuple[str, ...] = field(default=(), metadata={"help": "weight names whose input is kept at 16 bits"})
+    int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
+    sensitivity: str = field(default="", metadata={"help": "sensitivity JSON ranking the points (for int16_budget)"})
+
+    def __post_init__(self):
+        for key in ("skip", "int16_inputs"):  # YAML gives lists; keep the frozen dataclass hashable
+            if isinstance(getattr(self, key), list):
+                object.__setattr__(self, key, tuple(getattr(self, key)))
+        super().__post_init__()
 
     def check(self) -> None:
         if self.weight_bits not in (4, 8, 16):
@@ -52,6 +67,13 @@ class FakeQuantize(Pass):
         if self.activation_bits not in (0, 8, 16):
             raise OptionError(
                 f"'fake_quantize': option 'activation_bits' must be 0, 8 or 16, got {self.activation_bits}")
+        if not 0.0 <= self.int16_budget <= 1.0:
+            raise OptionError(f"'fake_quantize': option 'int16_budget' must be in [0, 1], got {self.int16_budget}")
+        if self.int16_budget and not self.sensitivity:
+            raise OptionError("'fake_quantize': option 'int16_budget' needs option 'sensitivity' "
+                              "(a `graphopt sensitivity` JSON) to choose the points")
+        if self.sensitivity and not Path(self.sensitivity).is_file():
+            raise OptionError(f"'fake_quantize': option 'sensitivity': no such file '{self.sensitivity}'")
 
     def specs(self) -> tuple[QuantSpec, QuantSpec | None]:
         """Weight spec in torch layout (channel axis 0 of [out, in]) and activation spec."""
@@ -63,9 +85,30 @@ class FakeQuantize(Pass):
         return weight, QuantSpec(dtype_for(self.activation_bits, self.activation_symmetric), "tensor",
                                  symmetric=self.activation_symmetric)
 
+    def wide_inputs(self, model: Model) -> frozenset[str]:
+        """Weights whose input gets 16 bits: `int16_inputs`, then the activation points the
+        sensitivity ranking puts first (matched by the weights they feed) up to the budget."""
+        points = qat.activation_points(model, self.skip)
+        known = {w for feeds in points for w in feeds}
+        unknown = [w for w in self.int16_inputs if w not in known]
+        if unknown:
+            raise OptionError(f"'fake_quantize': option 'int16_inputs': '{unknown[0]}' is not the weight of a "
+                              f"quantized linear of '{model.name}'")
+        chosen = {feeds for feeds in points if set(feeds) & set(self.int16_inputs)}
+        budget = int(np.floor(self.int16_budget * len(points) + 1e-9))
+        ranking = read_sensitivity(self.sensitivity, self.name) if self.sensitivity else []
+        for row in (r for r in ranking if r["kind"] == "activation"):
+            if len(chosen) >= budget:
+                break
+            named = {w.removesuffix(".T") for w in row["feeds"]}  # ONNX keeps a tied table as NAME.T
+            chosen.update(feeds for feeds in points if named.intersection(feeds))
+        return frozenset(w for feeds in chosen for w in feeds)
+
     def run_fx(self, model: Model, ctx: PassContext) -> PassResult:
         weight_spec, activation_spec = self.specs()
-        inserted = qat.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip))
+        wide = self.wide_inputs(model) if activation_spec is not None else frozenset()
+        wide_spec = QuantSpec(dtype_for(16, self.activation_symmetric), "tensor", symmetric=self.activation_symmetric)
+        inserted = qat.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip), wide, wide_spec)
         if not inserted:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
         feeds = ctx.require_calib(self.name) if activation_spec is not None else ctx.calib
@@ -76,4 +119,5 @@ class FakeQuantize(Pass):
         ]
         kinds = [m.kind for m in inserted]
         return PassResult(model, True, {"weight_quantizers": kinds.count("weight"),
-                                        "activation_quantizers": kinds.count("activation")})
+                                        "activation_quantizers": kinds.count("activation"),
+                                        "int16_activations": sum(m.spec is wide_spec for m in inserted)})

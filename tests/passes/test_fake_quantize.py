@@ -32,7 +32,7 @@ def quantized(tiny_fx, tiny_calib):
 
 def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_calib):
     model, result = quantized
-    assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9}
+    assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9, "int16_activations": 0}
     modules = qat.fake_quant_modules(model)
     weights = sorted(m.name for m in modules.values() if m.kind == "weight")
     assert "lm_head.weight" in weights and len(weights) == 15
@@ -100,5 +100,26 @@ def test_bad_options_and_forms_are_refused(tiny_fx, tiny_onnx):
 def test_weights_only_need_no_calibration(tiny_fx, tiny_calib):
     model = tiny_fx.copy()
     result = FakeQuantize(activation_bits=0, weight_bits=4).run(model, PassContext(calib=None, progress=False))
-    assert result.stats == {"weight_quantizers": 15, "activation_quantizers": 0}
+    assert result.stats == {"weight_quantizers": 15, "activation_quantizers": 0, "int16_activations": 0}
     assert 5.0 < sqnr_db(tiny_fx.run(tiny_calib[0])[0], model.run(tiny_calib[0])[0]) < 40.0
+
+
+def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
+    """int16_inputs names weights directly; int16_budget takes a sensitivity ranking's first
+    activation points (a tied table's ONNX name NAME.T matches its FX parameter)."""
+    ranking = {"ranking": [{"point": "a", "kind": "activation", "drop": 0.5, "feeds": ["lm_head.weight.T"]},
+                           {"point": "w", "kind": "weight", "drop": 0.4, "feeds": []},
+                           {"point": "b", "kind": "activation", "drop": 0.3,
+                            "feeds": ["model.layers.1.mlp.down_proj.weight"]}]}
+    path = tmp_path / "sensitivity.json"
+    path.write_text(__import__("json").dumps(ranking))
+    model = tiny_fx.copy()
+    result = FakeQuantize(int16_inputs=("model.layers.0.mlp.down_proj.weight",), int16_budget=0.3,
+                          sensitivity=str(path)).run(model, PassContext(calib=tiny_calib, progress=False))
+    wide = sorted(m.name for m in qat.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
+    assert result.stats["int16_activations"] == 2  # floor(0.3 * 9 points) = 2: the named one, then the top row
+    assert wide == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"]
+    with pytest.raises(OptionError, match="int16_inputs.*'nope'"):
+        FakeQuantize(int16_inputs=("nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+    with pytest.raises(OptionError, match="needs option 'sensitivity'"):
+        FakeQuantize(int16_budget=0.2)
