@@ -58,7 +58,8 @@ class Quantize(Pass):
     2. Weights of MatMul/Gemm/Conv (and tables read by Gather, e.g. a tied embedding/lm_head)
        become integer initializers + DequantizeLinear: per channel (the output axis), per tensor,
        or per block along the input axis (opset 21 `block_size`); RTN with min-max or MSE-clipped
-       ranges, or GPTQ (graphopt.quant.gptq). Tables use `embedding_bits` per channel.
+       ranges, or GPTQ (graphopt.quant.gptq) on the same grids. Tables use `embedding_bits` per
+       channel and RTN (their rounding serves the lookup as much as the lm_head).
     3. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
        the `observer` over the calibration feeds); the points in `int16_points`, plus the most
        sensitive points (sensitivity JSON, or the lowest estimated SQNR when none is given) up to
@@ -90,7 +91,7 @@ class Quantize(Pass):
     percentile: float = field(default=99.99, metadata={"help": "for observer: percentile"})
     int16_points: tuple[str, ...] = field(default=(), metadata={"help": "activation tensors kept at 16 bits"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
-    sensitivity: str = field(default="", metadata={"help": "sensitivity JSON ranking the points (else SQNR proxy)"})
+    sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (else SQNR proxy)"})
     smoothquant_alpha: float = field(default=0.0, metadata={"help": "SmoothQuant migration strength (0: off)"})
     # off by default: ORT 1.32's CPU fusions (MatMulIntegerToFloat / QGemm without an output Q)
     # compute wrong results with a DQ'd int32 bias (max error 0.8 vs 0.02 unfused, see the tests);
@@ -253,7 +254,8 @@ class Quantize(Pass):
                   and site_of[n].op == "MatMul" and site_of[n].activation in hessians]
         found = {}
         for group in activations.progress_bar(_shared_input_groups(solved, site_of, specs), None, "quantize: GPTQ", ctx.progress):
-            found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation], model.meta.masks))
+            found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation].hessian,
+                                    model.meta.masks, self.weight_range))
         codes = {}
         for name in activations.progress_bar(names, len(names), "quantize: weights", ctx.progress):
             spec = specs[name]
@@ -314,13 +316,13 @@ def _shared_input_groups(names: list[str], site_of: dict, specs: dict) -> list[l
     return list(groups.values())
 
 
-def _gptq_group(names: list[str], tensors, spec: QuantSpec, hessian, masks) -> dict:
+def _gptq_group(names: list[str], tensors, spec: QuantSpec, hessian, masks, grid: str) -> dict:
     """GPTQ of [in, out] weights side by side (output channels are independent), split back."""
     values = [np.asarray(tensors[n].values, np.float32) for n in names]
     mask = None
     if any(n in masks for n in names):
         mask = np.concatenate([(v != 0) if n in masks else np.ones(v.shape, bool) for n, v in zip(names, values)], axis=1)
-    joint = gptq_quantize(np.concatenate(values, axis=1), hessian, spec, mask=mask)
+    joint = gptq_quantize(np.concatenate(values, axis=1), hessian, spec, mask=mask, grid=grid)
     out, start = {}, 0
     for name, value in zip(names, values):
         part = slice(start, start + value.shape[1])

@@ -9,6 +9,7 @@ graphs: the quantize pass calls it per weight.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,13 +58,15 @@ def _check(weight: np.ndarray, hessian: np.ndarray, spec, block_size: int, damp:
         raise OptionError(f"gptq: mask shape {np.shape(mask)} differs from weight shape {weight.shape}")
 
 
-def _group_params(rows: np.ndarray, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of each output channel over a group of its inputs ([out, group])."""
-    if spec.granularity == "tensor":
-        lo, hi = np.full(rows.shape[0], rows.min()), np.full(rows.shape[0], rows.max())
+def _group_params(rows: np.ndarray, spec, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each output channel over a group of its inputs ([out, group]):
+    their min-max, or the MSE-optimal clipped range (numerics.mse_params)."""
+    per_row = spec if spec.granularity == "tensor" else dataclasses.replace(spec, granularity="channel", axis=0, block_size=0)
+    if grid == "mse":
+        scale, zero_point = numerics.mse_params(rows, per_row)
     else:
-        lo, hi = rows.min(axis=1), rows.max(axis=1)
-    return numerics.scale_zero_point(lo, hi, spec)
+        scale, zero_point = numerics.params_for(rows, per_row)
+    return np.broadcast_to(scale, rows.shape[:1]), np.broadcast_to(zero_point, rows.shape[:1])
 
 
 def gptq_quantize(
@@ -73,14 +76,16 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     mask: np.ndarray | None = None,
+    grid: str = "minmax",
 ) -> GPTQResult:
     """Round `weight_in_out` ([in, out], as MatMul(x, W) reads it) to `spec` with GPTQ.
 
     `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order
     by the OBS sweep of `graphopt.obs`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
-    is added to the diagonal. Per channel or per tensor, the grid is the weight's min-max; with
+    is added to the diagonal. Per channel or per tensor, the grid comes from the weight; with
     spec.granularity "block", each group of spec.block_size input rows gets its own scales, chosen
     from the error-updated weights when the sweep reaches the group (as the reference does).
+    `grid` "minmax" spans each group's range, "mse" clips it where rounding error is least.
     `mask` (bool [in, out], True = kept) keeps pruned weights exactly zero; their error is
     compensated by the kept ones. Inputs that never fire (zero Hessian diagonal) are zeroed.
     """
@@ -96,15 +101,16 @@ def gptq_quantize(
     zeros = np.zeros((rows // group, cols), np.int64)
     codes = torch.zeros((cols, rows), dtype=torch.float32)
     keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool).T))
-    grid = {}
+    current = {}
 
     def replace(j: int, block, i: int):
         if j % group == 0:
             source = W if group == rows else block[:, i:i + group]  # whole rows: the grid of the weight
-            scale, zero_point = _group_params(source.numpy(), spec)
+            scale, zero_point = _group_params(source.numpy(), spec, grid)
             scales[j // group], zeros[j // group] = scale, zero_point
-            grid["scale"], grid["zero"] = torch.from_numpy(scale.astype(np.float32)), torch.from_numpy(zero_point.astype(np.float32))
-        scale, zero = grid["scale"], grid["zero"]
+            current["scale"] = torch.from_numpy(scale.astype(np.float32))
+            current["zero"] = torch.from_numpy(zero_point.astype(np.float32))
+        scale, zero = current["scale"], current["zero"]
         q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
         if keep is not None:
             q = torch.where(keep[:, j], q, zero)

@@ -39,6 +39,15 @@ def test_gptq_beats_rtn_on_correlated_inputs():
     assert gptq.scale.shape == (48,) and rtn.scale.shape == (48,)
 
 
+def test_mse_grid_rounds_4_bit_blocks_better():
+    x = _correlated(512, 128)
+    w = np.random.default_rng(6).standard_t(3, size=(128, 32)).astype(np.float32)  # heavy tails: clipping pays
+    h = _hessian(x)
+    minmax, mse = gptq_quantize(w, h, W4_BLOCK64), gptq_quantize(w, h, W4_BLOCK64, grid="mse")
+    assert _error(x, w, mse.dequantized) < 0.95 * _error(x, w, minmax.dequantized)
+    assert np.mean(mse.scale < minmax.scale) > 0.5  # clipped: most groups take a narrower grid
+
+
 def test_codes_and_scales_reconstruct_the_weight_in_onnx_layout():
     x = _correlated(256, 128)
     w = np.random.default_rng(2).normal(size=(128, 16)).astype(np.float32)
