@@ -15,6 +15,7 @@ calibration:                    # optional; feeds for passes that calibrate
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,10 @@ def _build_pass(reader: _Reader, entry: yaml.Node, index: int) -> Pass:
         cls = get_pass(name)
     except GraphoptError as exc:
         raise reader.error(name_node, str(exc)) from exc
+    for option in dataclasses.fields(cls):  # file options are relative to the recipe's folder
+        value = options.get(option.name)
+        if option.metadata.get("file") and isinstance(value, str) and value and not Path(value).is_absolute():
+            options[option.name] = str(Path(reader.path).parent / value)
     try:
         return cls.from_options(options)
     except GraphoptError as exc:

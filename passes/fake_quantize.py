@@ -53,7 +53,7 @@ class FakeQuantize(Pass):
     skip: tuple[str, ...] = field(default=(), metadata={"help": "weight names kept float (with their input)"})
     int16_inputs: tuple[str, ...] = field(default=(), metadata={"help": "weight names whose input is kept at 16 bits"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
-    sensitivity: str = field(default="", metadata={"help": "sensitivity JSON ranking the points (for int16_budget)"})
+    sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
 
     def __post_init__(self):
         for key in ("skip", "int16_inputs"):  # YAML gives lists; keep the frozen dataclass hashable

@@ -120,7 +120,7 @@ class FoldEncodings(Pass):
     name: ClassVar[str] = "fold_encodings"
     mutates_input: ClassVar[bool] = True
 
-    encodings: str = field(default="", metadata={"help": "AIMET/QNN encodings JSON (empty: model.meta.encodings)"})
+    encodings: str = field(default="", metadata={"file": True, "help": "AIMET/QNN encodings JSON (empty: model.meta.encodings)"})
     fold_scales: bool = field(default=True, metadata={"help": "fold BatchNorm / constant Mul into the preceding weight"})
     quantize_bias: bool = field(default=False, metadata={"help": "int32 biases of quantized linears"})
     strict: bool = field(default=False, metadata={"help": "error when names are missing or points unencoded"})

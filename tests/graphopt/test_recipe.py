@@ -145,3 +145,13 @@ def test_sample_cleanup_recipe():
         pytest.skip("the cleanup pass is not registered yet")
     recipe = load_recipe(REPO / "samples" / "recipes" / "cleanup.yaml")
     assert [p.name for p in recipe.passes] == ["cleanup"]
+
+
+def test_file_options_are_relative_to_the_recipe(tmp_path):
+    (tmp_path / "ranking.json").write_text('{"ranking": []}')
+    path = tmp_path / "r.yaml"
+    path.write_text("passes:\n  - quantize:\n      int16_budget: 0.1\n      sensitivity: ranking.json\n")
+    assert load_recipe(path).passes[0].sensitivity == str(tmp_path / "ranking.json")
+    path.write_text("passes:\n  - quantize:\n      sensitivity: missing.json\n")
+    with pytest.raises(RecipeError, match=r"r.yaml, line 3: .*no such file '.*missing.json'"):
+        load_recipe(path)
