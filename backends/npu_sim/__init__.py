@@ -131,6 +131,21 @@ class NpuSim(Backend):
         return found
 
 
+    def simulate(self, folder: str | Path, feeds: dict[str, np.ndarray] | None = None) -> dict:
+        """Run an emitted program folder on `feeds` (default: its compile-time example) and cost it
+        on this backend's profile: {"program", "outputs" (by name), "simulate_s", NPU/host op
+        counts, "profile" name, "cost" totals}. What `graphopt simulate` prints."""
+        program = Program.load(folder)
+        if feeds is None:
+            feeds = {k: np.array(v) for k, v in program.meta.get("example_inputs", {}).items()}
+        profile = load_profile(self.profile)
+        start = time.perf_counter()
+        outputs = Simulator(program).run(feeds)
+        return {"program": program, "outputs": dict(zip(program.output_names, outputs)),
+                "simulate_s": time.perf_counter() - start, "npu_ops": program.count("npu"),
+                "host_ops": program.count("host"), "profile": profile.name, "cost": estimate(program, profile).totals}
+
+
 def _partition_summary(program: Program) -> dict[str, int]:
     counts: dict[str, int] = {}
     for entry in program.host_partition:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import numpy as np
 
 from graphopt.cli import log, register_command
 from graphopt.errors import GraphoptError
@@ -18,44 +21,31 @@ def _args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    import time
-    from pathlib import Path
+    from graphopt.onnx_io import refuse_overwrite
+    from graphopt.pipeline import available_backends
 
-    import numpy as np
-
-    from graphopt.backends.npu_sim.cost import estimate, load_profile
-    from graphopt.backends.npu_sim.program import Program
-    from graphopt.backends.npu_sim.simulator import Simulator
-
-    program = Program.load(args.program)
-    profile = load_profile(args.profile)
+    simulator = available_backends()["npu-sim"].from_options({"profile": args.profile})
+    feeds = None
     if args.inputs:
         if not Path(args.inputs).is_file():
             raise GraphoptError(f"{args.inputs}: no such inputs file")
         with np.load(args.inputs) as data:
             feeds = {k: data[k] for k in data.files}
-    else:
-        feeds = {k: np.array(v) for k, v in program.meta.get("example_inputs", {}).items()}
-    log(f"simulate: {program.name}, {program.count('npu')} NPU ops, {program.count('host')} host ops")
-    start = time.perf_counter()
-    outputs = Simulator(program).run(feeds)
-    seconds = time.perf_counter() - start
-    cost = estimate(program, profile).totals
+    result = simulator.simulate(args.program, feeds)
+    program, outputs, cost = result.pop("program"), result.pop("outputs"), result["cost"]
+    log(f"simulate: {program.name}, {result['npu_ops']} NPU ops, {result['host_ops']} host ops")
     if args.save:
-        from graphopt.onnx_io import refuse_overwrite
-
         refuse_overwrite(Path(args.save), [Path(args.program) / "weights.npz"])
-        np.savez(args.save, **dict(zip(program.output_names, outputs)))
-    result = {"program": str(args.program), "simulate_s": seconds, "npu_ops": program.count("npu"),
-              "host_ops": program.count("host"), "outputs": {n: list(o.shape) for n, o in zip(program.output_names, outputs)},
-              "cost": cost}
+        np.savez(args.save, **outputs)
+    result = {"program": str(args.program), **result, "outputs": {n: list(o.shape) for n, o in outputs.items()}}
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{program.name}: simulated in {seconds:.2f} s ({result['npu_ops']} NPU ops, {result['host_ops']} host ops)")
+    print(f"{program.name}: simulated in {result['simulate_s']:.2f} s ({result['npu_ops']} NPU ops, "
+          f"{result['host_ops']} host ops)")
     for name, shape in result["outputs"].items():
         print(f"  output {name}: {shape}")
-    print(f"  cost on {profile.name}: {cost['cycles']:,} cycles = {cost['time_ms']:.3f} ms, {cost['macs']:,} MACs, "
+    print(f"  cost on {result['profile']}: {cost['cycles']:,} cycles = {cost['time_ms']:.3f} ms, {cost['macs']:,} MACs, "
           f"utilisation {cost['utilisation']:.3f}, SRAM peak {cost['sram_peak'] / 1e6:.3f} MB")
     return 0
 
