@@ -162,10 +162,16 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", default="default")
     parser.add_argument("--recipes", nargs="+", default=["smollm2-w8a8.yaml", "smollm2-w8a16.yaml"],
                         help="samples/recipes files; the first one also gets the cost report")
+    parser.add_argument("--models", nargs="+", default=["minilm", "smollm2"], choices=["minilm", "smollm2"],
+                        help="MiniLM always runs (it is fast); leave out smollm2 to skip its rows")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     minilm = minilm_row(args)
+    if "smollm2" not in args.models:
+        print("## MiniLM\n")
+        print(evaluation.markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
+        return 0
     rows, dense, sparse, extra = smollm2_rows(args, profile)
     print(f"## SmolLM2-135M, {args.windows} eval windows x {args.seq} tokens\n")
     print(evaluation.markdown_table(rows, ["ppl", "overlap@1", "overlap@8", "top1_vs_ort_all", "sim_s_per_window",
