@@ -307,8 +307,8 @@ def train(
     AdamW (weights at `lr`, log-scales at `scale_lr`, no decay by default), linear warm-up then
     cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
     windows, cycling in order; teacher logits are computed once per window and kept (fp16) for
-    later epochs. loss "kd" uses
-    temperature 2 by default, "bild" temperature 3 and `top_k` 8 (the paper's settings).
+    later epochs. loss "kd" uses temperature 2 by default, "bild" temperature 3 and `top_k` 8
+    (the paper's settings).
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")

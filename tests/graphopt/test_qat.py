@@ -47,11 +47,12 @@ def test_bild_matches_its_definition_on_a_small_case():
     assert qat.kd_loss(s, t).item() > 0.1
 
 
-@pytest.mark.parametrize("loss", ["kd", "bild"])
-def test_training_lowers_the_distillation_loss(tiny_fx, student, windows, loss):
+@pytest.mark.parametrize("loss, batch", [("kd", 1), ("bild", 1), ("kd", 2)])
+def test_training_lowers_the_distillation_loss(tiny_fx, student, windows, loss, batch):
     model = student.copy()
     first = qat.train(model, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False).losses[0]
-    report = qat.train(model, tiny_fx, windows, steps=12, lr=1e-4, scale_lr=1e-2, loss=loss, progress=False)
+    report = qat.train(model, tiny_fx, windows, steps=12, lr=1e-4, scale_lr=1e-2, loss=loss, batch_size=batch,
+                       progress=False)
     after = qat.train(model, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False).losses[0]
     assert report.steps == 12 and len(report.losses) == 12 and report.seconds > 0
     assert after < 0.9 * first, (first, after)
@@ -91,5 +92,7 @@ def test_errors(tiny_fx, tiny_onnx, windows, student):
         qat.train(student.copy(), tiny_fx, windows, steps=1, loss="mse", progress=False)
     with pytest.raises(OptionError, match="steps"):
         qat.train(student.copy(), tiny_fx, [], steps=1, progress=False)
+    with pytest.raises(OptionError, match="batch_size"):
+        qat.train(student.copy(), tiny_fx, windows, steps=1, batch_size=0, progress=False)
     with pytest.raises(UnsupportedGraphError, match="ONNX"):
         qat.export_encodings(student, tiny_fx)
