@@ -142,6 +142,8 @@ def _type_name(tp) -> str:
     if origin is not None:
         args = ", ".join(_type_name(a) for a in typing.get_args(tp))
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    if tp is Ellipsis:
+        return "..."
     return getattr(tp, "__name__", str(tp))
 
 
