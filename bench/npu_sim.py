@@ -61,7 +61,7 @@ def recipe_qdq(model, recipe_name: str):
 
 
 def _ort_logits(model, optimization: str):
-    session = onnx_io.ort_session(model.to_onnx(), optimization=optimization)
+    session = onnx_io.ort_session(model.to_onnx(), optimization=optimization, consume=True)
     return lambda ids: session.run(None, {"input_ids": ids})[0]
 
 

@@ -77,7 +77,7 @@ def paired_latency(dense, pruned, feeds, *, rounds: int = 20, threads: int = 0) 
 
     Returns each model's minimum and median in ms, and the median over rounds of pruned/dense.
     """
-    sessions = [onnx_io.ort_session(m.to_onnx(), threads=threads) for m in (dense, pruned)]
+    sessions = [onnx_io.ort_session(m.to_onnx(), threads=threads, consume=True) for m in (dense, pruned)]
     models, times = (dense, pruned), ([], [])
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):

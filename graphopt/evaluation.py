@@ -124,7 +124,7 @@ def ort_latency(model: Model, feeds: dict[str, np.ndarray], repeats: int = 10, *
     model.require("onnx", "ort_latency")
     if repeats < 1:
         raise GraphoptError(f"ort_latency: repeats must be >= 1, got {repeats}")
-    session = session or onnx_io.ort_session(model.to_onnx(), threads=threads)
+    session = session or onnx_io.ort_session(model.to_onnx(), threads=threads, consume=True)
     names = [i.name for i in session.get_inputs()]
     feeds = {n: feeds[n] for n in names}
     for _ in range(warmup):
@@ -160,16 +160,20 @@ def benchmark_causal_lm(
     latency_seq: int = 128,
     latency_repeats: int = 10,
     threads: int = 0,
+    optimization: str = "all",
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One benchmark row for an ONNX causal LM: ppl, overlap@1/@k, bytes on disk, ORT latency.
 
+    One onnxruntime session (graph `optimization` level, see onnx_io.ort_session) serves both.
     Latency is measured on the first `latency_seq` tokens of the first window, batch 1.
     Returns the row and the top-k reference of this model (see `evaluate_causal_lm`).
     """
     model.require("onnx", "benchmark_causal_lm")
-    row, tops = evaluate_causal_lm(model, windows, reference_logits, k=k)
+    session = onnx_io.ort_session(model.to_onnx(), threads=threads, optimization=optimization, consume=True)
+    name = model.inputs[0].name
+    row, tops = evaluate_causal_lm(lambda ids: session.run(None, {name: ids})[0], windows, reference_logits, k=k)
     ids = np.atleast_2d(windows[0])[:1, :latency_seq].astype(np.int64)
-    latency = ort_latency(model, {model.inputs[0].name: ids}, latency_repeats, threads=threads)
+    latency = ort_latency(model, {name: ids}, latency_repeats, session=session)
     row["bytes"] = disk_bytes(model)
     row["params"] = model.num_params()
     row["latency_ms"] = latency["median_ms"]

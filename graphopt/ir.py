@@ -197,7 +197,7 @@ class Model:
     # ------------------------------------------------------------ running
     def session(self):
         """An onnxruntime session for the ONNX form."""
-        return onnx_io.ort_session(self.to_onnx())
+        return onnx_io.ort_session(self.to_onnx(), consume=True)
 
     def run(self, feeds: dict[str, np.ndarray], session=None) -> list[np.ndarray]:
         """Run one batch: torch for the FX form, onnxruntime for the ONNX form; outputs as numpy."""

@@ -24,6 +24,29 @@ from graphopt.sensitivity import read_sensitivity
 __all__ = ["Quantize"]
 
 
+RECORDING_LIMIT = 2 << 30  # bytes of smoothed-point activations kept to avoid a second calibration run
+
+
+class _Recorder:
+    """Keeps every batch it sees (float32) in `batches`."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+
+    def update(self, x: np.ndarray) -> None:
+        self.batches.append(np.asarray(x, np.float32))
+
+
+def _recording_bytes(model: Model, calib, plans: dict) -> int:
+    """What recording the planned points over `calib` would hold: rows x widths x 4 bytes, with
+    a feed's rows the element count of its first input (tokens of input_ids)."""
+    first = model.inputs[0].name
+    rows = sum(int(np.prod(np.shape(feed[first]))) for feed in calib)
+    tensors = model.graph.tensors()
+    widths = sum(int(tensors[consumers[0].weight].values.shape[0]) for _, consumers in plans.values())
+    return rows * widths * 4
+
+
 class _Tee:
     """One capture accumulator feeding several (an observer and a Hessian for GPTQ)."""
 
@@ -152,12 +175,13 @@ class Quantize(Pass):
             migrated = self._migrate(model, plans, channels)
             observers = {p: channels[p].divided(migrated.get(p)) for p in points}
             hessians = {}
-        else:
-            if plans:
-                channels = activations.capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
-                                               progress=ctx.progress, desc="quantize: smoothing")
-                self._migrate(model, plans, channels)
+        elif plans and _recording_bytes(model, calib, plans) > RECORDING_LIMIT:
+            channels = activations.capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
+                                           progress=ctx.progress, desc="quantize: smoothing")
+            self._migrate(model, plans, channels)
             observers, hessians = self._calibrate(model, sites, points, calib, ctx)
+        else:
+            observers, hessians = self._calibrate(model, sites, points, calib, ctx, plans)
         stats["smoothed"] = len(plans)
         int16 = self._int16_points(points, observers)
         encodings = Encodings()
@@ -175,8 +199,12 @@ class Quantize(Pass):
         return PassResult(model, True, stats)
 
     # ----------------------------------------------------------------- calibration
-    def _calibrate(self, model, sites, points, calib, ctx):
+    def _calibrate(self, model, sites, points, calib, ctx, plans: dict | None = None):
+        """Observers (and GPTQ Hessians) of `points` in one calibration run. With SmoothQuant
+        `plans`, their points are recorded too, migrated after the run, and their recorded values
+        divided by the factors feed the observers: no second run of the smoothed model."""
         hessians = {}
+        plans = plans or {}
         if not points and self.weight_rounding != "gptq":
             return {}, hessians
         observers = {p: make_observer(self.observer, **({"percentile": self.percentile} if self.observer == "percentile" else {}))
@@ -188,11 +216,23 @@ class Quantize(Pass):
             hessians = {s.activation: InputHessian() for s in sites if s.op == "MatMul"}
             wanted += [a for a in hessians if a not in observers]
 
+        channels = {p: MinMaxObserver(axis=-1) for p in plans}
+        recorded: dict[str, list[np.ndarray]] = {p: [] for p in plans}
+
         def make(name):
+            if name in plans:
+                return _Tee(channels[name], _Recorder(recorded[name]))
             parts = [x for x in (observers.get(name), hessians.get(name)) if x is not None]
             return parts[0] if len(parts) == 1 else _Tee(*parts)
 
         activations.capture(model, calib, wanted, make, progress=ctx.progress, desc="quantize: calibrating")
+        factors = self._migrate(model, plans, channels) if plans else {}
+        for point, batches in recorded.items():
+            followers = [x for x in (observers.get(point), hessians.get(point)) if x is not None]
+            for batch in batches:
+                smoothed = batch / factors[point]
+                for follower in followers:
+                    follower.update(smoothed)
         return observers, hessians
 
     def _int16_points(self, points: list[str], observers: dict) -> set[str]:

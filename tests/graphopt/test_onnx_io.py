@@ -141,3 +141,23 @@ def test_written_files_get_ordinary_permissions(tmp_path, monkeypatch):
     os.umask(umask)
     for name in ("m.onnx", "m.onnx.data", "r.md"):  # temp files start at 0o600; others must read them
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_ort_session_leaves_the_message_unless_it_may_consume_it():
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphopt.onnx_io import ort_session
+
+    weight = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+                              initializer=[numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    before = model.SerializeToString()
+    x = np.ones((1, 64), np.float32)
+    np.testing.assert_allclose(ort_session(model).run(None, {"x": x})[0], x @ weight)
+    assert model.SerializeToString() == before
+    session = ort_session(model, consume=True)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight)  # the weights live on in the session

@@ -123,6 +123,23 @@ def test_smoothquant_is_exact_before_rounding(tiny_onnx, tiny_calib, tiny_eval):
     assert sqnr(smoothed.model, tiny_eval) > 40.0 and sqnr(plain.model, tiny_eval) > 40.0
 
 
+def test_smoothed_ranges_from_one_calibration_run_match_a_second_run(tiny_onnx, tiny_calib, monkeypatch):
+    """MSE ranges and GPTQ Hessians of smoothed points come from recorded values divided by the
+    migration factors; running the smoothed model again (the fallback past RECORDING_LIMIT)
+    must give the same encodings."""
+    import graphopt.passes.quantize as quantize_module
+
+    options = dict(smoothquant_alpha=0.5, observer="mse", weight_rounding="gptq")
+    one_run = Encodings.from_meta(Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model.meta.encodings)
+    monkeypatch.setattr(quantize_module, "RECORDING_LIMIT", 0)
+    two_runs = Encodings.from_meta(Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model.meta.encodings)
+    assert set(one_run.activations) == set(two_runs.activations) and len(one_run.activations) == 9
+    for name, encoding in one_run.activations.items():
+        np.testing.assert_allclose(encoding.scale, two_runs.activations[name].scale, rtol=1e-3, err_msg=name)
+    for name, encoding in one_run.params.items():
+        np.testing.assert_allclose(encoding.scale, two_runs.params[name].scale, rtol=1e-3, err_msg=name)
+
+
 def test_masked_zeros_stay_zero(tiny_onnx, tiny_calib):
     model = tiny_onnx.copy()
     weight = model.graph.tensors()["model.layers.0.mlp.up_proj.weight"]
