@@ -211,9 +211,7 @@ class Quantize(Pass):
                      for p in points}
         wanted = list(points)
         if self.weight_rounding == "gptq":
-            from graphopt.activations import InputHessian
-
-            hessians = {s.activation: InputHessian() for s in sites if s.op == "MatMul"}
+            hessians = {s.activation: activations.InputHessian() for s in sites if s.op == "MatMul"}
             wanted += [a for a in hessians if a not in observers]
 
         channels = {p: MinMaxObserver(axis=-1) for p in plans}
