@@ -17,7 +17,7 @@ from graphopt import onnx_io
 from graphopt.encodings import Encodings
 from graphopt.errors import GraphoptError, UnsupportedGraphError
 
-__all__ = ["TensorSpec", "ModelMeta", "Model", "Form", "MIN_OPSET"]
+__all__ = ["TensorSpec", "ModelMeta", "Model", "Form", "MIN_OPSET", "consumers"]
 
 Form = Literal["fx", "onnx"]
 MIN_OPSET = 21  # int4 / uint16 QDQ and blocked quantization need opset 21
@@ -248,6 +248,15 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, form={self.form}, nodes={self.num_nodes()}, task={self.task})"
+
+
+def consumers(graph: gs.Graph) -> dict[int, list[gs.Node]]:
+    """Nodes reading each tensor, keyed by id(tensor) (graphsurgeon tensors are not hashable by value)."""
+    found: dict[int, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            found.setdefault(id(tensor), []).append(node)
+    return found
 
 
 def is_parameter_dtype(dtype: str) -> bool:

@@ -11,19 +11,11 @@ import onnx_graphsurgeon as gs
 from graphopt import activations
 from graphopt.encodings import Encodings
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.ir import Model
+from graphopt.ir import Model, consumers
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import qdq
 
 __all__ = ["FoldEncodings"]
-
-
-def _users(graph: gs.Graph) -> dict[int, list[gs.Node]]:
-    found: dict[int, list[gs.Node]] = {}
-    for node in graph.nodes:
-        for t in node.inputs:
-            found.setdefault(id(t), []).append(node)
-    return found
 
 
 def _sole_constant_weight(node: gs.Node, users) -> gs.Constant | None:
@@ -147,9 +139,9 @@ class FoldEncodings(Pass):
             return PassResult(model, False, {"missing_in_graph": missing[:50], "already_quantized": len(already)})
         stats: dict = {}
         if self.fold_scales:
-            users = _users(graph)
+            users = consumers(graph)
             stats["folded_batchnorm"] = _fold_batchnorm(graph, users)
-            stats["folded_scales"] = _fold_scales(graph, _users(graph))
+            stats["folded_scales"] = _fold_scales(graph, consumers(graph))
             if stats["folded_batchnorm"] or stats["folded_scales"]:
                 graph.cleanup(remove_unused_graph_inputs=False)
         unencoded = self._unencoded(model, found)

@@ -25,6 +25,7 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import UnsupportedGraphError
+from graphopt.ir import consumers
 from graphopt.quant import numerics
 
 __all__ = ["QDQResult", "apply_encodings", "constant", "weight_axes", "bias_of"]
@@ -47,14 +48,6 @@ def constant(name: str, values: np.ndarray) -> gs.Constant:
     if values.dtype.itemsize == 1 and values.dtype.name in ("int4", "uint4"):
         return gs.Constant(name, LazyValues(onnx.numpy_helper.from_array(values, name)))
     return gs.Constant(name, values)
-
-
-def _consumers(graph: gs.Graph) -> dict[int, list[gs.Node]]:
-    users: dict[int, list[gs.Node]] = {}
-    for node in graph.nodes:
-        for tensor in node.inputs:
-            users.setdefault(id(tensor), []).append(node)
-    return users
 
 
 def weight_axes(graph: gs.Graph, weight: gs.Constant, users: list[gs.Node]) -> tuple[int, int]:
@@ -175,7 +168,7 @@ def apply_encodings(graph: gs.Graph, encodings: Encodings, *, codes: dict[str, n
     codes = codes or {}
     result = QDQResult()
     tensors = graph.tensors()
-    users = _consumers(graph)
+    users = consumers(graph)
     weight_scales: dict[str, np.ndarray] = {}
     new_nodes: list[gs.Node] = []
     for name in encodings:
