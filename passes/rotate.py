@@ -1,0 +1,107 @@
+"""rotate: an orthogonal rotation of the residual stream folded into the weights (QuaRot's R1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from graphopt.errors import UnsupportedGraphError
+from graphopt.hadamard import rotation
+from graphopt.ir import Model, consumers
+from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.residual import find_residual_stream
+
+__all__ = ["Rotate"]
+
+
+@register_pass
+@dataclass(frozen=True)
+class Rotate(Pass):
+    """Rotate the residual stream of a pre-RMSNorm transformer by an orthogonal R, in the weights.
+
+    Reads nothing but the graph (graphopt.residual finds the stream). Rewrites, with R a
+    randomized Hadamard matrix (graphopt.hadamard.rotation(width, seed)):
+    1. embedding tables: rows e ↦ e·R;
+    2. weights writing into the stream (o_proj, down_proj): W ↦ W·R;
+    3. linears reading an RMSNorm: W ↦ Rᵀ·diag(γ)·W, the norm's γ set to ones (its Mul stays,
+       so SmoothQuant can fold into it later). A linear whose weight is also the embedding table
+       (a tied lm_head) already reads Rᵀ·W through the table; its γ becomes a MatMul by
+       Rᵀ·diag(γ)·R instead, which keeps the table shared.
+    The inputs of q/k/v, gate/up and the lm_head are then rotated: their outlier channels are
+    spread over all channels, which is what per-tensor 8-bit activations need.
+    Does NOT fire (changed False, with the reason) when the stream is used in any other way (a
+    LayerNorm, a stream tensor as graph output, an already quantized weight) or a weight under a
+    sparsity mask would be rotated.
+    Guarantees: the same function in exact arithmetic; float32 outputs agree to ~1e-5 relative.
+    """
+
+    name: ClassVar[str] = "rotate"
+    mutates_input: ClassVar[bool] = True
+
+    seed: int = field(default=0, metadata={"help": "seed of the Hadamard matrix's random signs"})
+
+    def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
+        try:
+            stream = find_residual_stream(model)
+        except UnsupportedGraphError as exc:
+            return PassResult(model, False, {"reason": str(exc)})
+        tables = {e.table: e.axis for e in stream.embeddings}
+        rotated = set(tables) | set(stream.writers) | {w for norm in stream.norms for w in norm.readers}
+        masked = sorted(rotated & set(model.meta.masks))
+        if masked:
+            return PassResult(model, False, {"reason": f"weight '{masked[0]}' has a sparsity mask a rotation would fill"})
+        graph = model.graph
+        tensors = graph.tensors()
+        r = rotation(stream.width, self.seed)
+
+        def update(name: str, values: np.ndarray) -> None:
+            tensors[name].values = values.astype(np.float32)  # replaced, never written into (shared arrays)
+
+        def value(name: str) -> np.ndarray:
+            return np.asarray(tensors[name].values, np.float64)
+
+        for table, axis in tables.items():
+            update(table, value(table) @ r if axis == 0 else r.T @ value(table))
+        for weight in stream.writers:
+            update(weight, value(weight) @ r)
+        mixers = 0
+        for norm in stream.norms:
+            gamma = value(norm.gamma) if norm.gamma else np.ones(stream.width)
+            tied = [w for w in norm.readers if w in tables]
+            if any(tables[w] != 1 for w in tied):
+                raise UnsupportedGraphError(f"'rotate': '{tied[0]}' is read by a MatMul and a Gather along axis 0")
+            if tied and norm.gamma:
+                # the table must stay Rᵀ·T for its lookups: γ goes into a MatMul by Rᵀ·diag(γ)·R instead
+                self._gamma_to_matmul(graph, norm, r.T @ (gamma[:, None] * r))
+                mixers += 1
+                gamma = np.ones(stream.width)
+            elif norm.gamma:
+                self._gamma_to_ones(graph, norm, stream.width)
+            for weight in norm.readers:
+                if weight not in tables:
+                    update(weight, r.T @ (gamma[:, None] * value(weight)))
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        return PassResult(model, True, {"width": stream.width, "tables": len(tables), "writers": len(stream.writers),
+                                        "norms": len(stream.norms), "gamma_matmuls": mixers})
+
+    @staticmethod
+    def _gamma_to_ones(graph: gs.Graph, norm, width: int) -> None:
+        """γ ↦ ones in a constant of this Mul's own (exporters share identical γs between norms)."""
+        node = next(n for n in graph.nodes if n.name == norm.gamma_node)
+        i = next(i for i, t in enumerate(node.inputs) if t.name == norm.gamma)
+        node.inputs[i] = gs.Constant(node.inputs[i].name if _single_user(graph, node.inputs[i]) else f"{norm.gamma_node}.weight",
+                                     np.ones(width, np.float32))
+
+    @staticmethod
+    def _gamma_to_matmul(graph: gs.Graph, norm, mixer: np.ndarray) -> None:
+        node = next(n for n in graph.nodes if n.name == norm.gamma_node)
+        normalized = next(t for t in node.inputs if t.name == norm.normalized)
+        weight = gs.Constant(f"{norm.gamma}.rotated", mixer.astype(np.float32))
+        node.op, node.inputs, node.attrs = "MatMul", [normalized, weight], {}
+
+
+def _single_user(graph: gs.Graph, tensor) -> bool:
+    return len(consumers(graph).get(id(tensor), [])) == 1
