@@ -14,7 +14,7 @@ import onnx_graphsurgeon as gs
 from graphopt import activations
 from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.ir import MIN_OPSET, Model
+from graphopt.ir import MIN_OPSET, Model, consumers
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import QuantSpec, dtype_for, numerics, qdq
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
@@ -82,7 +82,8 @@ class Quantize(Pass):
        become integer initializers + DequantizeLinear: per channel (the output axis), per tensor,
        or per block along the input axis (opset 21 `block_size`); RTN with min-max or MSE-clipped
        ranges, or GPTQ (graphopt.quant.gptq) on the same grids. Tables use `embedding_bits` per
-       channel and RTN (their rounding serves the lookup as much as the lm_head).
+       channel and RTN (their rounding serves the lookup as much as the lm_head). Weights named
+       in `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes).
     3. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
        the `observer` over the calibration feeds); the points in `int16_points`, plus the most
        sensitive points (sensitivity JSON, or the lowest estimated SQNR when none is given) up to
@@ -113,6 +114,7 @@ class Quantize(Pass):
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "activation range"})
     percentile: float = field(default=99.99, metadata={"help": "for observer: percentile"})
     int16_points: tuple[str, ...] = field(default=(), metadata={"help": "activation tensors kept at 16 bits"})
+    int16_weights: tuple[str, ...] = field(default=(), metadata={"help": "weights quantized at 16 bits (per channel)"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (else SQNR proxy)"})
     smoothquant_alpha: float = field(default=0.0, metadata={"help": "SmoothQuant migration strength (0: off)"})
@@ -123,7 +125,7 @@ class Quantize(Pass):
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "tensor names (weights or activations) left float"})
 
     def __post_init__(self):
-        for key in ("int16_points", "exclude"):  # YAML gives lists; keep the frozen dataclass hashable
+        for key in ("int16_points", "int16_weights", "exclude"):  # YAML gives lists; keep the frozen dataclass hashable
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         super().__post_init__()
@@ -165,6 +167,11 @@ class Quantize(Pass):
         if unknown:
             raise OptionError(f"'quantize': option 'int16_points': '{unknown[0]}' is not an activation entering "
                               f"a quantized MatMul/Gemm/Conv of '{model.name}'")
+        weights = {s.weight for s in sites}
+        unknown = [w for w in self.int16_weights if w not in weights]
+        if unknown:
+            raise OptionError(f"'quantize': option 'int16_weights': '{unknown[0]}' is not the constant weight of a "
+                              f"MatMul/Gemm/Conv of '{model.name}'")
         calib = ctx.require_calib(self.name) if points or self.weight_rounding == "gptq" or self.smoothquant_alpha else None
         stats: dict = {}
         plans = self._smooth_plans(model, sites, points) if self.smoothquant_alpha and points else {}
@@ -258,6 +265,8 @@ class Quantize(Pass):
 
     # ----------------------------------------------------------------------- weights
     def _weight_spec(self, name: str, shape, channel_axis: int, block_axis: int, table: bool) -> QuantSpec:
+        if name in self.int16_weights:
+            return QuantSpec(dtype_for(16, self.weight_symmetric), "channel", channel_axis, symmetric=self.weight_symmetric)
         if table and self.embedding_bits:
             return QuantSpec(dtype_for(self.embedding_bits, self.weight_symmetric), "channel", channel_axis,
                              symmetric=self.weight_symmetric)
@@ -291,7 +300,8 @@ class Quantize(Pass):
         solved = [n for n in names if self.weight_rounding == "gptq" and n not in tables and n in site_of
                   and site_of[n].op == "MatMul" and site_of[n].activation in hessians]
         found = {}
-        for group in activations.progress_bar(_shared_input_groups(solved, site_of, specs), None, "quantize: GPTQ", ctx.progress):
+        groups = _shared_input_groups(solved, site_of, specs)
+        for group in activations.progress_bar(groups, len(groups), "quantize: GPTQ", ctx.progress and bool(groups)):
             found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation].hessian,
                                     model.meta.masks, self.weight_range))
         codes = {}
@@ -315,10 +325,7 @@ class Quantize(Pass):
         for s in sites:
             by_activation.setdefault(s.activation, []).append(s)
         tensors = graph.tensors()
-        users: dict[int, list[gs.Node]] = {}
-        for node in graph.nodes:
-            for t in node.inputs:
-                users.setdefault(id(t), []).append(node)
+        users = consumers(graph)
         plans = {}
         for point in points:
             plan = _smooth_plan(tensors[point], by_activation.get(point, []), users, tensors)

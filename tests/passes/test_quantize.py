@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -114,6 +115,18 @@ def test_mixed_precision_from_list_budget_and_sensitivity(tiny_onnx, tiny_calib,
     assert proxy.stats["int16_points"] == 2
 
 
+def test_int16_weights(tiny_onnx, tiny_calib, tiny_eval):
+    """A weight named in int16_weights gets uint16 codes per channel; the rest stay 8-bit."""
+    wide = "model.layers.0.mlp.down_proj.weight"
+    model = Quantize(int16_weights=[wide]).run(tiny_onnx.copy(), tiny_calib).model
+    params = {n: e for n, e in model.meta.encodings.items() if e["kind"] == "param"}
+    assert params[wide]["bw"] == 16 and {e["bw"] for n, e in params.items() if n != wide} == {8}
+    codes = {n.outputs[0].name: n.inputs[0].values.dtype for n in model.graph.nodes if n.op == "DequantizeLinear"
+             and isinstance(n.inputs[0], gs.Constant)}
+    assert codes[wide] == np.uint16
+    assert sqnr(model, tiny_eval) > 20
+
+
 def test_smoothquant_is_exact_before_rounding(tiny_onnx, tiny_calib, tiny_eval):
     """With 16-bit weights and activations the rounding is negligible: the smoothed model must
     compute what the float one does (a wrong fold would show as a large error)."""
@@ -196,6 +209,8 @@ def test_errors(tiny_onnx):
         Quantize().run(tiny_onnx.copy(), PassContext(calib=None, progress=False))
     with pytest.raises(OptionError, match="int16_points.*'nope'"):
         Quantize(int16_points=["nope"]).run(tiny_onnx.copy(), PassContext(calib=None, progress=False))
+    with pytest.raises(OptionError, match="int16_weights.*'model.norm.weight'"):
+        Quantize(int16_weights=["model.norm.weight"], activation_bits=0).run(tiny_onnx.copy(), PassContext(progress=False))
     with pytest.raises(UnsupportedGraphError, match="not a multiple of weight_block_size 128"):
         Quantize(weight_bits=4, weight_granularity="block", weight_block_size=128, activation_bits=0).run(
             tiny_onnx.copy(), PassContext(progress=False))
