@@ -11,6 +11,9 @@ __all__: list[str] = []
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="an .onnx/.gguf file, a Hugging Face folder, or sample:NAME")
+    parser.add_argument("--prepare", metavar="PASS[,PASS]", default="",
+                        help="passes (default options) run before the sweep, e.g. cleanup,rotate: "
+                             "rank the points of the model a recipe quantizes")
     parser.add_argument("--windows", type=int, default=2, help="windows the drop is measured on (default 2)")
     parser.add_argument("--calib-windows", type=int, default=8, help="windows the activation ranges come from")
     parser.add_argument("--length", type=int, default=128, help="tokens per window (causal LMs)")
@@ -31,6 +34,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.windows < 1 or args.calib_windows < 1 or args.length < 2:
         raise OptionError("sensitivity: --windows and --calib-windows must be >= 1, --length >= 2")
     model = load_model(args.model, onnx=True)
+    model = _prepared(model, [name.strip() for name in args.prepare.split(",") if name.strip()])
     # ranges from the first calib windows; the drop measured on the ones after them
     calibration = Calibration(windows=args.calib_windows + args.windows, length=args.length)
     feeds = Recipe(passes=[], calibration=calibration).calibration_feeds(model) or model.sample_inputs
@@ -48,6 +52,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         log(f"sensitivity: plot written to {report.plot(args.plot)}")
     return 0
+
+
+def _prepared(model, names: list[str]):
+    from graphopt.pass_infra import PassContext
+    from graphopt.pipeline import get_pass
+
+    for name in names:
+        result = get_pass(name)().run(model, PassContext(progress=False))
+        log(f"sensitivity: prepared with '{name}'" + ("" if result.changed else f" (no change: {result.stats.get('reason', '')})"))
+        model = result.model
+    return model
 
 
 def _stacked(feeds: list[dict]) -> list[dict]:

@@ -87,6 +87,10 @@ def test_report_json_markdown_plot_and_cli(tiny_onnx, tmp_path, capsys):
                      "--length", "16", "--kinds", "activation", "--top", "3", "--json", str(out)]) == 0
     assert capsys.readouterr().out.count("| activation |") == 3
     assert len(json.loads(out.read_text())["ranking"]) == 17
+    # ranked on the model a recipe quantizes: rotate adds the final norm's MatMul, one more point
+    assert cli.main(["sensitivity", "sample:tiny-llama", "--prepare", "cleanup, rotate", "--windows", "1",
+                     "--calib-windows", "1", "--length", "16", "--kinds", "activation", "--json", str(out)]) == 0
+    assert len(json.loads(out.read_text())["ranking"]) == 18
 
 
 def test_errors_name_the_problem(tiny_fx, tiny_onnx):
@@ -100,6 +104,7 @@ def test_errors_name_the_problem(tiny_fx, tiny_onnx):
     with pytest.raises(UnsupportedGraphError, match="ONNX"):
         sensitivity.analyze_sensitivity(tiny_fx, feeds, progress=False)
     assert cli.main(["sensitivity", "sample:tiny-llama", "--windows", "0"]) == 2
+    assert cli.main(["sensitivity", "sample:tiny-llama", "--prepare", "nope"]) == 2
 
 
 @pytest.mark.real
