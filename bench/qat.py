@@ -1,7 +1,7 @@
 """QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
-                        [--device cpu|cuda] [--json PATH]
+                        [--rotate] [--observer minmax|mse] [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -11,7 +11,8 @@ the `--int16-budget` most sensitive points of the `--sensitivity` ranking at 16 
 QAT inserts the same points with the fake_quantize pass (asymmetric per-channel weights like the
 PTQ row; `--weight-symmetric` for int8), trains weights and scales against the float model's
 logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings and folds them
-with fold_encodings: the rows compare deployable static QDQ models. SmolLM2 trains in minutes on a
+with fold_encodings: the rows compare deployable static QDQ models. `--rotate` runs the rotate
+pass on the FX model first (both rows start from it; its final-norm gain is 16-bit in both). SmolLM2 trains in minutes on a
 GPU (`--device cuda`); on two CPU cores a step takes ~15 s.
 """
 
@@ -48,10 +49,17 @@ def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None,
     return row, tops
 
 
+def _gains(model) -> tuple[str, ...]:
+    """The rotate pass's 16-bit gain matrices (none without --rotate)."""
+    names = model.graph.tensors() if model.form == "onnx" else dict(model.fx.named_parameters())
+    return tuple(n for n in names if n.endswith(".rotated_gain"))
+
+
 def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     start = time.perf_counter()
-    model = get_pass("quantize")(weight_bits=8, activation_bits=8, int16_budget=args.int16_budget,
-                                 sensitivity=args.sensitivity).run(
+    model = get_pass("quantize")(weight_bits=8, weight_symmetric=args.weight_symmetric, activation_bits=8,
+                                 int16_budget=args.int16_budget, sensitivity=args.sensitivity,
+                                 int16_weights=_gains(fp32_onnx), observer=args.observer).run(
         fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
     seconds = time.perf_counter() - start
     log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
@@ -63,7 +71,8 @@ def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, sc
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
-                              sensitivity=sensitivity).run(student, PassContext(calib=calib, progress=False))
+                              sensitivity=sensitivity, int16_weights=_gains(fx)).run(
+        student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
                        warmup=max(1, steps // 20), device=device, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
@@ -78,6 +87,10 @@ def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, sc
 
 def run(args, log) -> dict:
     fx = graphopt.load(args.model, log=log)
+    if args.rotate:
+        result = get_pass("rotate")().run(fx, PassContext(progress=False))
+        log(f"qat bench: rotate: {json.dumps(result.stats)}")
+        fx = result.model
     fp32 = graphopt.lower(fx, log=log)
     eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
     train_windows = _calib_windows(fp32, max(args.calib, args.train_windows), args.length)
@@ -116,6 +129,7 @@ def run(args, log) -> dict:
                      "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
+                     "rotate": args.rotate, "ptq_observer": args.observer,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
                      "reference": "fp32 (ONNX Runtime)"},
         "machine": {"python": platform.python_version(), "processor": platform.machine(), "device": args.device},
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weight-symmetric", action="store_true", help="int8 weights (default: uint8 asymmetric)")
     parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of activation points at 16 bits")
     parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
+    parser.add_argument("--rotate", action="store_true", help="rotate the residual stream first (rotate pass, FX form)")
+    parser.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
+                        help="PTQ row's activation ranges")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")

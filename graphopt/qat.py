@@ -14,6 +14,7 @@ only through the weights they feed, so every activation quantizer records those 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -29,7 +30,7 @@ from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.quant import numerics
-from graphopt.quant.spec import QuantSpec
+from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = [
     "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "fake_quant_modules", "set_fake_quant",
@@ -144,13 +145,14 @@ def activation_points(model: Model, skip: tuple[str, ...] = ()) -> list[tuple[st
 
 def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None,
                       skip: tuple[str, ...] = (), wide: frozenset[str] = frozenset(),
-                      wide_spec: QuantSpec | None = None) -> list[FakeQuant]:
+                      wide_spec: QuantSpec | None = None, wide_weights: frozenset[str] = frozenset()) -> list[FakeQuant]:
     """Insert quantizers into `model.fx` in place; returns them (empty when there is nothing to do).
 
     weight_spec: torch layout (channel axis 0 of [out, in]); None leaves weights float.
     activation_spec: per tensor; None leaves activations float. `skip` names weights (their
     parameter names) whose weight and input activation stay float. An activation feeding a
-    weight named in `wide` gets `wide_spec` instead (16-bit sensitive points).
+    weight named in `wide` gets `wide_spec` instead (16-bit sensitive points); weights named in
+    `wide_weights` get 16 bits in weight_spec's layout.
     """
     model.require("fx", "insert_fake_quant")
     gm = model.fx
@@ -165,7 +167,9 @@ def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_sp
     for x, w in pairs:
         if weight_spec is not None and w not in weight_q:
             param = functools.reduce(getattr, w.target.split("."), gm)  # tied tables are deduplicated in named_parameters
-            module = FakeQuant(weight_spec, "weight", w.target, channels=param.shape[0])
+            spec = weight_spec if w.target not in wide_weights else \
+                dataclasses.replace(weight_spec, dtype=dtype_for(16, weight_spec.symmetric))
+            module = FakeQuant(spec, "weight", w.target, channels=param.shape[0])
             weight_q[w] = _add(gm, module, w, inserted, users=None)
         if activation_spec is not None and x not in act_q:
             spec = wide_spec if wide_spec is not None and wide.intersection(feeds[x]) else activation_spec

@@ -32,7 +32,8 @@ class FakeQuantize(Pass):
       2. The activation entering those linears gets one per-tensor quantizer per distinct tensor
          (`activation_bits`; 0 keeps activations float), rewired into the linears only — a
          residual add reading the same tensor stays float.
-      3. Weights named in `skip` (parameter names) keep weight and input float.
+      3. Weights named in `skip` (parameter names) keep weight and input float; weights named in
+         `int16_weights` get 16-bit weight quantizers.
       4. The inputs of weights in `int16_inputs`, then the most sensitive activation points of a
          `graphopt sensitivity` ranking up to `int16_budget` × the points, get 16 bits.
       5. A model that already holds quantizers, or has no linear layer, is left untouched.
@@ -52,11 +53,12 @@ class FakeQuantize(Pass):
     activation_symmetric: bool = False
     skip: tuple[str, ...] = field(default=(), metadata={"help": "weight names kept float (with their input)"})
     int16_inputs: tuple[str, ...] = field(default=(), metadata={"help": "weight names whose input is kept at 16 bits"})
+    int16_weights: tuple[str, ...] = field(default=(), metadata={"help": "weight names quantized at 16 bits (e.g. rotate's gain)"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
 
     def __post_init__(self):
-        for key in ("skip", "int16_inputs"):  # YAML gives lists; keep the frozen dataclass hashable
+        for key in ("skip", "int16_inputs", "int16_weights"):  # YAML gives lists; keep the frozen dataclass hashable
             if isinstance(getattr(self, key), list):
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         super().__post_init__()
@@ -108,7 +110,13 @@ class FakeQuantize(Pass):
         weight_spec, activation_spec = self.specs()
         wide = self.wide_inputs(model) if activation_spec is not None else frozenset()
         wide_spec = QuantSpec(dtype_for(16, self.activation_symmetric), "tensor", symmetric=self.activation_symmetric)
-        inserted = qat.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip), wide, wide_spec)
+        weights = {w for feeds in qat.activation_points(model, self.skip) for w in feeds}
+        unknown = [w for w in self.int16_weights if w not in weights]
+        if unknown and not qat.fake_quant_modules(model):
+            raise OptionError(f"'fake_quantize': option 'int16_weights': '{unknown[0]}' is not the weight of a "
+                              f"quantized linear of '{model.name}'")
+        inserted = qat.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip), wide, wide_spec,
+                                         frozenset(self.int16_weights))
         if not inserted:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
         feeds = ctx.require_calib(self.name) if activation_spec is not None else ctx.calib

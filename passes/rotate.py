@@ -1,4 +1,9 @@
-"""rotate: an orthogonal rotation of the residual stream folded into the weights (QuaRot's R1)."""
+"""rotate: an orthogonal rotation of the residual stream folded into the weights (QuaRot's R1).
+
+The ONNX form rewrites initializers; the FX form (so QAT can start from the rotated model) finds
+the same roles on the lowered graph, whose parameter names are the module's, and applies the same
+algebra to the parameters in torch's [out, in] layout.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,16 @@ from graphopt.errors import UnsupportedGraphError
 from graphopt.hadamard import rotation
 from graphopt.ir import Model, consumers
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
-from graphopt.residual import find_residual_stream
+from graphopt.residual import ResidualStream, find_residual_stream
 
-__all__ = ["Rotate"]
+__all__ = ["Rotate", "gain_matmul_name"]
+
+
+def gain_matmul_name(gamma: str) -> str:
+    """Name of the MatMul weight Rᵀ·diag(γ)·R that replaces a tied lm_head's norm gain `gamma`
+    ('model.norm.weight' -> 'model.norm.rotated_gain'); the same in both forms."""
+    owner, _, _ = gamma.rpartition(".")
+    return f"{owner}.rotated_gain" if owner else f"{gamma}_rotated_gain"
 
 
 @register_pass
@@ -29,12 +41,14 @@ class Rotate(Pass):
     3. linears reading an RMSNorm: W ↦ Rᵀ·diag(γ)·W, the norm's γ set to ones (its Mul stays,
        so SmoothQuant can fold into it later). A linear whose weight is also the embedding table
        (a tied lm_head) already reads Rᵀ·W through the table; its γ becomes a MatMul by
-       Rᵀ·diag(γ)·R instead, which keeps the table shared.
+       Rᵀ·diag(γ)·R instead (weight `gain_matmul_name(γ)`), which keeps the table shared. That
+       matrix is near-identity: quantize it at 16 bits (quantize's `int16_weights`).
     The inputs of q/k/v, gate/up and the lm_head are then rotated: their outlier channels are
     spread over all channels, which is what per-tensor 8-bit activations need.
     Does NOT fire (changed False, with the reason) when the stream is used in any other way (a
     LayerNorm, a stream tensor as graph output, an already quantized weight) or a weight under a
-    sparsity mask would be rotated.
+    sparsity mask would be rotated. The FX form lowers the model first to find the stream (an
+    export, cached by content hash) and refuses a model that already holds fake quantizers.
     Guarantees: the same function in exact arithmetic; float32 outputs agree to ~1e-5 relative.
     """
 
@@ -43,16 +57,27 @@ class Rotate(Pass):
 
     seed: int = field(default=0, metadata={"help": "seed of the Hadamard matrix's random signs"})
 
-    def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
+    def _stream(self, model: Model, onnx_form: Model) -> tuple[ResidualStream | None, str]:
         try:
-            stream = find_residual_stream(model)
+            stream = find_residual_stream(onnx_form)
         except UnsupportedGraphError as exc:
-            return PassResult(model, False, {"reason": str(exc)})
-        tables = {e.table: e.axis for e in stream.embeddings}
-        rotated = set(tables) | set(stream.writers) | {w for norm in stream.norms for w in norm.readers}
+            return None, str(exc)
+        rotated = {e.table for e in stream.embeddings} | set(stream.writers) | {w for n in stream.norms for w in n.readers}
         masked = sorted(rotated & set(model.meta.masks))
         if masked:
-            return PassResult(model, False, {"reason": f"weight '{masked[0]}' has a sparsity mask a rotation would fill"})
+            return None, f"weight '{masked[0]}' has a sparsity mask a rotation would fill"
+        return stream, ""
+
+    @staticmethod
+    def _stats(stream: ResidualStream, gain_matmuls: int) -> dict:
+        return {"width": stream.width, "tables": len(stream.embeddings), "writers": len(stream.writers),
+                "norms": len(stream.norms), "gamma_matmuls": gain_matmuls}
+
+    def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
+        stream, reason = self._stream(model, model)
+        if stream is None:
+            return PassResult(model, False, {"reason": reason})
+        tables = {e.table: e.axis for e in stream.embeddings}
         graph = model.graph
         tensors = graph.tensors()
         r = rotation(stream.width, self.seed)
@@ -84,8 +109,19 @@ class Rotate(Pass):
                 if weight not in tables:
                     update(weight, r.T @ (gamma[:, None] * value(weight)))
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(model, True, {"width": stream.width, "tables": len(tables), "writers": len(stream.writers),
-                                        "norms": len(stream.norms), "gamma_matmuls": mixers})
+        return PassResult(model, True, self._stats(stream, mixers))
+
+    def run_fx(self, model: Model, ctx: PassContext) -> PassResult:
+        from graphopt import fx_rotation, qat
+        from graphopt.lowering import lower
+
+        if qat.fake_quant_modules(model):
+            return PassResult(model, False, {"reason": "the model holds fake quantizers; rotate before fake_quantize"})
+        stream, reason = self._stream(model, lower(model, log=lambda _: None))
+        if stream is None:
+            return PassResult(model, False, {"reason": reason})
+        mixers = fx_rotation.rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
+        return PassResult(model, True, self._stats(stream, mixers))
 
     @staticmethod
     def _gamma_to_ones(graph: gs.Graph, norm, width: int) -> None:
@@ -99,7 +135,7 @@ class Rotate(Pass):
     def _gamma_to_matmul(graph: gs.Graph, norm, mixer: np.ndarray) -> None:
         node = next(n for n in graph.nodes if n.name == norm.gamma_node)
         normalized = next(t for t in node.inputs if t.name == norm.normalized)
-        weight = gs.Constant(f"{norm.gamma}.rotated", mixer.astype(np.float32))
+        weight = gs.Constant(gain_matmul_name(norm.gamma), mixer.astype(np.float32))
         node.op, node.inputs, node.attrs = "MatMul", [normalized, weight], {}
 
 

@@ -123,3 +123,18 @@ def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
         FakeQuantize(int16_inputs=("nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
     with pytest.raises(OptionError, match="needs option 'sensitivity'"):
         FakeQuantize(int16_budget=0.2)
+
+
+def test_int16_weights_and_rotate_before_not_after(tiny_fx, quantized, tiny_calib):
+    """int16_weights gives a weight quantizer 16 bits (rotate's gain matrix); rotate refuses a
+    model that already holds quantizers, since the learned scales would no longer fit."""
+    wide = "model.layers.0.mlp.down_proj.weight"
+    model = tiny_fx.copy()
+    FakeQuantize(int16_weights=[wide]).run(model, PassContext(calib=tiny_calib, progress=False))
+    dtypes = {m.name: m.spec.dtype for m in qat.fake_quant_modules(model).values() if m.kind == "weight"}
+    assert dtypes[wide] == "int16"
+    assert {d for n, d in dtypes.items() if n != wide} == {"int8"}
+    with pytest.raises(OptionError, match="int16_weights.*'nope'"):
+        FakeQuantize(int16_weights=["nope"]).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+    result = get_pass("rotate")().run(quantized[0].copy(), PassContext())
+    assert not result.changed and "fake quantizers" in result.stats["reason"]

@@ -44,7 +44,7 @@ def test_tiny_logits_unchanged(tiny_with_gammas):
     tensors = graph.tensors()
     # one table still serves lookup and lm_head; the final γ became a 64 x 64 MatMul
     assert sum(t.name == "lm_head.weight.T" for n in graph.nodes for t in n.inputs) == 2
-    mixer = [n for n in graph.nodes if n.op == "MatMul" and n.inputs[1].name.endswith(".rotated")]
+    mixer = [n for n in graph.nodes if n.op == "MatMul" and n.inputs[1].name.endswith(".rotated_gain")]
     assert len(mixer) == 1 and mixer[0].inputs[1].values.shape == (64, 64)
     gammas = [t for n in graph.nodes if n.op == "Mul" for t in n.inputs
               if isinstance(t, gs.Constant) and t.values.shape == (64,)]
@@ -58,6 +58,39 @@ def test_different_seeds_are_different_rotations_of_the_same_function(tiny_with_
     wa, wb = (m.graph.tensors()["model.layers.0.mlp.down_proj.weight"].values for m in (a, b))
     assert not np.allclose(wa, wb)
     np.testing.assert_allclose(logits(a, windows)[0], logits(b, windows)[0], atol=1e-3)
+
+
+def test_fx_form_rotates_the_parameters_and_lowers_to_the_same_logits(tiny_fx):
+    """The FX form (for QAT): torch logits unchanged, the tied table one parameter, the final γ a
+    linear whose weight lowers under the name the ONNX form gives it."""
+    import torch
+
+    import graphopt
+
+    model = tiny_fx.copy()
+    rng = np.random.default_rng(0)
+    for name, param in list(model.fx.named_parameters()):
+        if name.endswith("norm.weight"):
+            owner, _, attr = name.rpartition(".")
+            setattr(model.fx.get_submodule(owner), attr,
+                    torch.nn.Parameter(torch.from_numpy(rng.uniform(0.3, 3.0, 64).astype(np.float32))))
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 40)))
+    def run(module):
+        with torch.no_grad():
+            out = module(ids)
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+    before = run(model.fx)
+    result = Rotate().run(model, PassContext())
+    assert result.changed and result.stats["gamma_matmuls"] == 1 and result.stats["writers"] == 4
+    after = run(result.model.fx)
+    np.testing.assert_allclose(after, before, atol=2e-4 * np.abs(before).max())
+    gm = result.model.fx
+    assert gm.get_parameter("lm_head.weight") is gm.get_parameter("model.embed_tokens.weight")
+    assert all(np.all(p.detach().numpy() == 1) for n, p in gm.named_parameters() if n.endswith("norm.weight"))
+    lowered = graphopt.lower(result.model, log=lambda _: None)
+    assert "model.norm.rotated_gain" in lowered.graph.tensors()
+    np.testing.assert_allclose(lowered.runner()({"input_ids": ids.numpy()})[0], before, atol=2e-4 * np.abs(before).max())
 
 
 def test_refusals_leave_the_model_untouched(tiny_onnx):
