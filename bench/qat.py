@@ -67,11 +67,11 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
 
 
 def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
-         symmetric: bool, int16_budget: float, sensitivity: str, device: str, log):
+         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, device: str, log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
-                              sensitivity=sensitivity, int16_weights=_gains(fx)).run(
+                              sensitivity=sensitivity, int16_weights=_gains(fx), observer=observer).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
                        warmup=max(1, steps // 20), device=device, progress=False, log=log)
@@ -112,7 +112,8 @@ def run(args, log) -> dict:
         model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps,
                                                  batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
-                                                 sensitivity=args.sensitivity, device=args.device, log=log)
+                                                 sensitivity=args.sensitivity, observer=args.observer,
+                                                 device=args.device, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         row, _ = _evaluate(model, f"QAT ({loss.upper() if loss == 'kd' else 'BiLD'}) + fold_encodings",
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
     parser.add_argument("--rotate", action="store_true", help="rotate the residual stream first (rotate pass, FX form)")
     parser.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
-                        help="PTQ row's activation ranges")
+                        help="activation ranges: the PTQ row's, and the QAT quantizers' initial ones")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")

@@ -30,6 +30,7 @@ from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.quant import numerics
+from graphopt.quant.observers import make_observer
 from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = [
@@ -71,6 +72,7 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("hi", torch.full(shape, -math.inf))
         self.observing = False
         self.enabled = True
+        self.observer = None  # a graphopt.quant.observers observer fed while observing (None: min/max only)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
@@ -85,6 +87,8 @@ class FakeQuant(torch.nn.Module):
                 lo, hi = self._range(x)
                 self.lo.copy_(torch.minimum(self.lo, lo))
                 self.hi.copy_(torch.maximum(self.hi, hi))
+                if self.observer is not None:
+                    self.observer.update(x.detach().float().cpu().numpy())
             return x
         if not self.enabled:
             return x
@@ -103,7 +107,10 @@ class FakeQuant(torch.nn.Module):
         """Scale and zero point from the observed min/max (numerics.scale_zero_point)."""
         if not torch.isfinite(self.lo).all():
             raise UnsupportedGraphError(f"fake quantizer of '{self.name}' saw no data during calibration")
-        scale, zero_point = numerics.scale_zero_point(self.lo.cpu().numpy(), self.hi.cpu().numpy(), self.spec)
+        if self.observer is not None:
+            scale, zero_point = self.observer.params(self.spec)
+        else:
+            scale, zero_point = numerics.scale_zero_point(self.lo.cpu().numpy(), self.hi.cpu().numpy(), self.spec)
         with torch.no_grad():
             self.log_scale.copy_(torch.from_numpy(np.asarray(np.log(scale), dtype=np.float32)).reshape(self.log_scale.shape))
             self.zero_point.copy_(torch.from_numpy(np.asarray(zero_point, dtype=np.float32)).reshape(self.zero_point.shape))
@@ -195,12 +202,16 @@ def _add(gm, module: FakeQuant, source, inserted: list, users) -> Any:
     return new
 
 
-def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progress: bool = True) -> None:
-    """Observe min/max of every quantizer's input over `feeds` (default: the model's sample
-    inputs, enough for weights alone), then set scales and zero points."""
+def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progress: bool = True,
+              observer: str = "minmax") -> None:
+    """Observe every quantizer's input over `feeds` (default: the model's sample inputs, enough
+    for weights alone), then set scales and zero points: weights from min/max, activations from
+    `observer` ("minmax", "percentile" or "mse", as the quantize pass's)."""
     modules = list(fake_quant_modules(model).values())
     for module in modules:
         module.observing = True
+        if module.kind == "activation" and observer != "minmax":
+            module.observer = make_observer(observer)
     feeds = feeds or model.sample_inputs
     if not feeds:
         raise OptionError(f"calibrating the fake quantizers of '{model.name}' needs at least one feed")
@@ -212,6 +223,7 @@ def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progre
             module.observing = False
     for module in modules:
         module.init_from_range()
+        module.observer = None
 
 
 def set_fake_quant(model: Model, enabled: bool) -> None:

@@ -37,8 +37,9 @@ class FakeQuantize(Pass):
       4. The inputs of weights in `int16_inputs`, then the most sensitive activation points of a
          `graphopt sensitivity` ranking up to `int16_budget` × the points, get 16 bits.
       5. A model that already holds quantizers, or has no linear layer, is left untouched.
-    Guarantees: scales start at min-max of calibration (numerics.scale_zero_point), so the
-    fake-quant model computes what a static QDQ model with those scales computes; with the
+    Guarantees: scales start at min-max of calibration (activations: `observer`'s range, as in
+    the quantize pass), so the fake-quant model computes what a static QDQ model with those
+    scales computes; with the
     quantizers switched off (`qat.set_fake_quant(model, False)`) it is the float model exactly.
     Leaves: model.meta.extra["fake_quant"], one record per quantizer (module, kind, name, feeds);
     `graphopt.qat.train` fine-tunes, `graphopt.qat.export_encodings` writes the scales.
@@ -56,6 +57,7 @@ class FakeQuantize(Pass):
     int16_weights: tuple[str, ...] = field(default=(), metadata={"help": "weight names quantized at 16 bits (e.g. rotate's gain)"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
+    observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "initial activation ranges"})
 
     def __post_init__(self):
         for key in ("skip", "int16_inputs", "int16_weights"):  # YAML gives lists; keep the frozen dataclass hashable
@@ -120,7 +122,7 @@ class FakeQuantize(Pass):
         if not inserted:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
         feeds = ctx.require_calib(self.name) if activation_spec is not None else ctx.calib
-        qat.calibrate(model, feeds, progress=ctx.progress)
+        qat.calibrate(model, feeds, progress=ctx.progress, observer=self.observer)
         model.meta.extra["fake_quant"] = [
             {"module": name, "kind": m.kind, "name": m.name, "feeds": list(m.feeds), "dtype": m.spec.dtype}
             for name, m in qat.fake_quant_modules(model).items()

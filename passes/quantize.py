@@ -190,7 +190,7 @@ class Quantize(Pass):
         else:
             observers, hessians = self._calibrate(model, sites, points, calib, ctx, plans)
         stats["smoothed"] = len(plans)
-        int16 = self._int16_points(points, observers)
+        int16 = self._int16_points(points, observers, sites)
         encodings = Encodings()
         for point in points:
             encodings.add(self._activation_encoding(point, observers[point], point in int16), "activation")
@@ -240,13 +240,17 @@ class Quantize(Pass):
                     follower.update(smoothed)
         return observers, hessians
 
-    def _int16_points(self, points: list[str], observers: dict) -> set[str]:
+    def _int16_points(self, points: list[str], observers: dict, sites: list) -> set[str]:
         chosen = [p for p in points if p in self.int16_points]
         budget = int(np.floor(self.int16_budget * len(points) + 1e-9))
         if self.activation_bits == 16 or budget <= len(chosen):
             return set(points) if self.activation_bits == 16 else set(chosen)
         if self.sensitivity:
-            ranked = [r["point"] for r in read_sensitivity(self.sensitivity, self.name) if r["kind"] == "activation"]
+            # by the weights a point feeds when its tensor name is not in this graph (another
+            # exporter version numbers activations differently; parameter names are stable)
+            fed_by = {s.weight: s.activation for s in sites}
+            ranked = [r["point"] if r["point"] in observers else fed_by.get((r.get("feeds") or [""])[0], r["point"])
+                      for r in read_sensitivity(self.sensitivity, self.name) if r["kind"] == "activation"]
         else:  # proxy: the points whose 8-bit grid loses the most signal
             spec = QuantSpec(dtype_for(8, self.activation_symmetric), symmetric=self.activation_symmetric)
             ranked = sorted(points, key=lambda p: observers[p].sqnr_db(spec))

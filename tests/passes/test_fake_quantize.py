@@ -138,3 +138,30 @@ def test_int16_weights_and_rotate_before_not_after(tiny_fx, quantized, tiny_cali
         FakeQuantize(int16_weights=["nope"]).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
     result = get_pass("rotate")().run(quantized[0].copy(), PassContext())
     assert not result.changed and "fake quantizers" in result.stats["reason"]
+
+
+def test_mse_observer_starts_activations_where_the_quantize_pass_would(tiny_fx, tiny_calib):
+    """observer="mse" clips activation ranges as the quantize pass's MSE observer does; weights keep min-max."""
+    from graphopt.quant.observers import make_observer
+
+    plain, clipped = tiny_fx.copy(), tiny_fx.copy()
+    FakeQuantize().run(plain, PassContext(calib=tiny_calib, progress=False))
+    FakeQuantize(observer="mse").run(clipped, PassContext(calib=tiny_calib, progress=False))
+    a, b = qat.fake_quant_modules(plain), qat.fake_quant_modules(clipped)
+    acts = [n for n, m in a.items() if m.kind == "activation"]
+    weights = [n for n, m in a.items() if m.kind == "weight"]
+    assert all(torch.equal(a[n].log_scale, b[n].log_scale) for n in weights)
+    assert all(b[n].log_scale <= a[n].log_scale + 1e-6 for n in acts)
+    assert any(b[n].log_scale < a[n].log_scale - 1e-3 for n in acts)
+    # the first activation quantizer's scale is exactly the observer's on the same data
+    first = b[acts[0]]
+    observer = make_observer("mse")
+    first.observer = observer
+    for module in b.values():  # calibration sees the float model: every quantizer passes through
+        module.observing = True
+    for batch in tiny_calib:
+        clipped.run(batch)
+    for module in b.values():
+        module.observing = False
+    scale, _ = observer.params(first.spec)
+    np.testing.assert_allclose(float(first.log_scale.exp()), float(scale), rtol=1e-5)

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import metrics, samples
+from graphopt import activations, metrics, samples
 from graphopt.encodings import Encodings
 from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
 from graphopt.ir import Model
@@ -113,6 +113,18 @@ def test_mixed_precision_from_list_budget_and_sensitivity(tiny_onnx, tiny_calib,
     assert wide == {names[0], names[3]}  # floor(0.3 x 9) = 2: the explicit point, then the ranking's first
     proxy = Quantize(int16_budget=0.25).run(tiny_onnx.copy(), tiny_calib)
     assert proxy.stats["int16_points"] == 2
+
+
+def test_ranking_rows_match_by_the_weights_they_feed(tiny_onnx, tiny_calib, tmp_path):
+    """A ranking from another export names activations differently; its rows still find their
+    points through the weights each feeds (parameter names are stable)."""
+    site = next(s for s in activations.linear_sites(tiny_onnx) if "layers.1.mlp.down_proj" in s.weight)
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps({"ranking": [{"point": "renamed_mul_1", "kind": "activation", "drop": 0.5,
+                                             "feeds": [site.weight]}]}))
+    model = Quantize(int16_budget=0.12, sensitivity=str(path)).run(tiny_onnx.copy(), tiny_calib).model
+    wide = {n for n, e in model.meta.encodings.items() if e["kind"] == "activation" and e["bw"] == 16}
+    assert wide == {site.activation}
 
 
 def test_int16_weights(tiny_onnx, tiny_calib, tiny_eval):
