@@ -124,7 +124,8 @@ def smollm2_rows(args, profile):
     sparse_program = NpuSim(seq_len=args.seq).compile(sparse_qdq)
     sparse = estimate(sparse_program, profile)
     sparse_row, _ = evaluation.evaluate_causal_lm(sparse_qdq, windows[:2], fp32_top[:2])
-    extra.update({"sparse_matmuls": sum(op.attrs.get("sparsity") == "2:4" for op in sparse_program.ops if op.kind == "matmul"),
+    extra.update({"sparse_matmuls": sum(op.attrs.get("sparsity") == "2:4" for op in sparse_program.ops
+                                  if op.kind in ("matmul", "matmul_acc")),
              "sparse_qdq_vs_fp32_2win": sparse_row})
     return rows, dense, sparse, extra
 

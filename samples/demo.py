@@ -1,7 +1,7 @@
 """The job behind `make demo`: SmolLM2 through the W8A8 recipe with verification, saved to out/demo/.
 
-Runs samples/recipes/smollm2-w8a8.yaml (cleanup, then static W8A8 QDQ with the most sensitive
-points at 16 bits) as a verified pipeline, prints the per-step report (time, sizes, diff,
+Runs samples/recipes/smollm2-w8a8.yaml (cleanup, a Hadamard rotation of the residual stream, then
+static W8A8 QDQ with the most sensitive points at 16 bits) as a verified pipeline, prints the per-step report (time, sizes, diff,
 fidelity against each step's input) and a fidelity summary on a few evaluation windows, and
 writes the model and its report. With a warm export cache it takes about a minute on two CPU
 cores; the first run also exports SmolLM2 to ONNX (a few minutes, cached afterwards).
