@@ -6,7 +6,8 @@ as [out, in], the transpose of the ONNX MatMul's [in, out], so with R the rotati
     table rows      e ↦ e·R              torch [V, d]:   T ↦ T·R
     writer          W ↦ W·R              torch [d, in]:  W ↦ Rᵀ·W
     norm reader     W ↦ Rᵀ·diag(γ)·W     torch [out, d]: W ↦ W·diag(γ)·R, and γ ↦ ones
-A tied lm_head's γ becomes a linear by Rᵀ·diag(γ)·R (a new parameter), as in the ONNX form.
+A tied lm_head's γ becomes a linear by Rᵀ·diag(γ)·R (a new parameter), as in the ONNX form. The
+algebra is graphopt.residual.rotated_weights, applied in the ONNX layout and transposed back.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model
-from graphopt.residual import ResidualStream
+from graphopt.residual import ResidualStream, rotated_weights
 
 __all__ = ["rotate_parameters"]
 
@@ -57,10 +58,9 @@ def rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain_
     number of γs turned into a linear (tied lm_heads)."""
     gm = model.fx
     graph = gm.graph
-    width = stream.width
     linears = {n.args[1].target: n for n in graph.nodes
                if n.op == "call_function" and n.target is _LINEAR and getattr(n.args[1], "op", None) == "get_attr"}
-    tables = {e.table.removesuffix(".T") for e in stream.embeddings}
+    stored_as_is = {e.table for e in stream.embeddings if e.axis == 0}  # [V, d] in both layouts
 
     def linear(onnx_name: str):
         name = onnx_name.removesuffix(".T")
@@ -68,49 +68,48 @@ def rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain_
             raise UnsupportedGraphError(f"rotate (FX): no linear reads parameter '{name}' of the lowered graph's '{onnx_name}'")
         return linears[name]
 
-    # find every γ before changing anything
-    norms = []
+    def onnx_layout(name: str, value: np.ndarray) -> np.ndarray:  # and back: a transpose is its own inverse
+        return value if name in stored_as_is else value.T
+
+    # find every γ (by the linears reading it: identical γs may share one ONNX constant) before any change
+    gains_found = {}
     for norm in stream.norms:
         inputs = {id(linear(w).args[0]): linear(w).args[0] for w in norm.readers}
         if len(inputs) != 1:
             raise UnsupportedGraphError(f"rotate (FX): the readers of norm '{norm.normalized}' do not share one input")
         x = next(iter(inputs.values()))
-        found = _gamma_mul(x, width, gm)
+        found = _gamma_mul(x, stream.width, gm)
         if (found is None) != (norm.gamma is None):
             raise UnsupportedGraphError(f"rotate (FX): the input '{x.name}' of '{norm.readers[0]}' does not match the "
                                         "lowered graph's norm gain")
-        norms.append((norm, found, _value(gm, found[1].target) if found else np.ones(width)))
-
-    for table in tables:
-        _set_parameter(gm, table, _value(gm, table) @ r)
-    for writer in stream.writers:
-        name = writer.removesuffix(".T")
-        _set_parameter(gm, name, r.T @ _value(gm, name))
-    gain_linears = 0
-    for norm, found, gamma in norms:
-        readers = [w.removesuffix(".T") for w in norm.readers]
-        if found and any(w in tables for w in readers):
-            mul, gamma_attr, normalized = found
-            name = gain_name(gamma_attr.target)
-            owner, _, attr = name.rpartition(".")
-            mixer = r.T @ (gamma[:, None] * r)  # [in, out]; torch stores its transpose
-            gm.get_submodule(owner).register_parameter(attr, torch.nn.Parameter(torch.from_numpy(mixer.T.copy()).float()))
-            with graph.inserting_before(mul):
-                weight = graph.get_attr(name)
-                gained = graph.call_function(_LINEAR, (normalized, weight))
-            mul.replace_all_uses_with(gained)
-            graph.erase_node(mul)
-            if not gamma_attr.users:  # the gain now lives in the new linear: drop the parameter too
-                graph.erase_node(gamma_attr)
-                gamma_owner, _, gamma_name = gamma_attr.target.rpartition(".")
-                delattr(gm.get_submodule(gamma_owner) if gamma_owner else gm, gamma_name)
-            gain_linears += 1
-            gamma = np.ones(width)
+        gains_found[norm.normalized] = found
+    gammas = {key: _value(gm, found[1].target) if found else None for key, found in gains_found.items()}
+    new, gains = rotated_weights(stream, r, lambda n: onnx_layout(n, _value(gm, n.removesuffix(".T"))), gammas)
+    for name, value in new.items():
+        _set_parameter(gm, name.removesuffix(".T"), np.ascontiguousarray(onnx_layout(name, value)))
+    for key, found in gains_found.items():
+        if key in gains:
+            _gain_to_linear(gm, *found, gains[key], gain_name)
         elif found:
-            _set_parameter(gm, found[1].target, np.ones(width))
-        for name in readers:
-            if name not in tables:
-                _set_parameter(gm, name, (_value(gm, name) * gamma[None, :]) @ r)
+            _set_parameter(gm, found[1].target, np.ones(stream.width))
     graph.lint()
     gm.recompile()
-    return gain_linears
+    return len(gains)
+
+
+def _gain_to_linear(gm, mul, gamma_attr, normalized, gain: np.ndarray, gain_name: Callable[[str], str]) -> None:
+    """Mul(γ, x) -> linear(x, gain) with gain a new parameter (torch layout: the transpose of [in, out]);
+    γ's parameter goes when nothing else reads it."""
+    graph = gm.graph
+    name = gain_name(gamma_attr.target)
+    owner, _, attr = name.rpartition(".")
+    gm.get_submodule(owner).register_parameter(attr, torch.nn.Parameter(torch.from_numpy(gain.T.copy()).float()))
+    with graph.inserting_before(mul):
+        weight = graph.get_attr(name)
+        gained = graph.call_function(_LINEAR, (normalized, weight))
+    mul.replace_all_uses_with(gained)
+    graph.erase_node(mul)
+    if not gamma_attr.users:
+        graph.erase_node(gamma_attr)
+        gamma_owner, _, gamma_name = gamma_attr.target.rpartition(".")
+        delattr(gm.get_submodule(gamma_owner) if gamma_owner else gm, gamma_name)

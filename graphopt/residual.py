@@ -9,12 +9,15 @@ every use of the stream is one that a rotation passes through:
   mean(x²) is invariant; the normalized tensor is read by linear layers, possibly through a Mul
   by a constant per-channel weight γ: fold Rᵀ·diag(γ) into those layers' input rows.
 `find_residual_stream` checks exactly that and names the first node that is anything else.
-A LayerNorm (mean subtraction) is anything else.
+A LayerNorm (mean subtraction) is anything else. `rotated_weights` is the algebra, once for the
+rotate pass's ONNX and FX forms. A tied lm_head reads the table (already Rᵀ·T for the lookups), so
+its norm's γ cannot be folded: it becomes a MatMul by Rᵀ·diag(γ)·R.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -22,7 +25,7 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model, consumers
 
-__all__ = ["Embedding", "Norm", "ResidualStream", "find_residual_stream"]
+__all__ = ["Embedding", "Norm", "ResidualStream", "find_residual_stream", "rotated_weights"]
 
 _PER_TOKEN_OPS = ("Sqrt", "Reciprocal", "Add", "Div", "Mul", "Cast")  # between ReduceMean(x²) and x·r
 
@@ -48,6 +51,32 @@ class ResidualStream:
     embeddings: list[Embedding] = field(default_factory=list)
     writers: list[str] = field(default_factory=list)   # weights [in, width] whose outputs are added in
     norms: list[Norm] = field(default_factory=list)
+
+
+def rotated_weights(stream: ResidualStream, r: np.ndarray, value: Callable[[str], np.ndarray],
+                    gammas: dict[str, np.ndarray | None]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The stream's weights after rotating it by r, in the ONNX graph's layout (MatMul [in, out],
+    tables as stored): `value(name)` reads one, `gammas[norm.normalized]` is a norm's γ (None: none).
+
+    Returns (new values by weight name, gain matrices Rᵀ·diag(γ)·R [in, out] by norm.normalized
+    for the norms read by a tied table). Every other norm's γ is folded: it must become ones.
+    """
+    tables = {e.table: e.axis for e in stream.embeddings}
+    ones = np.ones(stream.width)
+    new = {t: value(t) @ r if axis == 0 else r.T @ value(t) for t, axis in tables.items()}
+    new.update({w: value(w) @ r for w in stream.writers})
+    gains = {}
+    for norm in stream.norms:
+        gamma = gammas.get(norm.normalized)
+        tied = [w for w in norm.readers if w in tables]
+        if any(tables[w] != 1 for w in tied):
+            raise UnsupportedGraphError(f"residual stream: '{tied[0]}' is read by a MatMul and a Gather along axis 0")
+        if tied and gamma is not None:
+            gains[norm.normalized] = r.T @ (gamma[:, None] * r)
+            gamma = None
+        folded = ones if gamma is None else gamma
+        new.update({w: r.T @ (folded[:, None] * value(w)) for w in norm.readers if w not in tables})
+    return new, gains
 
 
 def _const_matmul(node: gs.Node, width_axis: int, width: int) -> bool:

@@ -17,7 +17,7 @@ from graphopt.errors import UnsupportedGraphError
 from graphopt.hadamard import rotation
 from graphopt.ir import Model, consumers
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
-from graphopt.residual import ResidualStream, find_residual_stream
+from graphopt.residual import ResidualStream, find_residual_stream, rotated_weights
 
 __all__ = ["Rotate", "gain_matmul_name"]
 
@@ -77,39 +77,23 @@ class Rotate(Pass):
         stream, reason = self._stream(model, model)
         if stream is None:
             return PassResult(model, False, {"reason": reason})
-        tables = {e.table: e.axis for e in stream.embeddings}
         graph = model.graph
         tensors = graph.tensors()
-        r = rotation(stream.width, self.seed)
-
-        def update(name: str, values: np.ndarray) -> None:
-            tensors[name].values = values.astype(np.float32)  # replaced, never written into (shared arrays)
 
         def value(name: str) -> np.ndarray:
             return np.asarray(tensors[name].values, np.float64)
 
-        for table, axis in tables.items():
-            update(table, value(table) @ r if axis == 0 else r.T @ value(table))
-        for weight in stream.writers:
-            update(weight, value(weight) @ r)
-        mixers = 0
+        gammas = {norm.normalized: value(norm.gamma) if norm.gamma else None for norm in stream.norms}
+        new, gains = rotated_weights(stream, rotation(stream.width, self.seed), value, gammas)
+        for name, values in new.items():
+            tensors[name].values = values.astype(np.float32)  # replaced, never written into (shared arrays)
         for norm in stream.norms:
-            gamma = value(norm.gamma) if norm.gamma else np.ones(stream.width)
-            tied = [w for w in norm.readers if w in tables]
-            if any(tables[w] != 1 for w in tied):
-                raise UnsupportedGraphError(f"'rotate': '{tied[0]}' is read by a MatMul and a Gather along axis 0")
-            if tied and norm.gamma:
-                # the table must stay Rᵀ·T for its lookups: γ goes into a MatMul by Rᵀ·diag(γ)·R instead
-                self._gamma_to_matmul(graph, norm, r.T @ (gamma[:, None] * r))
-                mixers += 1
-                gamma = np.ones(stream.width)
+            if norm.normalized in gains:
+                self._gamma_to_matmul(graph, norm, gains[norm.normalized])
             elif norm.gamma:
                 self._gamma_to_ones(graph, norm, stream.width)
-            for weight in norm.readers:
-                if weight not in tables:
-                    update(weight, r.T @ (gamma[:, None] * value(weight)))
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
-        return PassResult(model, True, self._stats(stream, mixers))
+        return PassResult(model, True, self._stats(stream, len(gains)))
 
     def run_fx(self, model: Model, ctx: PassContext) -> PassResult:
         from graphopt import fx_rotation, qat
