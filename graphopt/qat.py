@@ -104,7 +104,8 @@ class FakeQuant(torch.nn.Module):
         return flat.min(1).values, flat.max(1).values
 
     def init_from_range(self) -> None:
-        """Scale and zero point from the observed min/max (numerics.scale_zero_point)."""
+        """Scale and zero point from what was observed: the attached observer's range, else min/max
+        (numerics.scale_zero_point)."""
         if not torch.isfinite(self.lo).all():
             raise UnsupportedGraphError(f"fake quantizer of '{self.name}' saw no data during calibration")
         if self.observer is not None:
