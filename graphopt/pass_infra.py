@@ -72,6 +72,9 @@ class Pass:
     mutates_input: ClassVar[bool] = True
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # YAML gives lists; tuple options keep the frozen dataclass hashable
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
         validate_options(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         self.check()
 

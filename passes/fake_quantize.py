@@ -59,12 +59,6 @@ class FakeQuantize(Pass):
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "initial activation ranges"})
 
-    def __post_init__(self):
-        for key in ("skip", "int16_inputs", "int16_weights"):  # YAML gives lists; keep the frozen dataclass hashable
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
-        super().__post_init__()
-
     def check(self) -> None:
         if self.weight_bits not in (4, 8, 16):
             raise OptionError(f"'fake_quantize': option 'weight_bits' must be 4, 8 or 16, got {self.weight_bits}")

@@ -99,11 +99,6 @@ class NMSparsity(Pass):
     blocksize: int = field(default=128, metadata={"help": "SparseGPT column block"})
     dampening: float = field(default=0.01, metadata={"help": "SparseGPT: fraction of mean diag(H) added to H"})
 
-    def __post_init__(self):
-        if isinstance(self.skip, list):  # YAML gives lists; keep the frozen dataclass hashable
-            object.__setattr__(self, "skip", tuple(self.skip))
-        super().__post_init__()
-
     def check(self) -> None:
         sparsity.parse_pattern(self.pattern, self.sparsity, option="pattern")
         if not 0.0 <= self.sparsity < 1.0:

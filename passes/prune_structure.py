@@ -15,7 +15,7 @@ from graphopt import activations
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
-from graphopt.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures, shape_entries
+from graphopt.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures
 
 __all__ = ["PruneStructure"]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,12 +122,6 @@ class Quantize(Pass):
     # QNN and the NPU simulator derive bias encodings from s_x·s_w themselves
     quantize_bias: bool = field(default=False, metadata={"help": "int32 biases of quantized linears"})
     exclude: tuple[str, ...] = field(default=(), metadata={"help": "tensor names (weights or activations) left float"})
-
-    def __post_init__(self):
-        for key in ("int16_points", "int16_weights", "exclude"):  # YAML gives lists; keep the frozen dataclass hashable
-            if isinstance(getattr(self, key), list):
-                object.__setattr__(self, key, tuple(getattr(self, key)))
-        super().__post_init__()
 
     def check(self) -> None:
         if self.weight_bits not in (4, 8, 16):
@@ -286,11 +279,8 @@ class Quantize(Pass):
         return QuantSpec(dtype, "block", block_axis, self.weight_block_size, self.weight_symmetric)
 
     def _weight_encodings(self, model, sites, tensors, hessians, encodings: Encodings, ctx) -> dict:
-        users: dict[str, list[gs.Node]] = {}
-        for node in model.graph.nodes:
-            for t in node.inputs:
-                if isinstance(t, gs.Constant):
-                    users.setdefault(t.name, []).append(node)
+        readers = consumers(model.graph)
+        users = {n: readers[id(t)] for n, t in tensors.items() if isinstance(t, gs.Constant) and id(t) in readers}
         names = list(OrderedDict.fromkeys(s.weight for s in sites))
         tables = [n for n, readers in users.items() if any(r.op == "Gather" and r.inputs[0].name == n for r in readers)
                   and tensors[n].values.ndim == 2 and tensors[n].values.dtype == np.float32 and n not in self.exclude]
@@ -341,13 +331,13 @@ class Quantize(Pass):
         """Fold the migration factors of each planned point; returns them by point."""
         tensors = model.graph.tensors()
         factors = {}
-        for point, (fold, consumers) in plans.items():
+        for point, (fold, linears) in plans.items():
             lo, hi = channels[point].range()
             act = np.maximum(np.abs(lo), np.abs(hi))
-            wmax = np.max([np.abs(tensors[s.weight].values).max(axis=1) for s in consumers], axis=0)
+            wmax = np.max([np.abs(tensors[s.weight].values).max(axis=1) for s in linears], axis=0)
             s = numerics.smooth_scales(act, wmax, self.smoothquant_alpha)
             fold(s)
-            for site in consumers:
+            for site in linears:
                 w = tensors[site.weight]
                 w.values = (np.asarray(w.values, np.float32) * s[:, None]).astype(np.float32)
             factors[point] = s

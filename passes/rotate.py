@@ -87,11 +87,12 @@ class Rotate(Pass):
         new, gains = rotated_weights(stream, rotation(stream.width, self.seed), value, gammas)
         for name, values in new.items():
             tensors[name].values = values.astype(np.float32)  # replaced, never written into (shared arrays)
+        nodes, readers = {n.name: n for n in graph.nodes}, consumers(graph)
         for norm in stream.norms:
             if norm.normalized in gains:
-                self._gamma_to_matmul(graph, norm, gains[norm.normalized])
+                _gamma_to_matmul(nodes[norm.gamma_node], norm, gains[norm.normalized])
             elif norm.gamma:
-                self._gamma_to_ones(graph, norm, stream.width)
+                _gamma_to_ones(nodes[norm.gamma_node], norm, stream.width, readers)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(model, True, self._stats(stream, len(gains)))
 
@@ -107,21 +108,16 @@ class Rotate(Pass):
         mixers = fx_rotation.rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
         return PassResult(model, True, self._stats(stream, mixers))
 
-    @staticmethod
-    def _gamma_to_ones(graph: gs.Graph, norm, width: int) -> None:
-        """γ ↦ ones in a constant of this Mul's own (exporters share identical γs between norms)."""
-        node = next(n for n in graph.nodes if n.name == norm.gamma_node)
-        i = next(i for i, t in enumerate(node.inputs) if t.name == norm.gamma)
-        node.inputs[i] = gs.Constant(node.inputs[i].name if _single_user(graph, node.inputs[i]) else f"{norm.gamma_node}.weight",
-                                     np.ones(width, np.float32))
 
-    @staticmethod
-    def _gamma_to_matmul(graph: gs.Graph, norm, mixer: np.ndarray) -> None:
-        node = next(n for n in graph.nodes if n.name == norm.gamma_node)
-        normalized = next(t for t in node.inputs if t.name == norm.normalized)
-        weight = gs.Constant(gain_matmul_name(norm.gamma), mixer.astype(np.float32))
-        node.op, node.inputs, node.attrs = "MatMul", [normalized, weight], {}
+def _gamma_to_ones(node: gs.Node, norm, width: int, readers: dict) -> None:
+    """γ ↦ ones in a constant of this Mul's own (exporters share identical γs between norms)."""
+    i = next(i for i, t in enumerate(node.inputs) if t.name == norm.gamma)
+    shared = len(readers.get(id(node.inputs[i]), [])) > 1
+    node.inputs[i] = gs.Constant(f"{norm.gamma_node}.weight" if shared else node.inputs[i].name, np.ones(width, np.float32))
 
 
-def _single_user(graph: gs.Graph, tensor) -> bool:
-    return len(consumers(graph).get(id(tensor), [])) == 1
+def _gamma_to_matmul(node: gs.Node, norm, mixer: np.ndarray) -> None:
+    """Mul(γ, x·r) -> MatMul(x·r, Rᵀ·diag(γ)·R)."""
+    normalized = next(t for t in node.inputs if t.name == norm.normalized)
+    weight = gs.Constant(gain_matmul_name(norm.gamma), mixer.astype(np.float32))
+    node.op, node.inputs, node.attrs = "MatMul", [normalized, weight], {}
