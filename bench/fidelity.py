@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import sys
 import time
@@ -100,7 +99,7 @@ def run(specs: list[str], *, windows: int, length: int, latency_repeats: int, th
         "protocol": {"split": "eval", "windows": windows, "length": length, "reference": "fp32",
                      "latency": {"seq": length, "batch": 1, "repeats": latency_repeats,
                                  "threads": threads or "ort default"}},
-        "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        "machine": evaluation.environment(),
         "rows": rows,
     }
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import sys
 import time
@@ -193,7 +192,7 @@ def main(argv=None) -> int:
     print(evaluation.markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
     if args.json:
         payload = {"command": "python " + " ".join(shlex.quote(a) for a in ["bench/npu_sim.py"] + (argv or sys.argv[1:])),
-                   "machine": platform.platform(), "smollm2": rows, "cost_dense": dense.totals,
+                   "machine": evaluation.environment(), "smollm2": rows, "cost_dense": dense.totals,
                    "cost_2_4": sparse.totals, "minilm": minilm, "extra": extra}
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
     return 0

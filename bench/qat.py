@@ -1,7 +1,7 @@
 """QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
-                        [--rotate] [--observer minmax|mse] [--device cpu|cuda] [--json PATH]
+                        [--rotate] [--observer minmax|mse] [--temperature T] [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -21,16 +21,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import sys
 import time
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, qat, samples
+from graphopt import evaluation, onnx_io, qat, samples
 from graphopt.errors import GraphoptError
-from graphopt.onnx_io import atomic_write_text
 from graphopt.pass_infra import PassContext
 from graphopt.pipeline import get_pass
 
@@ -41,9 +39,13 @@ def _calib_windows(model, count: int, length: int):
     return samples.lm_windows(model.tokenizer, "calib", count, length)
 
 
-def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None, log) -> tuple[dict, list]:
+def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None, log,
+              threads: int = 0) -> tuple[dict, list]:
     log(f"qat bench: evaluating {name} on {len(eval_windows)} windows...")
-    row, tops = evaluation.evaluate_causal_lm(model, eval_windows, reference)
+    # a thread count of its own: runs that share a machine otherwise each spin up a thread per core
+    session = onnx_io.ort_session(model.to_onnx(), threads=threads, consume=True)
+    feed = model.inputs[0].name
+    row, tops = evaluation.evaluate_causal_lm(lambda ids: session.run(None, {feed: ids})[0], eval_windows, reference)
     row["name"] = name
     row["ppl_ratio"] = row["ppl"] / fp32_ppl if fp32_ppl else 1.0
     return row, tops
@@ -66,7 +68,7 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     return model, seconds
 
 
-def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
+def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float, temperature: float | None,
          symmetric: bool, int16_budget: float, sensitivity: str, observer: str, device: str, log):
     start = time.perf_counter()
     student = fx.copy()
@@ -74,7 +76,7 @@ def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, sc
                               sensitivity=sensitivity, int16_weights=_gains(fx), observer=observer).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
-                       warmup=max(1, steps // 20), device=device, progress=False, log=log)
+                       temperature=temperature, warmup=max(1, steps // 20), device=device, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
@@ -99,13 +101,13 @@ def run(args, log) -> dict:
     train_windows = _calib_windows(fp32, max(args.calib, args.train_windows), args.length)
     calib = [{fp32.inputs[0].name: w} for w in train_windows[:args.calib]]
     train_windows = train_windows[:args.train_windows]
-    row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log)
+    row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log, args.threads)
     fp32_ppl = row["ppl"]
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
     rows = [row]
     if "ptq" in args.rows:
         model, seconds = _ptq(fp32, calib, args, log)
-        row, _ = _evaluate(model, "PTQ W8A8 static (quantize)", eval_windows, reference, fp32_ppl, log)
+        row, _ = _evaluate(model, "PTQ W8A8 static (quantize)", eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "pipeline_s": seconds})
         del model
         gc.collect()
@@ -114,13 +116,15 @@ def run(args, log) -> dict:
             continue
         model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps,
                                                  batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
+                                                 temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
                                                  sensitivity=args.sensitivity, observer=args.observer,
                                                  device=args.device, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
-        row, _ = _evaluate(model, f"QAT ({loss.upper() if loss == 'kd' else 'BiLD'}) + fold_encodings",
-                           eval_windows, reference, fp32_ppl, log)
+        label = f"{loss.upper() if loss == 'kd' else 'BiLD'}{f', T={args.temperature:g}' if args.temperature else ''}"
+        row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
+                           eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
                      "s_per_step": report.seconds_per_step, "pipeline_s": seconds,
                      "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses))})
@@ -132,11 +136,12 @@ def run(args, log) -> dict:
                      "calibration": {"split": "calib", "windows": args.calib, "length": args.length},
                      "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
+                               "temperature": args.temperature,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
                      "reference": "fp32 (ONNX Runtime)"},
-        "machine": {"python": platform.python_version(), "processor": platform.machine(), "device": args.device},
+        "machine": evaluation.environment(device=args.device),
         "rows": rows,
     }
 
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="activation ranges: the PTQ row's, and the QAT quantizers' initial ones")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
+    parser.add_argument("--temperature", type=float, help="distillation temperature (default: KD 2, BiLD 3)")
+    parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--calib", type=int, default=16)
@@ -173,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     data["command"] = "python bench/qat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
     if args.json:
-        atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
+        onnx_io.atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
         log(f"qat bench: rows written to {args.json}")
     return 0
 

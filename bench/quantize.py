@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -156,7 +155,7 @@ def run(args, log) -> dict:
         "protocol": {"split": "eval", "windows": args.windows, "length": args.length, "calibration_windows": args.calib,
                      "reference": "fp32", "latency": {"seq": args.length, "batch": 1, "repeats": args.latency_repeats,
                                                       "threads": args.threads or "ort default"}},
-        "machine": {"python": platform.python_version(), "processor": platform.machine()},
+        "machine": evaluation.environment(),
         "rows": rows,
         "minilm": minilm,
     }

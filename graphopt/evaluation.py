@@ -11,6 +11,9 @@ needs. `reference_logits` accepts either that compact form or full float logits.
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
+import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +34,7 @@ __all__ = [
     "disk_bytes",
     "benchmark_causal_lm",
     "markdown_table",
+    "environment",
 ]
 
 
@@ -214,3 +218,22 @@ def _cell(column: str, value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
+
+
+VERSIONED = ("graphopt", "torch", "onnxruntime", "onnx", "transformers", "numpy")
+
+
+def environment(**extra: Any) -> dict[str, Any]:
+    """Where a benchmark ran: Python, processor, cores and the versions its figures depend on.
+
+    W8A8 overlap@1 moves by ~0.008 between onnxruntime releases (their fused integer kernels round
+    differently), so a recorded figure carries the versions that produced it.
+    """
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"python": platform.python_version(), "processor": platform.machine(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "versions": versions, **extra}

@@ -52,3 +52,13 @@ def test_errors_are_clear(tiny_fx, tiny_onnx):
         evaluation.evaluate_causal_lm(tiny_onnx, [np.zeros((1, 4), np.int64)], [None, None])
     with pytest.raises(UnsupportedGraphError):
         evaluation.ort_latency(tiny_fx, {}, 1)
+
+
+def test_environment_names_the_versions_figures_depend_on():
+    import onnxruntime
+    import torch
+
+    env = evaluation.environment(device="cpu")
+    assert env["versions"]["onnxruntime"] == onnxruntime.__version__
+    assert env["versions"]["torch"] == torch.__version__
+    assert env["device"] == "cpu" and env["cpus"] >= 1
