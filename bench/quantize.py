@@ -1,6 +1,6 @@
 """Quantization on SmolLM2 next to ONNX Runtime's own quantizers; MiniLM W8A8 embedding cosine.
 
-    python bench/quantize.py [--json PATH] [--windows 24] [--calib 16] [--only NAME ...]
+    python bench/quantize.py [--json PATH] [--windows 24] [--calib 16] [--only NAME ...] [--ort-config KEY=VALUE ...]
 
 Rows, all measured in the same run on the same data: fp32; ONNX Runtime `quantize_static` (QDQ,
 per-channel int8 weights, MinMax, its default int8 activations, the same calibration windows; the
@@ -96,7 +96,7 @@ OPTIMIZATION = {"ort-static-matmul": "basic"}
 def _row(name, model, eval_windows, reference, fp32_row, seconds, args):
     row, _ = evaluation.benchmark_causal_lm(model, eval_windows, reference, latency_seq=args.length,
                                             latency_repeats=args.latency_repeats, threads=args.threads,
-                                            optimization=OPTIMIZATION.get(name, "all"))
+                                            optimization=OPTIMIZATION.get(name, "all"), config=args.ort_config)
     row = {"name": name, **row, "quantize_s": seconds}
     if fp32_row:
         row["ppl_ratio"] = row["ppl"] / fp32_row["ppl"]
@@ -111,7 +111,8 @@ def run(args, log) -> dict:
     calib_windows = samples.lm_windows(fp32.tokenizer, "calib", args.calib, args.length)
     log(f"quantize bench: fp32 on {args.windows} x {args.length} eval tokens...")
     fp32_row, reference = evaluation.benchmark_causal_lm(
-        fp32, eval_windows, latency_seq=args.length, latency_repeats=args.latency_repeats, threads=args.threads)
+        fp32, eval_windows, latency_seq=args.length, latency_repeats=args.latency_repeats, threads=args.threads,
+        config=args.ort_config)
     rows = [{"name": "fp32", **fp32_row, "ppl_ratio": 1.0, "size_ratio": 1.0, "quantize_s": 0.0}]
     with tempfile.TemporaryDirectory(prefix="graphopt-qbench-") as tmp:
         tmp = Path(tmp)
@@ -154,7 +155,8 @@ def run(args, log) -> dict:
         "model": "smollm2",
         "protocol": {"split": "eval", "windows": args.windows, "length": args.length, "calibration_windows": args.calib,
                      "reference": "fp32", "latency": {"seq": args.length, "batch": 1, "repeats": args.latency_repeats,
-                                                      "threads": args.threads or "ort default"}},
+                                                      "threads": args.threads or "ort default"},
+                     "ort_config": args.ort_config},
         "machine": evaluation.environment(),
         "rows": rows,
         "minilm": minilm,
@@ -189,7 +191,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0: ORT decides)")
     parser.add_argument("--only", nargs="*", choices=ALL, help="measure only these rows (fp32 always)")
+    parser.add_argument("--ort-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="onnxruntime session config entries for every evaluated model, e.g. "
+                             "session.qdq_matmulnbits_accuracy_level=1")
     args = parser.parse_args(argv)
+    malformed = [e for e in args.ort_config if "=" not in e]
+    if malformed:
+        parser.error(f"--ort-config: '{malformed[0]}' is not KEY=VALUE")
+    args.ort_config = dict(e.split("=", 1) for e in args.ort_config)
     log = lambda message: print(message, file=sys.stderr, flush=True)
     try:
         data = run(args, log)

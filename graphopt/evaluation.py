@@ -165,15 +165,18 @@ def benchmark_causal_lm(
     latency_repeats: int = 10,
     threads: int = 0,
     optimization: str = "all",
+    config: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One benchmark row for an ONNX causal LM: ppl, overlap@1/@k, bytes on disk, ORT latency.
 
-    One onnxruntime session (graph `optimization` level, see onnx_io.ort_session) serves both.
+    One onnxruntime session (graph `optimization` level and session `config`, see
+    onnx_io.ort_session) serves both.
     Latency is measured on the first `latency_seq` tokens of the first window, batch 1.
     Returns the row and the top-k reference of this model (see `evaluate_causal_lm`).
     """
     model.require("onnx", "benchmark_causal_lm")
-    session = onnx_io.ort_session(model.to_onnx(), threads=threads, optimization=optimization, consume=True)
+    session = onnx_io.ort_session(model.to_onnx(), threads=threads, optimization=optimization, consume=True,
+                                  config=config)
     name = model.inputs[0].name
     row, tops = evaluate_causal_lm(lambda ids: session.run(None, {name: ids})[0], windows, reference_logits, k=k)
     ids = np.atleast_2d(windows[0])[:1, :latency_seq].astype(np.int64)

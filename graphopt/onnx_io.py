@@ -225,7 +225,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 
 
 def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), threads: int = 0,
-                optimization: str = "all", consume: bool = False):
+                optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None):
     """An onnxruntime session for an in-memory model.
 
     The weights reach onnxruntime as external initializers (numpy views of the message's bytes),
@@ -233,6 +233,9 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
     model past protobuf's 2 GB limit needs no temporary file. `model` is left as it came, unless
     `consume` (a message made for this session only): then its weights are not copied back.
     `optimization` "basic" keeps QDQ semantics (no fused integer kernels); "none" runs the graph as is.
+    `config`: session config entries, e.g. {"session.qdq_matmulnbits_accuracy_level": "1"} (at
+    onnxruntime's default, 4, a DQ -> MatMul it fuses into MatMulNBits quantizes its float or
+    16-bit activation to int8 on the fly).
     """
     import onnxruntime as ort
 
@@ -240,6 +243,8 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
     options.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]

@@ -88,6 +88,16 @@ def test_qdq_model_is_exact(tiny_onnx, tiny_qdq, tmp_path):
     assert not (tmp_path / "w4" / "model.ort").exists()
 
 
+def test_a16_layers_fused_to_int8_matmulnbits_are_reported(tiny_onnx, tiny_qdq, tmp_path):
+    """onnxruntime's converter turns 16-bit-activation linears into MatMulNBits (int8 activations)."""
+    a16 = export(quantized(tiny_onnx, activation_bits=16), "ort-mobile", tmp_path / "w8a16", {"usability": False})
+    assert "MatMulNBits" in a16.report["operators"]["com.microsoft"]
+    assert "quantized to int8 at run time" in a16.report["warnings"][0]
+    assert "warnings" in json.loads((tmp_path / "w8a16" / "ort_mobile.json").read_text())
+    a8 = export(tiny_qdq, "ort-mobile", tmp_path / "w8a8", {"usability": False})
+    assert "warnings" not in a8.report
+
+
 def test_validation_catches_a_wrong_ort(tiny_onnx, tiny_qdq, tmp_path):
     """The check has teeth: a .ort of a different (quantized) model fails against the float model."""
     backend = available_backends()["ort-mobile"]()

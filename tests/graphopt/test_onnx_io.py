@@ -161,3 +161,36 @@ def test_ort_session_leaves_the_message_unless_it_may_consume_it():
     assert model.SerializeToString() == before
     session = ort_session(model, consume=True)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weight)  # the weights live on in the session
+
+
+def _sixteen_bit_activation_matmul(k: int = 256, n: int = 64, x_scale: float = 1e-3):
+    """x -> Q/DQ int16 -> MatMul with a per-channel uint8 DQ'd weight: a W8A16 linear layer."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(0, 256, (k, n), dtype=np.uint8)
+    w_scale = rng.random(n).astype(np.float32) * 0.01 + 0.001
+    inits = [numpy_helper.from_array(w, "w_q"), numpy_helper.from_array(w_scale, "w_s"),
+             numpy_helper.from_array(np.full(n, 128, np.uint8), "w_z"),
+             numpy_helper.from_array(np.array(x_scale, np.float32), "x_s"),
+             numpy_helper.from_array(np.array(0, np.int16), "x_z")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "x_s", "x_z"], ["x_q"]),
+             helper.make_node("DequantizeLinear", ["x_q", "x_s", "x_z"], ["x_dq"]),
+             helper.make_node("DequantizeLinear", ["w_q", "w_s", "w_z"], ["w_dq"], axis=1),
+             helper.make_node("MatMul", ["x_dq", "w_dq"], ["y"])]
+    graph = helper.make_graph(nodes, "w8a16", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = rng.standard_normal((4, k)).astype(np.float32) * 5
+    x_dq = np.clip(np.rint(x / x_scale), -32768, 32767) * x_scale
+    return model, x, x_dq.astype(np.float64) @ ((w.astype(np.float64) - 128) * w_scale)
+
+
+def test_session_config_keeps_16_bit_activations_out_of_int8_kernels():
+    # onnxruntime (1.32) fuses DQ -> MatMul into MatMulNBits at accuracy level 4 by default, which
+    # quantizes the 16-bit activation to int8 on the fly; level 1 computes in float
+    model, x, reference = _sixteen_bit_activation_matmul()
+    error = {}
+    for label, config in (("default", None), ("float", {"session.qdq_matmulnbits_accuracy_level": "1"})):
+        y = onnx_io.ort_session(model, config=config).run(None, {"x": x})[0]
+        error[label] = float(np.abs(y - reference).max() / np.abs(reference).max())
+    assert error["float"] < 1e-5
+    assert error["default"] > 1e-3, "onnxruntime no longer computes fused W8A16 MatMuls in int8: update bench/RESULTS.md"
