@@ -1,7 +1,7 @@
 """QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
-                        [--rotate] [--observer minmax|mse] [--temperature T] [--device cpu|cuda] [--json PATH]
+                        [--rotate] [--observer minmax|mse] [--temperature T] [--fused] [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -69,14 +69,15 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
 
 
 def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float, temperature: float | None,
-         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, device: str, log):
+         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, device: str, fused: bool, log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
                               sensitivity=sensitivity, int16_weights=_gains(fx), observer=observer).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
-                       temperature=temperature, warmup=max(1, steps // 20), device=device, progress=False, log=log)
+                       temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
+                       progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
@@ -119,10 +120,11 @@ def run(args, log) -> dict:
                                                  temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
                                                  sensitivity=args.sensitivity, observer=args.observer,
-                                                 device=args.device, log=log)
+                                                 device=args.device, fused=args.fused, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
-        label = f"{loss.upper() if loss == 'kd' else 'BiLD'}{f', T={args.temperature:g}' if args.temperature else ''}"
+        label = (f"{loss.upper() if loss == 'kd' else 'BiLD'}{f', T={args.temperature:g}' if args.temperature else ''}"
+                 f"{', fused' if args.fused else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
                            eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
@@ -136,7 +138,7 @@ def run(args, log) -> dict:
                      "calibration": {"split": "calib", "windows": args.calib, "length": args.length},
                      "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
-                               "temperature": args.temperature,
+                               "temperature": args.temperature, "fused": args.fused,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
@@ -164,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, help="distillation temperature (default: KD 2, BiLD 3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
+    parser.add_argument("--fused", action="store_true", help="train with torch's fused fake-quant kernels (8-bit points)")
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--calib", type=int, default=16)

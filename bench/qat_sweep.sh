@@ -6,13 +6,14 @@
 #
 # LOSS is kd or bild, T the distillation temperature (default: the loss's own). The export cache is
 # warmed once first; each run gets THREADS onnxruntime/torch threads (default 4: runs that each
-# take one thread per core stall one another). LIMIT (s) bounds the whole sweep.
+# take one thread per core stall one another). LIMIT (s) bounds the whole sweep; EXTRA adds bench/qat.py
+# options to every run (EXTRA=--fused).
 set -u
 OUT=${OUT:-.}
 THREADS=${THREADS:-4}
 LIMIT=${LIMIT:-3600}
 COMMON="--rotate --observer mse --batch 8 --train-windows 448 --int16-budget 0.15
-        --sensitivity samples/recipes/smollm2-rotated-sensitivity.json --device cuda --threads $THREADS"
+        --sensitivity samples/recipes/smollm2-rotated-sensitivity.json --device cuda --threads $THREADS ${EXTRA:-}"
 PYTHON=${PYTHON:-python}
 timeout "$LIMIT" "$PYTHON" -c "import graphopt; graphopt.lower(graphopt.load('sample:smollm2'))" 2>&1 \
     | grep -v "it/s" | tail -3

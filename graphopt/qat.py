@@ -72,6 +72,7 @@ class FakeQuant(torch.nn.Module):
         self.register_buffer("hi", torch.full(shape, -math.inf))
         self.observing = False
         self.enabled = True
+        self.fused = False  # torch's fused LSQ kernels (see `fused_forward`)
         self.observer = None  # a graphopt.quant.observers observer fed while observing (None: min/max only)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -92,10 +93,26 @@ class FakeQuant(torch.nn.Module):
             return x
         if not self.enabled:
             return x
+        if self.fused and self.spec.qmax - self.spec.qmin <= 255:
+            # 8 bits and fewer only: at 16 bits the kernel adds the zero point (up to 65535) before
+            # rounding in float32, which leaves the scale's gradient ~7 % off
+            return self.fused_forward(x)
         scale = self._view(self.log_scale.exp(), x)
         zero_point = self._view(self.zero_point, x)
         q = torch.clamp(_round_ste(x / scale) + zero_point, self.spec.qmin, self.spec.qmax)
         return (q - zero_point) * scale
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same quantizer and LSQ gradients in one torch kernel each way (instead of ~8 small ones:
+        QAT on a GPU is launch-bound). The kernel multiplies by 1/scale where ONNX QuantizeLinear
+        divides, so a value on a rounding boundary may land one step away (training only; the
+        exported encodings are the same parameters)."""
+        scale, zero_point, spec = self.log_scale.exp(), self.zero_point, self.spec
+        if spec.granularity == "tensor":
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale.reshape(1), zero_point.reshape(1), spec.qmin, spec.qmax, 1.0)
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, scale, zero_point, spec.axis, spec.qmin, spec.qmax, 1.0)
 
     def _range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.spec.granularity == "tensor":
@@ -316,6 +333,7 @@ def train(
     train_weights: bool = True,
     batch_size: int = 1,
     device: str = "cpu",
+    fused: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
 ) -> TrainReport:
@@ -325,7 +343,9 @@ def train(
     cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
     windows, cycling in order; teacher logits are computed once per window and kept (fp16) for
     later epochs. loss "kd" uses temperature 2 by default, "bild" temperature 3 and `top_k` 8
-    (the paper's settings).
+    (the paper's settings). `fused` trains with torch's fused fake-quant kernels
+    (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
+    at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s).
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")
@@ -333,9 +353,12 @@ def train(
         raise OptionError(f"qat.train: loss must be 'kd' or 'bild', got '{loss}'")
     if steps < 1 or not windows or batch_size < 1:
         raise OptionError("qat.train needs steps >= 1, batch_size >= 1 and at least one window")
-    if not fake_quant_modules(student):
+    quantizers = list(fake_quant_modules(student).values())
+    if not quantizers:
         raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
     temperature = temperature or (2.0 if loss == "kd" else 3.0)
+    for module in quantizers:
+        module.fused = fused
     gm = _to_device(student.fx, device)
     scales = [p for n, p in gm.named_parameters() if n.endswith("log_scale")]
     weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
@@ -375,6 +398,8 @@ def train(
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"qat: step {step + 1}/{steps} loss {sum(report.losses[-10:]) / len(report.losses[-10:]):.4f}")
     report.seconds = time.perf_counter() - start
+    for module in quantizers:
+        module.fused = False
     for p in weights:
         p.requires_grad_(False)
     student.fx = _to_device(gm, "cpu")

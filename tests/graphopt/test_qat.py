@@ -58,6 +58,51 @@ def test_training_lowers_the_distillation_loss(tiny_fx, student, windows, loss, 
     assert after < 0.9 * first, (first, after)
 
 
+@pytest.mark.parametrize("bits, granularity, symmetric", [(8, "tensor", False), (8, "channel", False),
+                                                         (8, "channel", True), (16, "tensor", False)])
+def test_fused_fake_quant_is_the_same_quantizer(bits, granularity, symmetric):
+    """8-bit quantizers take torch's fused kernels; 16-bit ones keep the reference formula."""
+    from graphopt.quant.spec import QuantSpec, dtype_for
+
+    torch.manual_seed(0)
+    spec = QuantSpec(dtype_for(bits, symmetric), granularity, axis=0 if granularity == "channel" else None,
+                     symmetric=symmetric)
+    module = qat.FakeQuant(spec, "weight", "w", channels=16 if granularity == "channel" else 1)
+    with torch.no_grad():
+        module.log_scale.copy_(torch.log(torch.rand(module.log_scale.shape) * 0.05 + 0.01))
+        module.zero_point.fill_(0 if symmetric else spec.qmin + (spec.qmax - spec.qmin) // 3)
+    x = torch.randn(16, 4096) * 3
+    results = []
+    for fused in (False, True):
+        module.fused, module.log_scale.grad = fused, None
+        y = module(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        results.append((y.detach(), module.log_scale.grad.clone()))
+    (y, grad), (y_fused, grad_fused) = results
+    if bits == 16:
+        assert torch.equal(y_fused, y) and torch.equal(grad_fused, grad)
+        return
+    step = module.log_scale.exp().detach().reshape(-1, 1) if granularity == "channel" else module.log_scale.exp().detach()
+    moved = (y_fused - y).abs() > 1e-6
+    # 1/scale vs division: only values on a rounding boundary may move, by one step
+    assert moved.float().mean() < 1e-3
+    torch.testing.assert_close(((y_fused - y).abs() / step)[moved], torch.ones(int(moved.sum())), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(grad_fused, grad, rtol=1e-3, atol=1e-3 * float(grad.abs().max()))
+
+
+def test_fused_training_follows_the_reference_and_resets(tiny_fx, student, windows):
+    reports = []
+    for fused in (False, True):
+        model = student.copy()
+        seen = []
+        first = next(iter(qat.fake_quant_modules(model).values()))
+        first.register_forward_pre_hook(lambda module, _: seen.append(module.fused))
+        reports.append(qat.train(model, tiny_fx, windows, steps=4, lr=1e-4, scale_lr=1e-2, fused=fused, progress=False))
+        assert seen == [fused] * 4
+        assert not any(m.fused for m in qat.fake_quant_modules(model).values())
+    np.testing.assert_allclose(reports[1].losses, reports[0].losses, rtol=2e-2)
+
+
 def test_encodings_name_the_lowered_tensors(tiny_fx, student):
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=lambda *_: None)
     feeds = tiny_fx.sample_inputs[0]  # stripped of its quantizers, the student is the float model again
