@@ -30,6 +30,7 @@ import graphopt
 from graphopt import evaluation, onnx_io, qat, samples
 from graphopt.errors import GraphoptError
 from graphopt.pass_infra import PassContext
+from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
 
 COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "train_steps", "train_s", "s_per_step", "pipeline_s"]
@@ -43,25 +44,17 @@ def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None,
               threads: int = 0) -> tuple[dict, list]:
     log(f"qat bench: evaluating {name} on {len(eval_windows)} windows...")
     # a thread count of its own: runs that share a machine otherwise each spin up a thread per core
-    session = onnx_io.ort_session(model.to_onnx(), threads=threads, consume=True)
-    feed = model.inputs[0].name
-    row, tops = evaluation.evaluate_causal_lm(lambda ids: session.run(None, {feed: ids})[0], eval_windows, reference)
+    row, tops = evaluation.evaluate_causal_lm(model, eval_windows, reference, threads=threads)
     row["name"] = name
     row["ppl_ratio"] = row["ppl"] / fp32_ppl if fp32_ppl else 1.0
     return row, tops
-
-
-def _gains(model) -> tuple[str, ...]:
-    """The rotate pass's 16-bit gain matrices (none without --rotate)."""
-    names = model.graph.tensors() if model.form == "onnx" else dict(model.fx.named_parameters())
-    return tuple(n for n in names if n.endswith(".rotated_gain"))
 
 
 def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     start = time.perf_counter()
     model = get_pass("quantize")(weight_bits=8, weight_symmetric=args.weight_symmetric, activation_bits=8,
                                  int16_budget=args.int16_budget, sensitivity=args.sensitivity,
-                                 int16_weights=_gains(fp32_onnx), observer=args.observer).run(
+                                 int16_weights=gain_matrices(fp32_onnx), observer=args.observer).run(
         fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
     seconds = time.perf_counter() - start
     log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
@@ -73,7 +66,7 @@ def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, sc
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
-                              sensitivity=sensitivity, int16_weights=_gains(fx), observer=observer).run(
+                              sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,

@@ -77,16 +77,17 @@ def evaluate_causal_lm(
     reference_logits: list[np.ndarray] | None = None,
     *,
     k: int = 8,
+    threads: int = 0,
 ) -> tuple[dict[str, float], list[np.ndarray]]:
     """Perplexity over `windows` and, given a reference, overlap@1 and overlap@k against it.
 
     `model` is a causal-LM `Model` (FX runs in torch, ONNX in onnxruntime with one session for all
-    windows) or any callable `input_ids -> logits`. `windows` are token-id arrays ([seq] or
+    windows, `threads` of its own; 0: one per core) or any callable `input_ids -> logits`. `windows` are token-id arrays ([seq] or
     [batch, seq]). `reference_logits` (one entry per window) are full logits or the top-k indices
     this function returns. Returns the row {"ppl", "overlap@1", "overlap@k"} and this model's
     top-k indices per window, to serve as the reference of later runs.
     """
-    run = _logits_fn(model)
+    run = _logits_fn(model, threads)
     if reference_logits is not None and len(reference_logits) != len(windows):
         raise GraphoptError(f"{len(reference_logits)} reference entries for {len(windows)} windows")
     total, count, tops, hits1, hitsk = 0.0, 0, [], [], []
@@ -108,13 +109,13 @@ def evaluate_causal_lm(
     return row, tops
 
 
-def _logits_fn(model) -> Callable[[np.ndarray], np.ndarray]:
+def _logits_fn(model, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
     if not isinstance(model, Model):
         return model
     if model.task != "causal-lm":
         raise GraphoptError(f"'{model.name}' is a {model.task} model; evaluate_causal_lm needs logits")
     name = model.inputs[0].name
-    runner = model.runner()
+    runner = model.runner(threads)
     return lambda ids: runner({name: ids})[0]
 
 

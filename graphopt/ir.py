@@ -195,9 +195,9 @@ class Model:
         return onnx_io.save_onnx(self.to_onnx(), path, inputs=inputs)
 
     # ------------------------------------------------------------ running
-    def session(self):
-        """An onnxruntime session for the ONNX form."""
-        return onnx_io.ort_session(self.to_onnx(), consume=True)
+    def session(self, threads: int = 0):
+        """An onnxruntime session for the ONNX form (`threads` 0: one per core)."""
+        return onnx_io.ort_session(self.to_onnx(), threads=threads, consume=True)
 
     def run(self, feeds: dict[str, np.ndarray], session=None) -> list[np.ndarray]:
         """Run one batch: torch for the FX form, onnxruntime for the ONNX form; outputs as numpy."""
@@ -214,9 +214,9 @@ class Model:
         names = [i.name for i in session.get_inputs()]
         return session.run(None, {n: feeds[n] for n in names})
 
-    def runner(self):
+    def runner(self, threads: int = 0):
         """A callable `feeds -> outputs` that reuses one onnxruntime session across calls."""
-        session = self.session() if self.form == "onnx" else None
+        session = self.session(threads) if self.form == "onnx" else None
         return lambda feeds: self.run(feeds, session=session)
 
     # ------------------------------------------------------------ sizes

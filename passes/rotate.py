@@ -19,7 +19,7 @@ from graphopt.ir import Model, consumers
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.residual import ResidualStream, find_residual_stream, rotated_weights
 
-__all__ = ["Rotate", "gain_matmul_name"]
+__all__ = ["Rotate", "gain_matmul_name", "gain_matrices"]
 
 
 def gain_matmul_name(gamma: str) -> str:
@@ -27,6 +27,13 @@ def gain_matmul_name(gamma: str) -> str:
     ('model.norm.weight' -> 'model.norm.rotated_gain'); the same in both forms."""
     owner, _, _ = gamma.rpartition(".")
     return f"{owner}.rotated_gain" if owner else f"{gamma}_rotated_gain"
+
+
+def gain_matrices(model: Model) -> tuple[str, ...]:
+    """The gain matrices a rotation left in `model` (either form), by `gain_matmul_name`: near
+    identity, they want 16-bit weights (`int16_weights` of quantize and fake_quantize)."""
+    names = model.graph.tensors() if model.form == "onnx" else dict(model.fx.named_parameters())
+    return tuple(n for n in names if n.endswith("rotated_gain"))
 
 
 @register_pass

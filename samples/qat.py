@@ -28,6 +28,7 @@ import graphopt
 from graphopt import evaluation, qat, samples
 from graphopt.errors import GraphoptError
 from graphopt.pass_infra import PassContext
+from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,10 +63,9 @@ def run(args) -> None:
     calib = [{fx.inputs[0].name: w} for w in train_windows[:16]]
 
     student = fx.copy()
-    gains = tuple(name for name, _ in fx.fx.named_parameters() if name.endswith(".rotated_gain"))
     ranking = str(SENSITIVITY) if args.model == "sample:smollm2" else ""
     get_pass("fake_quantize")(weight_bits=8, activation_bits=8, int16_budget=0.15 if ranking else 0.0,
-                              sensitivity=ranking, int16_weights=gains, observer="mse").run(
+                              sensitivity=ranking, int16_weights=gain_matrices(fx), observer="mse").run(
         student, PassContext(calib=calib))
     report = qat.train(student, fx, train_windows, steps=args.steps, batch_size=args.batch, lr=args.lr,
                        loss="kd", temperature=1.0, warmup=max(1, args.steps // 20), device=args.device, fused=True)

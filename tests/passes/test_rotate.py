@@ -119,3 +119,13 @@ def test_smollm2_rotation_is_exact_and_lets_8_bit_activations_through(smollm2_on
     turned = quantize.run(rotated.copy(), ctx).model
     sqnr = [np.mean([metrics.sqnr_db(b, q) for b, q in zip(before, logits(m, smollm2_eval[:2]))]) for m in (plain, turned)]
     assert sqnr[1] > sqnr[0] + 3, sqnr
+
+
+def test_gain_matrices_are_found_in_both_forms(tiny_fx, tiny_onnx):
+    import graphopt
+    from graphopt.passes.rotate import gain_matrices
+
+    assert gain_matrices(tiny_fx) == () and gain_matrices(tiny_onnx) == ()
+    rotated = Rotate().run(tiny_fx.copy(), PassContext()).model
+    assert gain_matrices(rotated) == ("model.norm.rotated_gain",)
+    assert gain_matrices(graphopt.lower(rotated, log=lambda _: None)) == ("model.norm.rotated_gain",)
