@@ -345,7 +345,8 @@ def train(
     later epochs. loss "kd" uses temperature 2 by default, "bild" temperature 3 and `top_k` 8
     (the paper's settings). `fused` trains with torch's fused fake-quant kernels
     (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
-    at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s).
+    at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s). On CUDA they are
+    3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")

@@ -8,7 +8,8 @@ calibration alone:
 2. `fake_quantize`: learnable quantizers at the points the ONNX `quantize` pass would use, the
    15 % most sensitive activations at 16 bits, ranges initialised by the MSE observer;
 3. `qat.train`: full-vocabulary KD at T=1 against the float model (the best setting of
-   bench/qat.py's GPU sweep), torch's fused fake-quant kernels;
+   bench/qat.py's GPU sweep), on the CPU with torch's fused fake-quant kernels (on CUDA they
+   are slower than the reference formula);
 4. lower the trained student to ONNX, export its scales as AIMET 1.0.0 encodings
    (`OUT/smollm2-w8a8.encodings`) and fold them into a static QDQ model (`fold_encodings`),
    written to `OUT/smollm2-w8a8-qat.onnx`; then compare it with the float model in onnxruntime.
@@ -68,7 +69,8 @@ def run(args) -> None:
                               sensitivity=ranking, int16_weights=gain_matrices(fx), observer="mse").run(
         student, PassContext(calib=calib))
     report = qat.train(student, fx, train_windows, steps=args.steps, batch_size=args.batch, lr=args.lr,
-                       loss="kd", temperature=1.0, warmup=max(1, args.steps // 20), device=args.device, fused=True)
+                       loss="kd", temperature=1.0, warmup=max(1, args.steps // 20), device=args.device,
+                       fused=args.device == "cpu")
     print(f"qat: {report.steps} steps in {report.seconds:.1f} s, KD loss {report.losses[0]:.4f} -> "
           f"{sum(report.losses[-5:]) / len(report.losses[-5:]):.4f} (last 5)")
 
