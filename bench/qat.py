@@ -1,7 +1,8 @@
 """QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
-                        [--rotate] [--observer minmax|mse] [--temperature T] [--fused] [--device cpu|cuda] [--json PATH]
+                        [--rotate] [--observer minmax|mse] [--weight-rounding rtn|gptq] [--temperature T] [--fused]
+                        [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -54,7 +55,8 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     start = time.perf_counter()
     model = get_pass("quantize")(weight_bits=8, weight_symmetric=args.weight_symmetric, activation_bits=8,
                                  int16_budget=args.int16_budget, sensitivity=args.sensitivity,
-                                 int16_weights=gain_matrices(fp32_onnx), observer=args.observer).run(
+                                 int16_weights=gain_matrices(fp32_onnx), observer=args.observer,
+                                 weight_rounding=args.weight_rounding).run(
         fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
     seconds = time.perf_counter() - start
     log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
@@ -62,11 +64,13 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
 
 
 def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float, temperature: float | None,
-         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, device: str, fused: bool, log):
+         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, rounding: str, device: str,
+         fused: bool, log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
-                              sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer).run(
+                              sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer,
+                              weight_rounding=rounding).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
@@ -101,7 +105,8 @@ def run(args, log) -> dict:
     rows = [row]
     if "ptq" in args.rows:
         model, seconds = _ptq(fp32, calib, args, log)
-        row, _ = _evaluate(model, "PTQ W8A8 static (quantize)", eval_windows, reference, fp32_ppl, log, args.threads)
+        label = "PTQ W8A8 static (quantize" + (", GPTQ)" if args.weight_rounding == "gptq" else ")")
+        row, _ = _evaluate(model, label, eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "pipeline_s": seconds})
         del model
         gc.collect()
@@ -113,11 +118,11 @@ def run(args, log) -> dict:
                                                  temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
                                                  sensitivity=args.sensitivity, observer=args.observer,
-                                                 device=args.device, fused=args.fused, log=log)
+                                                 rounding=args.weight_rounding, device=args.device, fused=args.fused, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         label = (f"{loss.upper() if loss == 'kd' else 'BiLD'}{f', T={args.temperature:g}' if args.temperature else ''}"
-                 f"{', fused' if args.fused else ''}")
+                 f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
                            eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
@@ -133,7 +138,7 @@ def run(args, log) -> dict:
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
                                "temperature": args.temperature, "fused": args.fused,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
-                     "rotate": args.rotate, "ptq_observer": args.observer,
+                     "rotate": args.rotate, "ptq_observer": args.observer, "weight_rounding": args.weight_rounding,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
                      "reference": "fp32 (ONNX Runtime)"},
         "machine": evaluation.environment(device=args.device),
@@ -155,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate", action="store_true", help="rotate the residual stream first (rotate pass, FX form)")
     parser.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
                         help="activation ranges: the PTQ row's, and the QAT quantizers' initial ones")
+    parser.add_argument("--weight-rounding", default="rtn", choices=["rtn", "gptq"],
+                        help="PTQ weights, and QAT's starting weights: round to nearest or GPTQ")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--temperature", type=float, help="distillation temperature (default: KD 2, BiLD 3)")

@@ -7,7 +7,7 @@ per-channel int8 weights, MinMax, its default int8 activations, the same calibra
 table Gather excluded, see `_table_gathers`) with its default op types and with MatMul only (run
 at onnxruntime's "basic" optimisation level, the only one that accepts that model),
 `quantize_dynamic` (int8 MatMul weights), `MatMulNBits` (4-bit, block 32, symmetric); graphopt's
-recipes samples/recipes/smollm2-{w8a8,w8a16,w4a16}.yaml. Protocol as bench/fidelity.py: 24
+recipes samples/recipes/smollm2-{w8a8,w8a8-gptq,w8a16,w4a16}.yaml. Protocol as bench/fidelity.py: 24
 evaluation windows x 128 tokens, overlap@k against fp32, latency of one batch-1 run at 128
 tokens on onnxruntime CPU; "quantize s" is calibration + quantization wall time (for ORT's tools
 including their file I/O, which they require). MiniLM: mean cosine of the sentence embedding of
@@ -34,10 +34,11 @@ from graphopt.ir import Model
 from graphopt.onnx_io import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {name: ROOT / "samples" / "recipes" / f"smollm2-{name}.yaml" for name in ("w8a8", "w8a16", "w4a16")}
+RECIPES = {name: ROOT / "samples" / "recipes" / f"smollm2-{name}.yaml" for name in ("w8a8", "w8a8-gptq", "w8a16", "w4a16")}
 COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "bytes", "size_ratio", "quantize_s", "latency_ms",
            "latency_min_ms"]
-ALL = ["ort-static", "ort-static-matmul", "ort-dynamic", "ort-matmulnbits-w4", "graphopt-w8a8", "graphopt-w8a16", "graphopt-w4a16", "minilm"]
+ALL = ["ort-static", "ort-static-matmul", "ort-dynamic", "ort-matmulnbits-w4", "graphopt-w8a8", "graphopt-w8a8-gptq",
+       "graphopt-w8a16", "graphopt-w4a16", "minilm"]
 
 
 def _ort_static(src: Path, out: Path, calib_windows, **options) -> None:

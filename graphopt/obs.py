@@ -19,8 +19,8 @@ from graphopt.errors import UnsupportedGraphError
 
 __all__ = ["prepare", "sweep"]
 
-# replace(j, block, i) -> the new values of column j (= block[:, i]); `block` holds the columns of
-# the current block with every earlier column's error already applied
+# replace(j, block, i) -> the new values of column j (= block[i]); `block` holds the current block's
+# columns as rows ([columns, out], so a column is contiguous), every earlier column's error applied
 Replace = Callable[[int, torch.Tensor, int], torch.Tensor]
 
 
@@ -41,11 +41,16 @@ def prepare(w: np.ndarray, hessian: np.ndarray, dampening: float, what: str) -> 
     W[:, dead] = 0.0
     scale = torch.mean(torch.diag(H)).item()
     H += dampening * scale * torch.eye(cols, dtype=H.dtype)
+    # the upper factor U of H⁻¹ (H⁻¹ = UᵀU) is the reversal of L⁻¹, L the lower factor of H with
+    # rows and columns reversed: one factorisation and one triangular solve, half the work of
+    # factor, invert, factor again
+    eye = torch.eye(cols, dtype=H.dtype)
+    reversed_h = H.flip(0, 1)
     extra = 0.0
     for _ in range(6):
         try:
-            L = torch.linalg.cholesky(H + extra * torch.eye(cols, dtype=H.dtype))
-            return W, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(torch.float32)
+            L = torch.linalg.cholesky(reversed_h + extra * eye)
+            return W, torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1).to(torch.float32)
         except RuntimeError:  # torch.linalg.LinAlgError: not positive definite
             extra = scale * 0.01 if extra == 0 else extra * 10
     raise UnsupportedGraphError(f"{what}: the calibration Hessian is not positive definite even after dampening")
@@ -53,20 +58,26 @@ def prepare(w: np.ndarray, hessian: np.ndarray, dampening: float, what: str) -> 
 
 def sweep(W: torch.Tensor, hinv: torch.Tensor, replace: Replace, blocksize: int = 128) -> torch.Tensor:
     """Replace every column of W (in place) in order, compensating each column's error on the
-    columns after it; returns W with every column replaced."""
-    cols = W.shape[1]
+    columns after it; returns W with every column replaced.
+
+    The sweep runs on Wᵀ: a column is then a contiguous row, and the per-column work (one call of
+    `replace`, a rank-1 update) is a handful of in-place ops, which Python overhead dominates
+    (SmolLM2's linears have 98k columns; 4x faster than on W's own layout)."""
+    Wt = W.T.contiguous()
+    cols = Wt.shape[0]
     for start in range(0, cols, blocksize):
         stop = min(start + blocksize, cols)
-        block = W[:, start:stop].clone()
-        errors = torch.zeros_like(block)
+        block = Wt[start:stop].clone()
+        errors = torch.empty_like(block)
         hblock = hinv[start:stop, start:stop]
         for i in range(stop - start):
-            column = block[:, i]
             new = replace(start + i, block, i)
-            err = (column - new) / hblock[i, i]
-            block[:, i + 1:] -= err[:, None] * hblock[i, i + 1:][None, :]
-            block[:, i] = new
-            errors[:, i] = err
-        W[:, start:stop] = block
-        W[:, stop:] -= errors @ hinv[start:stop, stop:]
+            torch.sub(block[i], new, out=errors[i]).div_(hblock[i, i])
+            if i + 1 < stop - start:
+                block[i + 1:].addr_(hblock[i, i + 1:], errors[i], alpha=-1)
+            block[i] = new
+        Wt[start:stop] = block
+        if stop < cols:
+            Wt[stop:].addmm_(hinv[start:stop, stop:].T, errors, alpha=-1)
+    W.copy_(Wt.T)
     return W

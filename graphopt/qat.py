@@ -34,7 +34,8 @@ from graphopt.quant.observers import make_observer
 from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = [
-    "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "fake_quant_modules", "set_fake_quant",
+    "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
+    "set_fake_quant",
     "kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
 ]
 
@@ -74,6 +75,7 @@ class FakeQuant(torch.nn.Module):
         self.enabled = True
         self.fused = False  # torch's fused LSQ kernels (see `fused_forward`)
         self.observer = None  # a graphopt.quant.observers observer fed while observing (None: min/max only)
+        self.hessian = None  # an activations.InputHessian fed while observing (GPTQ weight rounding)
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if t.ndim == 0:
@@ -88,8 +90,11 @@ class FakeQuant(torch.nn.Module):
                 lo, hi = self._range(x)
                 self.lo.copy_(torch.minimum(self.lo, lo))
                 self.hi.copy_(torch.maximum(self.hi, hi))
-                if self.observer is not None:
-                    self.observer.update(x.detach().float().cpu().numpy())
+                if self.observer is not None or self.hessian is not None:
+                    values = x.detach().float().cpu().numpy()
+                    for sink in (self.observer, self.hessian):
+                        if sink is not None:
+                            sink.update(values)
             return x
         if not self.enabled:
             return x
@@ -129,6 +134,10 @@ class FakeQuant(torch.nn.Module):
             scale, zero_point = self.observer.params(self.spec)
         else:
             scale, zero_point = numerics.scale_zero_point(self.lo.cpu().numpy(), self.hi.cpu().numpy(), self.spec)
+        self.set_params(scale, zero_point)
+
+    def set_params(self, scale: np.ndarray, zero_point: np.ndarray) -> None:
+        """Take a scale and zero point in this module's layout (the inverse of `params`)."""
         with torch.no_grad():
             self.log_scale.copy_(torch.from_numpy(np.asarray(np.log(scale), dtype=np.float32)).reshape(self.log_scale.shape))
             self.zero_point.copy_(torch.from_numpy(np.asarray(zero_point, dtype=np.float32)).reshape(self.zero_point.shape))
@@ -221,15 +230,18 @@ def _add(gm, module: FakeQuant, source, inserted: list, users) -> Any:
 
 
 def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progress: bool = True,
-              observer: str = "minmax") -> None:
+              observer: str = "minmax", hessians: bool = False) -> None:
     """Observe every quantizer's input over `feeds` (default: the model's sample inputs, enough
     for weights alone), then set scales and zero points: weights from min/max, activations from
-    `observer` ("minmax", "percentile" or "mse", as the quantize pass's)."""
+    `observer` ("minmax", "percentile" or "mse", as the quantize pass's). `hessians`: activation
+    quantizers also keep their input's Hessian (`FakeQuant.hessian`), for `gptq_round_weights`."""
     modules = list(fake_quant_modules(model).values())
     for module in modules:
         module.observing = True
         if module.kind == "activation" and observer != "minmax":
             module.observer = make_observer(observer)
+        if module.kind == "activation" and hessians:
+            module.hessian = activations.InputHessian()
     feeds = feeds or model.sample_inputs
     if not feeds:
         raise OptionError(f"calibrating the fake quantizers of '{model.name}' needs at least one feed")
@@ -242,6 +254,48 @@ def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progre
     for module in modules:
         module.init_from_range()
         module.observer = None
+
+
+def _table_weights(gm) -> set[str]:
+    """Parameter names read by an embedding lookup (directly or through their quantizer)."""
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            source = node.args[0]
+            if source.op == "call_module" and source.target.startswith(MODULE_PREFIX):
+                source = source.args[0]
+            if source.op == "get_attr":
+                names.add(source.target)
+    return names
+
+
+def gptq_round_weights(model: Model, *, grid: str = "minmax", progress: bool = True) -> int:
+    """Replace every linear weight by its GPTQ rounding (graphopt.quant.gptq) on its quantizer's
+    grid, and set the quantizer to that grid; returns how many weights were rounded.
+
+    Needs the input Hessians `calibrate(..., hessians=True)` kept. The quantized model then
+    computes what the ONNX quantize pass's GPTQ weights compute, and training starts from there
+    instead of round-to-nearest. Embedding tables keep round-to-nearest (their rounding serves the
+    lookups as much as the lm_head), as in the quantize pass; the Hessians are freed."""
+    from graphopt.quant.gptq import gptq_quantize
+
+    gm = model.fx
+    modules = list(fake_quant_modules(model).values())
+    hessians = {w: m.hessian for m in modules if m.kind == "activation" and m.hessian is not None for w in m.feeds}
+    if not hessians:
+        raise UnsupportedGraphError(f"'{model.name}': no input Hessians; calibrate with hessians=True first")
+    tables = _table_weights(gm)
+    weights = [m for m in modules if m.kind == "weight" and m.name in hessians and m.name not in tables]
+    for module in activations.progress_bar(weights, len(weights), "fake_quantize: GPTQ", progress):
+        param = functools.reduce(getattr, module.name.split("."), gm)
+        spec = module.spec if module.spec.granularity == "tensor" else dataclasses.replace(module.spec, axis=1)
+        result = gptq_quantize(param.detach().cpu().numpy().T, hessians[module.name].hessian, spec, grid=grid)
+        with torch.no_grad():
+            param.copy_(torch.from_numpy(np.ascontiguousarray(result.dequantized.T)))
+        module.set_params(result.scale, result.zero_point)
+    for module in modules:
+        module.hessian = None
+    return len(weights)
 
 
 def set_fake_quant(model: Model, enabled: bool) -> None:

@@ -159,6 +159,7 @@ def sparsegpt(w: np.ndarray, hessian: np.ndarray, pattern: Pattern, *, blocksize
     prune_count = pattern.m - pattern.n
 
     def replace(j: int, block, i: int):
+        block = block.T  # [out, columns of the block]
         if i == 0 and not pattern.structured and pattern.ratio > 0:
             span = slice(j, j + block.shape[1])
             keep[:, span] = ~_unstructured_drop(block ** 2 / d[None, span] ** 2, pattern.ratio, scope)

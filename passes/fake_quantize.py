@@ -37,6 +37,10 @@ class FakeQuantize(Pass):
       4. The inputs of weights in `int16_inputs`, then the most sensitive activation points of a
          `graphopt sensitivity` ranking up to `int16_budget` × the points, get 16 bits.
       5. A model that already holds quantizers, or has no linear layer, is left untouched.
+      6. `weight_rounding` "gptq": after calibration, linear weights (not embedding tables) are
+         replaced by their GPTQ rounding on their quantizer's grid (qat.gptq_round_weights),
+         from the float model's input Hessians over the calibration feeds, as the quantize pass's
+         GPTQ; training then starts from those weights.
     Guarantees: scales start at min-max of calibration (activations: `observer`'s range, as in
     the quantize pass), so the fake-quant model computes what a static QDQ model with those
     scales computes; with the
@@ -58,6 +62,7 @@ class FakeQuantize(Pass):
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "initial activation ranges"})
+    weight_rounding: Literal["rtn", "gptq"] = field(default="rtn", metadata={"help": "initial weights: round to nearest, or GPTQ (needs calibration)"})
 
     def check(self) -> None:
         if self.weight_bits not in (4, 8, 16):
@@ -70,6 +75,11 @@ class FakeQuantize(Pass):
         if self.int16_budget and not self.sensitivity:
             raise OptionError("'fake_quantize': option 'int16_budget' needs option 'sensitivity' "
                               "(a `graphopt sensitivity` JSON) to choose the points")
+        if self.weight_rounding not in ("rtn", "gptq"):
+            raise OptionError(f"'fake_quantize': option 'weight_rounding' must be 'rtn' or 'gptq', got '{self.weight_rounding}'")
+        if self.weight_rounding == "gptq" and not self.activation_bits:
+            raise OptionError("'fake_quantize': option 'weight_rounding' 'gptq' takes its Hessians from the activation "
+                              "quantizers; it needs 'activation_bits' 8 or 16")
         if self.sensitivity and not Path(self.sensitivity).is_file():
             raise OptionError(f"'fake_quantize': option 'sensitivity': no such file '{self.sensitivity}'")
 
@@ -115,8 +125,10 @@ class FakeQuantize(Pass):
                                          frozenset(self.int16_weights))
         if not inserted:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
-        feeds = ctx.require_calib(self.name) if activation_spec is not None else ctx.calib
-        qat.calibrate(model, feeds, progress=ctx.progress, observer=self.observer)
+        gptq = self.weight_rounding == "gptq"
+        feeds = ctx.require_calib(self.name) if activation_spec is not None or gptq else ctx.calib
+        qat.calibrate(model, feeds, progress=ctx.progress, observer=self.observer, hessians=gptq)
+        rounded = qat.gptq_round_weights(model, progress=ctx.progress) if gptq else 0
         model.meta.extra["fake_quant"] = [
             {"module": name, "kind": m.kind, "name": m.name, "feeds": list(m.feeds), "dtype": m.spec.dtype}
             for name, m in qat.fake_quant_modules(model).items()
@@ -124,4 +136,5 @@ class FakeQuantize(Pass):
         kinds = [m.kind for m in inserted]
         return PassResult(model, True, {"weight_quantizers": kinds.count("weight"),
                                         "activation_quantizers": kinds.count("activation"),
-                                        "int16_activations": sum(m.spec is wide_spec for m in inserted)})
+                                        "int16_activations": sum(m.spec is wide_spec for m in inserted),
+                                        "gptq_weights": rounded})

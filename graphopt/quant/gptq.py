@@ -99,26 +99,26 @@ def gptq_quantize(
         block_size = max(group, block_size // group * group)
     scales = np.zeros((rows // group, cols), np.float32)
     zeros = np.zeros((rows // group, cols), np.int64)
-    codes = torch.zeros((cols, rows), dtype=torch.float32)
-    keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool).T))
+    codes = torch.zeros((rows, cols), dtype=torch.float32)  # [in, out]: the sweep's row layout
+    keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool)))
     current = {}
 
     def replace(j: int, block, i: int):
         if j % group == 0:
-            source = W if group == rows else block[:, i:i + group]  # whole rows: the grid of the weight
+            source = W if group == rows else block[i:i + group].T  # whole rows: the grid of the weight
             scale, zero_point = _group_params(source.numpy(), spec, grid)
             scales[j // group], zeros[j // group] = scale, zero_point
             current["scale"] = torch.from_numpy(scale.astype(np.float32))
             current["zero"] = torch.from_numpy(zero_point.astype(np.float32))
         scale, zero = current["scale"], current["zero"]
-        q = torch.clamp(torch.round(block[:, i] / scale) + zero, spec.qmin, spec.qmax)
+        q = torch.round(block[i] / scale).add_(zero).clamp_(spec.qmin, spec.qmax)
         if keep is not None:
-            q = torch.where(keep[:, j], q, zero)
-        codes[:, j] = q
-        return (q - zero) * scale
+            q = torch.where(keep[j], q, zero)
+        codes[j] = q
+        return q.sub(zero).mul_(scale)
 
     obs.sweep(W, hinv, replace, block_size)
-    codes = codes.numpy().T.astype(np.int64)
+    codes = codes.numpy().astype(np.int64)
     if spec.granularity == "channel":
         scales, zeros = scales[0], zeros[0]
     elif spec.granularity == "tensor":

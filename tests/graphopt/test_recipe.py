@@ -175,3 +175,10 @@ def test_smollm2_w8a8_recipe_end_to_end(smollm2_onnx, smollm2_eval):
     row, _ = evaluate_causal_lm(result.model, smollm2_eval, reference)
     # 0.906 here (4 windows x 64 tokens); 0.932 on the bench's 24 x 128 (bench/RESULTS.md)
     assert row["overlap@1"] > 0.88 and row["ppl"] < 1.05 * reference_row["ppl"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "samples" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    """Each recipe under samples/recipes parses, names real passes with valid options and files."""
+    recipe = load_recipe(path)
+    assert recipe.passes
