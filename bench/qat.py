@@ -1,8 +1,8 @@
-"""QAT on SmolLM2: PTQ W8A8 static vs QAT (KD) vs QAT (BiLD), each folded to static QDQ, next to fp32.
+"""QAT on SmolLM2: PTQ W8A8 static vs QAT (KD, reverse KL, BiLD), each folded to static QDQ, next to fp32.
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
                         [--rotate] [--observer minmax|mse] [--weight-rounding rtn|gptq] [--temperature T] [--fused]
-                        [--device cpu|cuda] [--json PATH]
+                        [--validation N] [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -63,7 +63,11 @@ def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
     return model, seconds
 
 
-def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float, temperature: float | None,
+LOSS_LABELS = {"kd": "KD", "rkl": "reverse KL", "bild": "BiLD"}
+
+
+def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
+         temperature: float | None,
          symmetric: bool, int16_budget: float, sensitivity: str, observer: str, rounding: str, device: str,
          fused: bool, log):
     start = time.perf_counter()
@@ -74,7 +78,7 @@ def _qat(fx, calib, windows, *, loss: str, steps: int, batch: int, lr: float, sc
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
-                       progress=False, log=log)
+                       validation=validation, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
@@ -98,7 +102,9 @@ def run(args, log) -> dict:
     eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
     train_windows = _calib_windows(fp32, max(args.calib, args.train_windows), args.length)
     calib = [{fp32.inputs[0].name: w} for w in train_windows[:args.calib]]
-    train_windows = train_windows[:args.train_windows]
+    # validation windows are the last --validation of the training windows, held out from training
+    validation = train_windows[args.train_windows - args.validation:args.train_windows] if args.validation else None
+    train_windows = train_windows[:args.train_windows - args.validation]
     row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log, args.threads)
     fp32_ppl = row["ppl"]
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
@@ -110,10 +116,10 @@ def run(args, log) -> dict:
         rows.append({**row, "pipeline_s": seconds})
         del model
         gc.collect()
-    for loss in ("kd", "bild"):
+    for loss in LOSS_LABELS:
         if f"qat-{loss}" not in args.rows:
             continue
-        model, report, seconds, encodings = _qat(fx, calib, train_windows, loss=loss, steps=args.steps,
+        model, report, seconds, encodings = _qat(fx, calib, train_windows, validation, loss=loss, steps=args.steps,
                                                  batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
                                                  temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
@@ -121,13 +127,14 @@ def run(args, log) -> dict:
                                                  rounding=args.weight_rounding, device=args.device, fused=args.fused, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
-        label = (f"{loss.upper() if loss == 'kd' else 'BiLD'}{f', T={args.temperature:g}' if args.temperature else ''}"
+        label = (f"{LOSS_LABELS[loss]}{f', T={args.temperature:g}' if args.temperature else ''}"
                  f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
                            eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
                      "s_per_step": report.seconds_per_step, "pipeline_s": seconds,
-                     "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses))})
+                     "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses)),
+                     "best_step": report.best_step, "validation": report.validation})
         del model
         gc.collect()
     return {
@@ -136,7 +143,7 @@ def run(args, log) -> dict:
                      "calibration": {"split": "calib", "windows": args.calib, "length": args.length},
                      "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
-                               "temperature": args.temperature, "fused": args.fused,
+                               "temperature": args.temperature, "fused": args.fused, "validation": args.validation,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer, "weight_rounding": args.weight_rounding,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
@@ -150,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sample:smollm2")
     parser.add_argument("--rows", nargs="+", default=["ptq", "qat-kd", "qat-bild"],
-                        choices=["ptq", "qat-kd", "qat-bild"])
+                        choices=["ptq", "qat-kd", "qat-rkl", "qat-bild"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1, help="windows per training step")
     parser.add_argument("--train-windows", type=int, default=16, help="calibration-split windows trained on")
+    parser.add_argument("--validation", type=int, default=0,
+                        help="hold out the last N training windows; QAT keeps its best step by top-1 agreement there")
     parser.add_argument("--weight-symmetric", action="store_true", help="int8 weights (default: uint8 asymmetric)")
     parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of activation points at 16 bits")
     parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
@@ -174,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
     parser.add_argument("--encodings-dir", type=Path, help="write each QAT run's AIMET 1.0.0 encodings here")
     args = parser.parse_args(argv)
+    if not 0 <= args.validation < args.train_windows:
+        parser.error(f"--validation {args.validation} must hold out fewer than --train-windows {args.train_windows}")
     log = lambda message: print(message, file=sys.stderr, flush=True)
     try:
         data = run(args, log)

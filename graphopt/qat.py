@@ -36,11 +36,12 @@ from graphopt.quant.spec import QuantSpec, dtype_for
 __all__ = [
     "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
     "set_fake_quant",
-    "kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
+    "kd_loss", "reverse_kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
 ]
 
 MODULE_PREFIX = "graphopt_fq_"
-Loss = Literal["kd", "bild"]
+Loss = Literal["kd", "rkl", "bild"]
+DEFAULT_TEMPERATURE = {"kd": 2.0, "rkl": 1.0, "bild": 3.0}
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -326,6 +327,18 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
 
 
+def reverse_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Reverse KL, T² · KL(softmax(student/T) ‖ softmax(teacher/T)), mean over positions.
+
+    Mode-seeking where `kd_loss` is mass-covering (MiniLLM, Gu et al., arXiv 2306.08543): a student
+    that cannot match the whole distribution keeps the teacher's peaks rather than spreading its
+    mass over the teacher's tail, which is what top-1 agreement asks of it."""
+    vocab = student.shape[-1]
+    log_p_s = F.log_softmax(student.reshape(-1, vocab) / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).mean() * temperature**2
+
+
 def _logit_differences(logits: torch.Tensor, k: int) -> torch.Tensor:
     i, j = torch.triu_indices(k, k, offset=1, device=logits.device)
     return logits[..., i] - logits[..., j]
@@ -364,6 +377,8 @@ class TrainReport:
     losses: list[float] = field(default_factory=list)
     loss: str = "kd"
     device: str = "cpu"
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (step, overlap@1 with the teacher)
+    best_step: int | None = None  # the step whose weights and scales the student kept
 
     @property
     def seconds_per_step(self) -> float:
@@ -388,6 +403,8 @@ def train(
     batch_size: int = 1,
     device: str = "cpu",
     fused: bool = False,
+    validation: list[np.ndarray] | None = None,
+    validate_every: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
 ) -> TrainReport:
@@ -396,22 +413,26 @@ def train(
     AdamW (weights at `lr`, log-scales at `scale_lr`, no decay by default), linear warm-up then
     cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
     windows, cycling in order; teacher logits are computed once per window and kept (fp16) for
-    later epochs. loss "kd" uses temperature 2 by default, "bild" temperature 3 and `top_k` 8
-    (the paper's settings). `fused` trains with torch's fused fake-quant kernels
+    later epochs. loss "kd" uses temperature 2 by default, "rkl" (`reverse_kd_loss`) 1, "bild"
+    temperature 3 and `top_k` 8 (the paper's settings). `validation` windows (held out from
+    `windows`): before training, every `validate_every` steps (default: a tenth of them) and at the
+    end, the student's top-1 agreement with the teacher there is measured, and the student ends with
+    the weights and scales of the best measurement (longer training can drift away from the teacher
+    on text it did not see; `TrainReport.validation`, `best_step`). `fused` trains with torch's fused fake-quant kernels
     (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
     at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s). On CUDA they are
     3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")
-    if loss not in ("kd", "bild"):
-        raise OptionError(f"qat.train: loss must be 'kd' or 'bild', got '{loss}'")
+    if loss not in DEFAULT_TEMPERATURE:
+        raise OptionError(f"qat.train: loss must be one of {', '.join(DEFAULT_TEMPERATURE)}, got '{loss}'")
     if steps < 1 or not windows or batch_size < 1:
         raise OptionError("qat.train needs steps >= 1, batch_size >= 1 and at least one window")
     quantizers = list(fake_quant_modules(student).values())
     if not quantizers:
         raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
-    temperature = temperature or (2.0 if loss == "kd" else 3.0)
+    temperature = temperature or DEFAULT_TEMPERATURE[loss]
     for module in quantizers:
         module.fused = fused
     gm = _to_device(student.fx, device)
@@ -427,6 +448,10 @@ def train(
     teacher_fn = _teacher_fn(teacher, device)
     cache: dict[int, torch.Tensor] = {}
     report = TrainReport(steps, 0.0, loss=loss, device=device)
+    validator = _Validator(gm, teacher_fn, validation, device) if validation else None
+    every = validate_every or max(1, steps // 10)
+    if validator:
+        validator.measure(gm, 0, report)
     start = time.perf_counter()
     bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
     for step in bar:
@@ -442,7 +467,10 @@ def train(
         logits = gm(ids)
         logits = logits[0] if isinstance(logits, (tuple, list)) else logits
         target = torch.cat([cache[i] for i in indices]).float()
-        value = kd_loss(logits, target, temperature) if loss == "kd" else bild_loss(logits, target, top_k, temperature)
+        if loss == "bild":
+            value = bild_loss(logits, target, top_k, temperature)
+        else:
+            value = (kd_loss if loss == "kd" else reverse_kd_loss)(logits, target, temperature)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
@@ -452,6 +480,12 @@ def train(
             bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
         if (step + 1) % max(1, steps // 10) == 0:
             log(f"qat: step {step + 1}/{steps} loss {sum(report.losses[-10:]) / len(report.losses[-10:]):.4f}")
+        if validator and ((step + 1) % every == 0 or step + 1 == steps):
+            validator.measure(gm, step + 1, report)
+            log(f"qat: step {step + 1} validation overlap@1 {report.validation[-1][1]:.4f}")
+    if validator:
+        validator.restore(gm, report)
+        log(f"qat: kept step {report.best_step} (validation overlap@1 {max(v for _, v in report.validation):.4f})")
     report.seconds = time.perf_counter() - start
     for module in quantizers:
         module.fused = False
@@ -461,6 +495,34 @@ def train(
     if isinstance(teacher, Model):
         teacher.fx = _to_device(teacher.fx, "cpu")
     return report
+
+
+class _Validator:
+    """Top-1 agreement with the teacher on held-out windows, and the state that scored best."""
+
+    def __init__(self, gm, teacher_fn, windows: list[np.ndarray], device: str):
+        self.ids = [_window(w, device) for w in windows]
+        with torch.no_grad():
+            self.targets = [teacher_fn(ids).argmax(-1) for ids in self.ids]
+        self.best_score, self.best_state = -1.0, None
+
+    def measure(self, gm, step: int, report: TrainReport) -> None:
+        hits = total = 0
+        with torch.no_grad():
+            for ids, target in zip(self.ids, self.targets):
+                logits = gm(ids)
+                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                hits += int((logits.argmax(-1) == target).sum())
+                total += target.numel()
+        score = hits / total
+        report.validation.append((step, score))
+        if score > self.best_score:  # the earliest of equals: fewer steps away from the teacher
+            self.best_score, report.best_step = score, step
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in gm.state_dict().items()}
+
+    def restore(self, gm, report: TrainReport) -> None:
+        if report.best_step != report.validation[-1][0]:
+            gm.load_state_dict(self.best_state)
 
 
 def _window(tokens: np.ndarray, device: str) -> torch.Tensor:

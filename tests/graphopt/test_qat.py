@@ -1,4 +1,4 @@
-"""QAT: distillation losses (KD, BiLD as the paper defines it), the training loop, encodings export."""
+"""QAT: distillation losses (KD, reverse KL, BiLD as the paper defines it), the training loop, encodings export."""
 
 import numpy as np
 import pytest
@@ -47,7 +47,22 @@ def test_bild_matches_its_definition_on_a_small_case():
     assert qat.kd_loss(s, t).item() > 0.1
 
 
-@pytest.mark.parametrize("loss, batch", [("kd", 1), ("bild", 1), ("kd", 2)])
+def test_reverse_kd_is_kl_from_the_student():
+    torch.manual_seed(1)
+    s, t = torch.randn(2, 3, 50), torch.randn(2, 3, 50)
+    temp = 2.0
+    p_s, p_t = (s / temp).softmax(-1), (t / temp).softmax(-1)
+    expected = (p_s * (p_s.log() - p_t.log())).sum(-1).mean() * temp**2
+    assert qat.reverse_kd_loss(s, t, temp).item() == pytest.approx(expected.item(), rel=1e-5)
+    assert qat.reverse_kd_loss(t + 5.0, t).item() == pytest.approx(0.0, abs=1e-5)
+    # the two directions differ: reverse KL weighs the student's own mass
+    assert qat.reverse_kd_loss(s, t, temp).item() != pytest.approx(qat.kd_loss(s, t, temp).item(), rel=1e-2)
+    student = s.clone().requires_grad_()
+    qat.reverse_kd_loss(student, t, temp).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("loss, batch", [("kd", 1), ("bild", 1), ("kd", 2), ("rkl", 1)])
 def test_training_lowers_the_distillation_loss(tiny_fx, student, windows, loss, batch):
     model = student.copy()
     first = qat.train(model, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False).losses[0]
@@ -128,6 +143,23 @@ def test_fold_encodings_reproduces_the_fake_quant_model(tiny_fx, student):
     torch_out, ort_out, float_out = student.run(feeds)[0], folded.run(feeds)[0], tiny_fx.run(feeds)[0]
     # a rounding boundary may flip a code between the two runtimes; far below the quantization error
     assert np.abs(torch_out - ort_out).max() < 0.05 * np.abs(torch_out - float_out).max()
+
+
+def test_validation_keeps_the_best_step(tiny_fx, student, windows):
+    """A learning rate that wrecks the student: the kept state is the best validation measurement's,
+    and measuring the returned student again gives that score."""
+    held_out = samples.lm_windows(None, "eval", 2, 24)
+    model = student.copy()
+    report = qat.train(model, tiny_fx, windows, steps=6, lr=0.3, scale_lr=0.3, validation=held_out,
+                       validate_every=2, progress=False)
+    steps = [step for step, _ in report.validation]
+    assert steps == [0, 2, 4, 6]
+    scores = dict(report.validation)
+    assert scores[report.best_step] == max(scores.values())
+    assert scores[6] < scores[report.best_step]  # the wrecked end was not kept
+    reference = [tiny_fx.run({"input_ids": w})[0].argmax(-1) for w in held_out]
+    kept = np.mean([(model.run({"input_ids": w})[0].argmax(-1) == r).mean() for w, r in zip(held_out, reference)])
+    assert kept == pytest.approx(scores[report.best_step], abs=1e-9)
 
 
 def test_errors(tiny_fx, tiny_onnx, windows, student):
