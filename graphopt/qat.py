@@ -418,7 +418,9 @@ def train(
     `windows`): before training, every `validate_every` steps (default: a tenth of them) and at the
     end, the student's top-1 agreement with the teacher there is measured, and the student ends with
     the weights and scales of the best measurement (longer training can drift away from the teacher
-    on text it did not see; `TrainReport.validation`, `best_step`). `fused` trains with torch's fused fake-quant kernels
+    on text it did not see; `TrainReport.validation`, `best_step`). Top-1 agreement is noisy: on
+    SmolLM2, 16 windows of 128 tokens varied by ±0.006 between steps that evaluate alike, so hold
+    out many windows to rank steps, or few to catch a collapse. `fused` trains with torch's fused fake-quant kernels
     (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
     at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s). On CUDA they are
     3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
