@@ -62,7 +62,7 @@ def sweep(W: torch.Tensor, hinv: torch.Tensor, replace: Replace, blocksize: int 
 
     The sweep runs on Wᵀ: a column is then a contiguous row, and the per-column work (one call of
     `replace`, a rank-1 update) is a handful of in-place ops, which Python overhead dominates
-    (SmolLM2's linears have 98k columns; 4x faster than on W's own layout)."""
+    (SmolLM2's linears have 98k columns: 12 s on W's own layout, 4 s on Wᵀ, two cores)."""
     Wt = W.T.contiguous()
     cols = Wt.shape[0]
     for start in range(0, cols, blocksize):
