@@ -67,9 +67,8 @@ LOSS_LABELS = {"kd": "KD", "rkl": "reverse KL", "bild": "BiLD"}
 
 
 def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
-         temperature: float | None,
-         symmetric: bool, int16_budget: float, sensitivity: str, observer: str, rounding: str, device: str,
-         fused: bool, log):
+         temperature: float | None, symmetric: bool, int16_budget: float, sensitivity: str, observer: str,
+         rounding: str, device: str, fused: bool, log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
@@ -124,7 +123,8 @@ def run(args, log) -> dict:
                                                  temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
                                                  sensitivity=args.sensitivity, observer=args.observer,
-                                                 rounding=args.weight_rounding, device=args.device, fused=args.fused, log=log)
+                                                 rounding=args.weight_rounding, device=args.device, fused=args.fused,
+                                                 log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         label = (f"{LOSS_LABELS[loss]}{f', T={args.temperature:g}' if args.temperature else ''}"
@@ -173,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="PTQ weights, and QAT's starting weights: round to nearest or GPTQ")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
-    parser.add_argument("--temperature", type=float, help="distillation temperature (default: KD 2, BiLD 3)")
+    parser.add_argument("--temperature", type=float,
+                        help="distillation temperature (default: KD 2, reverse KL 1, BiLD 3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
-    parser.add_argument("--fused", action="store_true", help="train with torch's fused fake-quant kernels (8-bit points; 2.3x faster on CPU, 3-5x slower on CUDA)")
+    parser.add_argument("--fused", action="store_true",
+                        help="train with torch's fused fake-quant kernels (8-bit points; 2.3x faster on CPU, "
+                             "3-5x slower on CUDA)")
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--calib", type=int, default=16)

@@ -321,9 +321,7 @@ def strip_fake_quant(model: Model) -> Model:
 # ---------------------------------------------------------------------------------- losses
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """Hinton's KD: T² · KL(softmax(teacher/T) ‖ softmax(student/T)), mean over positions."""
-    vocab = student.shape[-1]
-    log_p_s = F.log_softmax(student.reshape(-1, vocab) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    log_p_s, log_p_t = _log_probs(student, teacher, temperature)
     return F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean") * temperature**2
 
 
@@ -333,10 +331,15 @@ def reverse_kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: f
     Mode-seeking where `kd_loss` is mass-covering (MiniLLM, Gu et al., arXiv 2306.08543): a student
     that cannot match the whole distribution keeps the teacher's peaks rather than spreading its
     mass over the teacher's tail, which is what top-1 agreement asks of it."""
-    vocab = student.shape[-1]
-    log_p_s = F.log_softmax(student.reshape(-1, vocab) / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1)
+    log_p_s, log_p_t = _log_probs(student, teacher, temperature)
     return (log_p_s.exp() * (log_p_s - log_p_t)).sum(-1).mean() * temperature**2
+
+
+def _log_probs(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both models' log-softmax at temperature T, one row per position (the teacher in float32)."""
+    vocab = student.shape[-1]
+    return (F.log_softmax(student.reshape(-1, vocab) / temperature, dim=-1),
+            F.log_softmax(teacher.reshape(-1, vocab).float() / temperature, dim=-1))
 
 
 def _logit_differences(logits: torch.Tensor, k: int) -> torch.Tensor:

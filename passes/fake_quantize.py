@@ -62,7 +62,8 @@ class FakeQuantize(Pass):
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "initial activation ranges"})
-    weight_rounding: Literal["rtn", "gptq"] = field(default="rtn", metadata={"help": "initial weights: round to nearest, or GPTQ (needs calibration)"})
+    weight_rounding: Literal["rtn", "gptq"] = field(
+        default="rtn", metadata={"help": "initial weights: round to nearest, or GPTQ (needs calibration)"})
 
     def check(self) -> None:
         if self.weight_bits not in (4, 8, 16):
