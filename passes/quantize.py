@@ -19,6 +19,7 @@ from graphopt.quant import QuantSpec, dtype_for, numerics, qdq
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import MinMaxObserver, make_observer
 from graphopt.sensitivity import read_sensitivity
+from graphopt.sparsity import name_matches
 
 __all__ = ["Quantize"]
 
@@ -72,7 +73,8 @@ class Quantize(Pass):
     Reads calibration feeds (`ctx.calib`) unless activations are left float and rounding is RTN;
     optionally a sensitivity ranking JSON. Rewrites, in order:
 
-    1. SmoothQuant (`smoothquant_alpha` > 0): for an activation read only by linear layers, per
+    1. SmoothQuant (`smoothquant_alpha` > 0; with `smoothquant_weights`, only the inputs of the
+       linears those patterns name): for an activation read only by linear layers, per
        channel factors s (numerics.smooth_scales) divide the activation, folded into its producer
        (the norm's Mul by a constant weight, the linear whose output it multiplies elementwise
        (SwiGLU's up_proj), or the linear that produces it) and multiply the consumers' weight rows.
@@ -117,6 +119,9 @@ class Quantize(Pass):
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (else SQNR proxy)"})
     smoothquant_alpha: float = field(default=0.0, metadata={"help": "SmoothQuant migration strength (0: off)"})
+    smoothquant_weights: tuple[str, ...] = field(
+        default=(), metadata={"help": "smooth only the inputs of linears whose weight matches (globs, 're:...'); "
+                                      "empty: every input SmoothQuant can reach"})
     # off by default: ORT 1.32's CPU fusions (MatMulIntegerToFloat / QGemm without an output Q)
     # compute wrong results with a DQ'd int32 bias (max error 0.8 vs 0.02 unfused, see the tests);
     # QNN and the NPU simulator derive bias encodings from s_x·s_w themselves
@@ -322,6 +327,9 @@ class Quantize(Pass):
         users = consumers(graph)
         plans = {}
         for point in points:
+            if self.smoothquant_weights and not any(
+                    name_matches(s.weight, self.smoothquant_weights) for s in by_activation.get(point, [])):
+                continue
             plan = _smooth_plan(tensors[point], by_activation.get(point, []), users, tensors)
             if plan is not None:
                 plans[point] = plan

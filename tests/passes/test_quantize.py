@@ -148,6 +148,23 @@ def test_smoothquant_is_exact_before_rounding(tiny_onnx, tiny_calib, tiny_eval):
     assert sqnr(smoothed.model, tiny_eval) > 40.0 and sqnr(plain.model, tiny_eval) > 40.0
 
 
+def test_smoothquant_weights_limit_smoothing_to_the_named_linears(tiny_onnx, tiny_calib, tiny_eval):
+    everywhere = Quantize(weight_bits=16, activation_bits=16, smoothquant_alpha=0.5).run(tiny_onnx.copy(), tiny_calib)
+    down_only = Quantize(weight_bits=16, activation_bits=16, smoothquant_alpha=0.5,
+                         smoothquant_weights=("*layers.0.mlp.down_proj*",)).run(tiny_onnx.copy(), tiny_calib)
+    assert down_only.stats["smoothed"] == 1 < everywhere.stats["smoothed"]
+    original = tiny_onnx.graph.tensors()
+    # only the named weight took the factors; the others are as they were (up to 16-bit rounding)
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        dq = next(n for n in down_only.model.graph.nodes if n.op == "DequantizeLinear" and n.inputs[0].name.startswith(name))
+        codes = np.asarray(dq.inputs[0].values, np.float64)
+        scale, zero = np.asarray(dq.inputs[1].values, np.float64), np.asarray(dq.inputs[2].values, np.float64)
+        values = (codes - zero[None, :]) * scale[None, :]
+        moved = not np.allclose(values, original[name].values, atol=1e-3)
+        assert moved == ("layers.0" in name), name
+    assert sqnr(down_only.model, tiny_eval) > 40.0
+
+
 def test_smoothed_ranges_from_one_calibration_run_match_a_second_run(tiny_onnx, tiny_calib, monkeypatch):
     """MSE ranges and GPTQ Hessians of smoothed points come from recorded values divided by the
     migration factors; running the smoothed model again (the fallback past RECORDING_LIMIT)
