@@ -453,7 +453,7 @@ def train(
     teacher_fn = _teacher_fn(teacher, device)
     cache: dict[int, torch.Tensor] = {}
     report = TrainReport(steps, 0.0, loss=loss, device=device)
-    validator = _Validator(gm, teacher_fn, validation, device) if validation else None
+    validator = _Validator(teacher_fn, validation, device) if validation else None
     every = validate_every or max(1, steps // 10)
     if validator:
         validator.measure(gm, 0, report)
@@ -469,8 +469,7 @@ def train(
         factor = _lr_factor(step, steps, warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
-        logits = gm(ids)
-        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        logits = _logits(gm, ids)
         target = torch.cat([cache[i] for i in indices]).float()
         if loss == "bild":
             value = bild_loss(logits, target, top_k, temperature)
@@ -505,7 +504,7 @@ def train(
 class _Validator:
     """Top-1 agreement with the teacher on held-out windows, and the state that scored best."""
 
-    def __init__(self, gm, teacher_fn, windows: list[np.ndarray], device: str):
+    def __init__(self, teacher_fn, windows: list[np.ndarray], device: str):
         self.ids = [_window(w, device) for w in windows]
         with torch.no_grad():
             self.targets = [teacher_fn(ids).argmax(-1) for ids in self.ids]
@@ -515,8 +514,7 @@ class _Validator:
         hits = total = 0
         with torch.no_grad():
             for ids, target in zip(self.ids, self.targets):
-                logits = gm(ids)
-                logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+                logits = _logits(gm, ids)
                 hits += int((logits.argmax(-1) == target).sum())
                 total += target.numel()
         score = hits / total
@@ -528,6 +526,12 @@ class _Validator:
     def restore(self, gm, report: TrainReport) -> None:
         if report.best_step != report.validation[-1][0]:
             gm.load_state_dict(self.best_state)
+
+
+def _logits(gm, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of an exported causal LM (its first output when it returns several)."""
+    out = gm(ids)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _window(tokens: np.ndarray, device: str) -> torch.Tensor:
@@ -567,12 +571,7 @@ def _teacher_fn(teacher, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
         return teacher
     teacher.require("fx", "qat.train teacher")
     teacher.fx = gm = _to_device(teacher.fx, device)
-
-    def run(ids: torch.Tensor) -> torch.Tensor:
-        out = gm(ids)
-        return out[0] if isinstance(out, (tuple, list)) else out
-
-    return run
+    return functools.partial(_logits, gm)
 
 
 # ---------------------------------------------------------------------------------- export
