@@ -2,7 +2,8 @@
 
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
                         [--rotate] [--observer minmax|mse] [--weight-rounding rtn|gptq] [--temperature T] [--fused]
-                        [--validation N] [--device cpu|cuda] [--json PATH]
+                        [--validation N] [--generated N [--generated-only] [--prompt-tokens P]]
+                        [--shuffle SEED] [--compile] [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -12,7 +13,9 @@ the `--int16-budget` most sensitive points of the `--sensitivity` ranking at 16 
 QAT inserts the same points with the fake_quantize pass (asymmetric per-channel weights like the
 PTQ row; `--weight-symmetric` for int8), trains weights and scales against the float model's
 logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings and folds them
-with fold_encodings: the rows compare deployable static QDQ models. `--rotate` runs the rotate
+with fold_encodings: the rows compare deployable static QDQ models. `--generated N` adds N windows the
+float model writes itself (`qat.generate_windows`: the first `--prompt-tokens` of a training window,
+then sampled), interleaved with the real ones. `--rotate` runs the rotate
 pass on the FX model first (both rows start from it; its final-norm gain is 16-bit in both). SmolLM2 trains in minutes on a
 GPU (`--device cuda`); on two CPU cores a step takes ~15 s.
 """
@@ -21,11 +24,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import shlex
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 import graphopt
 from graphopt import evaluation, onnx_io, qat, samples
@@ -67,16 +73,19 @@ LOSS_LABELS = {"kd": "KD", "rkl": "reverse KL", "bild": "BiLD"}
 
 
 def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
+         weight_scale_lr: float | None,
          temperature: float | None, symmetric: bool, int16_budget: float, sensitivity: str, observer: str,
-         rounding: str, device: str, fused: bool, log):
+         rounding: str, device: str, fused: bool, compile: bool, shuffle: int | None, cache_teacher: bool, log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
                               sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer,
                               weight_rounding=rounding).run(
         student, PassContext(calib=calib, progress=False))
-    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, loss=loss, batch_size=batch,
+    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, weight_scale_lr=weight_scale_lr,
+                       loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
+                       compile=compile, shuffle=shuffle, cache_teacher=cache_teacher,
                        validation=validation, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
@@ -88,8 +97,54 @@ def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, l
     return result.model, report, seconds, encodings
 
 
-def run(args, log) -> dict:
+def _interleave(a: list, b: list) -> list:
+    """a and b merged evenly, each keeping its order."""
+    keyed = [(i / len(a), 0, x) for i, x in enumerate(a)] + [(i / len(b), 1, x) for i, x in enumerate(b)]
+    return [x for *_, x in sorted(keyed, key=lambda t: t[:2])]
+
+
+def _generated(fx, prompts, args, log) -> list:
+    """`--generated` windows written by the float model, or read from `--generated-file` when it
+    holds them (parallel runs share one generation)."""
+    path = args.generated_file
+    if path and path.is_file():
+        stored = np.load(path)
+        if stored.shape != (args.generated, args.length):
+            raise GraphoptError(f"--generated-file {path}: holds {stored.shape[0]} x {stored.shape[1]} tokens, "
+                                f"not --generated {args.generated} x --length {args.length}")
+        log(f"qat bench: {len(stored)} generated windows read from {path}")
+        return [row[None, :] for row in stored]
+    start = time.perf_counter()
+    generated = qat.generate_windows(fx, prompts, args.generated, length=args.length, prompt_tokens=args.prompt_tokens,
+                                     temperature=args.sample_temperature, seed=args.seed,
+                                     batch_size=args.generate_batch, device=args.device, progress=False)
+    log(f"qat bench: {args.generated} windows generated from {args.prompt_tokens}-token prompts "
+        f"in {time.perf_counter() - start:.1f} s")
+    if path:
+        onnx_io.atomic_write_bytes(path, _npy_bytes(np.concatenate(generated)))
+    return generated
+
+
+def _npy_bytes(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def run(args, log) -> dict | None:
     fx = graphopt.load(args.model, log=log)
+    train_windows = _calib_windows(fx, max(args.calib, args.train_windows), args.length)
+    calib = [{fx.inputs[0].name: w} for w in train_windows[:args.calib]]
+    # validation windows are the last --validation of the training windows, held out from training
+    validation = train_windows[args.train_windows - args.validation:args.train_windows] if args.validation else None
+    train_windows = train_windows[:args.train_windows - args.validation]
+    if args.generated:
+        # before the rotation: the same function, and a --generate-only run needs no export
+        generated = _generated(fx, train_windows, args, log)
+        if args.generate_only:
+            return None
+        # interleaved, so every batch mixes real and generated text
+        train_windows = generated if args.generated_only else _interleave(train_windows, generated)
     fp32 = graphopt.lower(fx, log=log)
     if args.rotate:
         # the FX form finds the stream on this (cached) export; the ONNX form rotates it the same
@@ -99,11 +154,6 @@ def run(args, log) -> dict:
         fx, fp32 = (r.model for r in results)
         log(f"qat bench: rotate: {json.dumps(results[0].stats)}")
     eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
-    train_windows = _calib_windows(fp32, max(args.calib, args.train_windows), args.length)
-    calib = [{fp32.inputs[0].name: w} for w in train_windows[:args.calib]]
-    # validation windows are the last --validation of the training windows, held out from training
-    validation = train_windows[args.train_windows - args.validation:args.train_windows] if args.validation else None
-    train_windows = train_windows[:args.train_windows - args.validation]
     row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log, args.threads)
     fp32_ppl = row["ppl"]
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
@@ -120,15 +170,20 @@ def run(args, log) -> dict:
             continue
         model, report, seconds, encodings = _qat(fx, calib, train_windows, validation, loss=loss, steps=args.steps,
                                                  batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
+                                                 weight_scale_lr=args.weight_scale_lr,
                                                  temperature=args.temperature,
                                                  symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
                                                  sensitivity=args.sensitivity, observer=args.observer,
                                                  rounding=args.weight_rounding, device=args.device, fused=args.fused,
-                                                 log=log)
+                                                 compile=args.compile, shuffle=args.shuffle,
+                                                 cache_teacher=not args.no_teacher_cache, log=log)
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         label = (f"{LOSS_LABELS[loss]}{f', T={args.temperature:g}' if args.temperature else ''}"
-                 f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}")
+                 f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}"
+                 f"{', weight grids fixed' if args.weight_scale_lr == 0 else ''}"
+                 f"{f', +{args.generated} generated' if args.generated and not args.generated_only else ''}"
+                 f"{f', {args.generated} generated only' if args.generated_only else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
                            eval_windows, reference, fp32_ppl, log, args.threads)
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
@@ -143,7 +198,11 @@ def run(args, log) -> dict:
                      "calibration": {"split": "calib", "windows": args.calib, "length": args.length},
                      "train": {"split": "calib", "windows": args.train_windows, "length": args.length,
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
+                               "weight_scale_lr": args.weight_scale_lr,
                                "temperature": args.temperature, "fused": args.fused, "validation": args.validation,
+                               "generated": args.generated, "generated_only": args.generated_only,
+                               "prompt_tokens": args.prompt_tokens, "sample_temperature": args.sample_temperature,
+                               "seed": args.seed, "shuffle": args.shuffle, "compile": args.compile,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer, "weight_rounding": args.weight_rounding,
                      "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
@@ -156,7 +215,7 @@ def run(args, log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sample:smollm2")
-    parser.add_argument("--rows", nargs="+", default=["ptq", "qat-kd", "qat-bild"],
+    parser.add_argument("--rows", nargs="*", default=["ptq", "qat-kd", "qat-bild"],
                         choices=["ptq", "qat-kd", "qat-rkl", "qat-bild"])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=1, help="windows per training step")
@@ -173,12 +232,29 @@ def main(argv: list[str] | None = None) -> int:
                         help="PTQ weights, and QAT's starting weights: round to nearest or GPTQ")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
+    parser.add_argument("--weight-scale-lr", type=float,
+                        help="lr of the weight quantizers' scales (default: --scale-lr; 0 keeps a GPTQ start's grids)")
     parser.add_argument("--temperature", type=float,
                         help="distillation temperature (default: KD 2, reverse KL 1, BiLD 3)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--fused", action="store_true",
                         help="train with torch's fused fake-quant kernels (8-bit points; 2.3x faster on CPU, "
                              "3-5x slower on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step (GPU: fewer launches)")
+    parser.add_argument("--shuffle", type=int, help="seed: each epoch visits the training windows in a random order")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="add N windows the float model writes from prompts cut from the training windows")
+    parser.add_argument("--generated-only", action="store_true", help="train on the generated windows alone")
+    parser.add_argument("--generated-file", type=Path,
+                        help="a .npy of generated windows: read when it exists, else written (runs in parallel share it)")
+    parser.add_argument("--generate-batch", type=int, default=256, help="windows generated at once")
+    parser.add_argument("--generate-only", action="store_true",
+                        help="write --generated-file and stop (the first step of a sweep)")
+    parser.add_argument("--prompt-tokens", type=int, default=16, help="real tokens that start a generated window")
+    parser.add_argument("--sample-temperature", type=float, default=1.0, help="sampling temperature of generation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of generation")
+    parser.add_argument("--no-teacher-cache", action="store_true",
+                        help="compute the teacher's logits at every step instead of keeping them (12.6 MB a window)")
     parser.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
     parser.add_argument("--windows", type=int, default=24)
     parser.add_argument("--calib", type=int, default=16)
@@ -189,11 +265,15 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.validation < args.train_windows:
         parser.error(f"--validation {args.validation} must hold out fewer than --train-windows {args.train_windows}")
     log = lambda message: print(message, file=sys.stderr, flush=True)
+    if args.generate_only and not (args.generated and args.generated_file):
+        parser.error("--generate-only needs --generated N and --generated-file PATH")
     try:
         data = run(args, log)
     except GraphoptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if data is None:
+        return 0
     data["command"] = "python bench/qat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
     if args.json:

@@ -22,6 +22,7 @@ __all__ = [
     "save_onnx",
     "ort_session",
     "atomic_write_text",
+    "atomic_write_bytes",
     "refuse_overwrite",
     "staged_folder",
 ]
@@ -196,14 +197,19 @@ def _default_mode() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write a text file through a temporary file and a rename."""
+    """Write a text file (UTF-8) through a temporary file and a rename."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write a file through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         os.chmod(tmp, _default_mode())
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -36,7 +36,8 @@ from graphopt.quant.spec import QuantSpec, dtype_for
 __all__ = [
     "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
     "set_fake_quant",
-    "kd_loss", "reverse_kd_loss", "bild_loss", "train", "TrainReport", "strip_fake_quant", "export_encodings",
+    "kd_loss", "reverse_kd_loss", "bild_loss", "train", "TrainReport", "generate_windows", "strip_fake_quant",
+    "export_encodings",
 ]
 
 MODULE_PREFIX = "graphopt_fq_"
@@ -396,6 +397,7 @@ def train(
     steps: int = 100,
     lr: float = 1e-5,
     scale_lr: float = 1e-3,
+    weight_scale_lr: float | None = None,
     loss: Loss = "kd",
     temperature: float | None = None,
     top_k: int = 8,
@@ -406,6 +408,9 @@ def train(
     batch_size: int = 1,
     device: str = "cpu",
     fused: bool = False,
+    compile: bool = False,
+    shuffle: int | None = None,
+    cache_teacher: bool = True,
     validation: list[np.ndarray] | None = None,
     validate_every: int = 0,
     progress: bool = True,
@@ -413,10 +418,14 @@ def train(
 ) -> TrainReport:
     """Fine-tune `student` (FX, with quantizers) to match `teacher`'s logits on token `windows`.
 
-    AdamW (weights at `lr`, log-scales at `scale_lr`, no decay by default), linear warm-up then
+    AdamW (weights at `lr`, log-scales at `scale_lr`, the weight quantizers' at `weight_scale_lr`
+    when given: 0 keeps the grids a GPTQ start rounded its weights to, which a moving scale would
+    round again; no decay by default), linear warm-up then
     cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
-    windows, cycling in order; teacher logits are computed once per window and kept (fp16) for
-    later epochs. loss "kd" uses temperature 2 by default, "rkl" (`reverse_kd_loss`) 1, "bild"
+    windows, cycling in order (`shuffle`: a seed, each epoch in its own random order); teacher
+    logits are computed once per window and kept (fp16) for later epochs, or computed at every step
+    with `cache_teacher` False (12.6 MB a SmolLM2 window: thousands of generated windows would not
+    fit in a GPU's memory). loss "kd" uses temperature 2 by default, "rkl" (`reverse_kd_loss`) 1, "bild"
     temperature 3 and `top_k` 8 (the paper's settings). `validation` windows (held out from
     `windows`): before training, every `validate_every` steps (default: a tenth of them) and at the
     end, the student's top-1 agreement with the teacher there is measured, and the student ends with
@@ -427,6 +436,8 @@ def train(
     (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
     at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s). On CUDA they are
     3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
+    `compile` runs the training forward and backward through torch.compile (a GPU step is
+    otherwise bound by the launches of thousands of small kernels; the first step compiles).
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")
@@ -441,11 +452,18 @@ def train(
     for module in quantizers:
         module.fused = fused
     gm = _to_device(student.fx, device)
-    scales = [p for n, p in gm.named_parameters() if n.endswith("log_scale")]
+    weight_scale_lr = scale_lr if weight_scale_lr is None else weight_scale_lr
+    scales = [m.log_scale for m in quantizers if m.kind == "activation" or weight_scale_lr]
+    for m in quantizers:
+        m.log_scale.requires_grad_(m.kind == "activation" or bool(weight_scale_lr))
+    weight_scales = {id(m.log_scale) for m in quantizers if m.kind == "weight"}
     weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
     for p in weights:
         p.requires_grad_(train_weights)
-    groups = [{"params": scales, "lr": scale_lr, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in scales if id(p) not in weight_scales], "lr": scale_lr, "weight_decay": 0.0}]
+    if weight_scale_lr:
+        groups.append({"params": [p for p in scales if id(p) in weight_scales], "lr": weight_scale_lr,
+                       "weight_decay": 0.0})
     if train_weights:
         groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay})
     optimizer = torch.optim.AdamW(groups)
@@ -459,18 +477,24 @@ def train(
         validator.measure(gm, 0, report)
     start = time.perf_counter()
     bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
+    order = _WindowOrder(len(windows), shuffle)
+    forward = torch.compile(gm) if compile else gm
     for step in bar:
-        indices = [(step * batch_size + k) % len(windows) for k in range(batch_size)]
-        for index in indices:
-            if index not in cache:
-                with torch.no_grad():
-                    cache[index] = teacher_fn(_window(windows[index], device)).to(torch.float16)
+        indices = [order[step * batch_size + k] for k in range(batch_size)]
         ids = torch.cat([_window(windows[i], device) for i in indices])
+        if cache_teacher:
+            for index in indices:
+                if index not in cache:
+                    with torch.no_grad():
+                        cache[index] = teacher_fn(_window(windows[index], device)).to(torch.float16)
+            target = torch.cat([cache[i] for i in indices]).float()
+        else:
+            with torch.no_grad():
+                target = teacher_fn(ids).float()
         factor = _lr_factor(step, steps, warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
-        logits = _logits(gm, ids)
-        target = torch.cat([cache[i] for i in indices]).float()
+        logits = _logits(forward, ids)
         if loss == "bild":
             value = bild_loss(logits, target, top_k, temperature)
         else:
@@ -493,12 +517,65 @@ def train(
     report.seconds = time.perf_counter() - start
     for module in quantizers:
         module.fused = False
+        module.log_scale.requires_grad_(True)
     for p in weights:
         p.requires_grad_(False)
     student.fx = _to_device(gm, "cpu")
     if isinstance(teacher, Model):
         teacher.fx = _to_device(teacher.fx, "cpu")
     return report
+
+
+def generate_windows(teacher: Model | Callable[[torch.Tensor], torch.Tensor], prompts: list[np.ndarray], count: int,
+                     *, length: int, prompt_tokens: int = 16, temperature: float = 1.0, seed: int = 0,
+                     batch_size: int = 64, device: str = "cpu", progress: bool = True) -> list[np.ndarray]:
+    """`count` windows of `length` tokens for distillation: the first `prompt_tokens` of a prompt
+    window (cycled), then tokens sampled from `teacher` at `temperature`.
+
+    Data-free distillation in the manner of LLM-QAT (Liu et al., arXiv 2305.17888), seeded with
+    real text: the student learns the teacher on text the teacher itself would write, as many
+    windows as wanted, rather than on a few hundred real windows seen again every epoch (QAT of
+    SmolLM2 on 448 pydoc windows drifted below the teacher's perplexity while its top-1 agreement
+    fell). Deterministic for a seed on one device. Windows are [1, length] int64 arrays, like
+    `samples.lm_windows`'.
+    """
+    if count < 1 or not prompts or not 0 < prompt_tokens < length or temperature <= 0:
+        raise OptionError("generate_windows needs count >= 1, prompts, 0 < prompt_tokens < length and temperature > 0")
+    short = [i for i, p in enumerate(prompts) if np.asarray(p).shape[-1] < prompt_tokens]
+    if short:
+        raise OptionError(f"generate_windows: prompt {short[0]} has fewer than {prompt_tokens} tokens")
+    teacher_fn = _teacher_fn(teacher, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    heads = [np.asarray(prompts[i % len(prompts)]).reshape(-1)[:prompt_tokens] for i in range(count)]
+    out: list[np.ndarray] = []
+    starts = range(0, count, batch_size)
+    for start in activations.progress_bar(starts, len(starts), "qat: generating windows", progress):
+        ids = torch.from_numpy(np.stack(heads[start:start + batch_size]).astype(np.int64)).to(device)
+        with torch.no_grad():
+            while ids.shape[1] < length:
+                logits = teacher_fn(ids)[:, -1].float() / temperature
+                token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+                ids = torch.cat([ids, token], dim=1)
+        out.extend(row[None, :] for row in ids.cpu().numpy())
+    if isinstance(teacher, Model):
+        teacher.fx = _to_device(teacher.fx, "cpu")
+    return out
+
+
+class _WindowOrder:
+    """Window index of each position in the stream of training windows: in order, or (a seed)
+    every epoch a permutation of its own."""
+
+    def __init__(self, count: int, seed: int | None):
+        self.count, self.seed, self.epochs = count, seed, {}
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.count)
+        if self.seed is None:
+            return offset
+        if epoch not in self.epochs:
+            self.epochs = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.count)}
+        return int(self.epochs[epoch][offset])
 
 
 class _Validator:
