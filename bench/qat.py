@@ -182,6 +182,7 @@ def run(args, log) -> dict | None:
         label = (f"{LOSS_LABELS[loss]}{f', T={args.temperature:g}' if args.temperature else ''}"
                  f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}"
                  f"{', weight grids fixed' if args.weight_scale_lr == 0 else ''}"
+                 f"{f', shuffled ({args.shuffle})' if args.shuffle is not None else ''}{', compiled' if args.compile else ''}"
                  f"{f', +{args.generated} generated' if args.generated and not args.generated_only else ''}"
                  f"{f', {args.generated} generated only' if args.generated_only else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",

@@ -35,6 +35,7 @@ from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = [
     "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
+    "table_weights",
     "set_fake_quant",
     "kd_loss", "reverse_kd_loss", "bild_loss", "train", "TrainReport", "generate_windows", "strip_fake_quant",
     "export_encodings",
@@ -258,8 +259,10 @@ def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progre
         module.observer = None
 
 
-def _table_weights(gm) -> set[str]:
+def table_weights(model: Model) -> set[str]:
     """Parameter names read by an embedding lookup (directly or through their quantizer)."""
+    model.require("fx", "table_weights")
+    gm = model.fx
     names = set()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
@@ -286,7 +289,7 @@ def gptq_round_weights(model: Model, *, grid: str = "minmax", progress: bool = T
     hessians = {w: m.hessian for m in modules if m.kind == "activation" and m.hessian is not None for w in m.feeds}
     if not hessians:
         raise UnsupportedGraphError(f"'{model.name}': no input Hessians; calibrate with hessians=True first")
-    tables = _table_weights(gm)
+    tables = table_weights(model)
     weights = [m for m in modules if m.kind == "weight" and m.name in hessians and m.name not in tables]
     for module in activations.progress_bar(weights, len(weights), "fake_quantize: GPTQ", progress):
         param = functools.reduce(getattr, module.name.split("."), gm)
@@ -620,7 +623,9 @@ def _to_device(gm, device: str):
     from torch.fx.node import map_aggregate
 
     gm = gm.to(device)
-    target = torch.device(device)
+    # the device the tensors are on ("cuda" names no index; tensors say cuda:0, and compiled
+    # graphs check baked devices against theirs)
+    target = next(iter(gm.parameters()), torch.empty(0, device=device)).device
     retarget = lambda v: target if isinstance(v, torch.device) else v  # noqa: E731
     for module in gm.modules():  # nested GraphModules too (some torch versions export submodules)
         if not isinstance(module, torch.fx.GraphModule):

@@ -1,16 +1,12 @@
 """bench/fidelity.py: pipeline specs (pass names or recipe files) build the right passes."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from graphopt.errors import GraphoptError
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_fidelity", ROOT / "bench" / "fidelity.py")
-fidelity = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fidelity)
+from bench_scripts import ROOT, load_bench
+
+fidelity = load_bench("fidelity")
 
 
 def test_pass_names_and_recipes_build_pipelines(tiny_onnx):

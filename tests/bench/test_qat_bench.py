@@ -1,15 +1,12 @@
 """bench/qat.py on the tiny model: PTQ and QAT rows, the temperature in the row, versions recorded."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("bench_qat", ROOT / "bench" / "qat.py")
-bench_qat = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_qat)
+from bench_scripts import load_bench
+
+bench_qat = load_bench("qat")
 
 
 def test_ptq_and_qat_rows_fold_to_models_near_fp32(tmp_path, capsys):
@@ -43,3 +40,18 @@ def test_reverse_kl_row_from_gptq_weights_with_validation(tmp_path):
     assert folded["best_step"] in (0, 1, 2) and data["protocol"]["weight_rounding"] == "gptq"
     with pytest.raises(SystemExit):  # nothing left to train on
         bench_qat.main(["--model", "sample:tiny-llama", "--validation", "3", "--train-windows", "3"])
+
+
+def test_generated_windows_join_the_training_text(tmp_path):
+    out, generated = tmp_path / "qat.json", tmp_path / "generated.npy"
+    common = ["--model", "sample:tiny-llama", "--generated", "3", "--prompt-tokens", "8", "--calib", "2",
+              "--train-windows", "2", "--windows", "2", "--length", "32", "--threads", "1",
+              "--generated-file", str(generated)]
+    assert bench_qat.main(common + ["--generate-only"]) == 0 and generated.is_file()
+    assert bench_qat.main(common + ["--rows", "qat-kd", "--steps", "2", "--weight-scale-lr", "0", "--shuffle", "1",
+                                    "--no-teacher-cache", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["rows"][1]["name"] == ("QAT (KD, weight grids fixed, shuffled (1), +3 generated, 2 steps, lr 1e-05) "
+                                       "+ fold_encodings")
+    assert data["rows"][1]["overlap@1"] >= 0.9 and data["protocol"]["train"]["generated"] == 3
+    assert bench_qat.main(common[:2] + ["--generated", "4"] + common[4:] + ["--rows", "qat-kd"]) == 2  # file holds 3
