@@ -18,9 +18,6 @@ import shlex
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
 import graphopt
 from graphopt import evaluation, qat, samples
 from graphopt.onnx_io import atomic_write_text
@@ -53,7 +50,7 @@ def run(args, log) -> dict:
     fx = get_pass("rotate")().run(fx, PassContext(progress=False)).model
     eval_windows = samples.lm_windows(fx.tokenizer, "eval", args.windows, args.length)
     calib = [{"input_ids": w} for w in samples.lm_windows(fx.tokenizer, "calib", 16, args.length)]
-    row, reference = evaluation.evaluate_causal_lm(_logits(fx.fx), eval_windows)
+    row, reference = evaluation.evaluate_causal_lm(fx, eval_windows)  # an FX model runs in torch
     rows = [{"name": "none (fp32)", **row}]
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=False, activation_bits=8, int16_budget=0.15,
@@ -64,19 +61,11 @@ def run(args, log) -> dict:
         for module in modules:
             module.enabled = keep(module)
         log(f"qat budget: {name}...")
-        row, _ = evaluation.evaluate_causal_lm(_logits(student.fx), eval_windows, reference)
+        row, _ = evaluation.evaluate_causal_lm(student, eval_windows, reference)
         rows.append({"name": name, **row})
     return {"model": args.model, "weight_rounding": args.weight_rounding, "windows": args.windows,
             "length": args.length, "rows": rows,
             "machine": evaluation.environment()}
-
-
-def _logits(gm):
-    def run(ids: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = gm(torch.from_numpy(ids))
-        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
-    return run
 
 
 def main(argv: list[str] | None = None) -> int:
