@@ -37,7 +37,8 @@ __all__ = [
     "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
     "table_weights",
     "set_fake_quant",
-    "kd_loss", "reverse_kd_loss", "bild_loss", "train", "TrainReport", "generate_windows", "strip_fake_quant",
+    "kd_loss", "reverse_kd_loss", "bild_loss", "feature_loss", "train", "TrainReport", "generate_windows",
+    "strip_fake_quant",
     "export_encodings",
 ]
 
@@ -416,6 +417,7 @@ def train(
     cache_teacher: bool = True,
     validation: list[np.ndarray] | None = None,
     validate_every: int = 0,
+    feature_weight: float = 0.0,
     progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
 ) -> TrainReport:
@@ -441,6 +443,10 @@ def train(
     3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
     `compile` runs the training forward and backward through torch.compile (a GPU step is
     otherwise bound by the launches of thousands of small kernels; the first step compiles).
+    `feature_weight` adds that many times `feature_loss` between what each of the student's
+    linears reads (its activation quantizers' outputs) and the float values the teacher has at the
+    same nodes (a teacher Model whose graph the student was copied from; computed at every step):
+    every layer, not only the logits, is pulled back toward the float model.
     The student is trained in place (on `device`, moved back to CPU at the end).
     """
     student.require("fx", "qat.train")
@@ -448,6 +454,8 @@ def train(
         raise OptionError(f"qat.train: loss must be one of {', '.join(DEFAULT_TEMPERATURE)}, got '{loss}'")
     if steps < 1 or not windows or batch_size < 1:
         raise OptionError("qat.train needs steps >= 1, batch_size >= 1 and at least one window")
+    if feature_weight < 0 or (feature_weight and not isinstance(teacher, Model)):
+        raise OptionError("qat.train: feature_weight must be >= 0 and needs the teacher as a Model (its graph's nodes)")
     quantizers = list(fake_quant_modules(student).values())
     if not quantizers:
         raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
@@ -480,11 +488,20 @@ def train(
     start = time.perf_counter()
     bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
     order = _WindowOrder(len(windows), shuffle)
-    forward = torch.compile(gm) if compile else gm
+    if feature_weight:
+        points = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(MODULE_PREFIX)
+                  and gm.get_submodule(n.target).kind == "activation"]
+        teacher_fn = _with_outputs(teacher.fx, [n.args[0].name for n in points], teacher.name)
+    trained = _with_outputs(gm, [n.name for n in points], student.name) if feature_weight else gm
+    forward = torch.compile(trained) if compile else trained
     for step in bar:
         indices = [order[step * batch_size + k] for k in range(batch_size)]
         ids = torch.cat([_window(windows[i], device) for i in indices])
-        if cache_teacher:
+        if feature_weight:
+            with torch.no_grad():
+                target, *teacher_points = teacher_fn(ids)
+            target = target.float()
+        elif cache_teacher:
             for index in indices:
                 if index not in cache:
                     with torch.no_grad():
@@ -496,11 +513,16 @@ def train(
         factor = _lr_factor(step, steps, warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
-        logits = _logits(forward, ids)
+        if feature_weight:
+            logits, *student_points = forward(ids)
+        else:
+            logits = _logits(forward, ids)
         if loss == "bild":
             value = bild_loss(logits, target, top_k, temperature)
         else:
             value = (kd_loss if loss == "kd" else reverse_kd_loss)(logits, target, temperature)
+        if feature_weight:
+            value = value + feature_weight * feature_loss(student_points, teacher_points)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
@@ -606,6 +628,28 @@ class _Validator:
     def restore(self, gm, report: TrainReport) -> None:
         if report.best_step != report.validation[-1][0]:
             gm.load_state_dict(self.best_state)
+
+
+def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over points of the relative squared error ‖s − t‖² / ‖t‖² (each point weighs alike,
+    whatever its scale: a layer's massive activations do not drown the others)."""
+    errors = [(s.float() - t.float()).pow(2).sum() / t.float().pow(2).sum().clamp_min(1e-12)
+              for s, t in zip(student, teacher, strict=True)]
+    return torch.stack(errors).mean()
+
+
+def _with_outputs(gm, names: list[str], model_name: str):
+    """A GraphModule sharing `gm`'s parameters that returns (logits, *the nodes named `names`)."""
+    graph = torch.fx.Graph()
+    copied: dict = {}
+    out = graph.graph_copy(gm.graph, copied)
+    by_name = {old.name: new for old, new in copied.items()}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise UnsupportedGraphError(f"qat.train: '{model_name}' has no node '{missing[0]}' to distil features at "
+                                    f"(the student must be a copy of the teacher's graph)")
+    graph.output((out[0] if isinstance(out, (tuple, list)) else out, *(by_name[n] for n in names)))
+    return torch.fx.GraphModule(gm, graph)
 
 
 def _logits(gm, ids: torch.Tensor) -> torch.Tensor:
