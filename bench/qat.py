@@ -3,7 +3,8 @@
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
                         [--rotate] [--observer minmax|mse] [--weight-rounding rtn|gptq] [--temperature T] [--fused]
                         [--validation N] [--generated N [--generated-only] [--prompt-tokens P]]
-                        [--shuffle SEED] [--compile] [--device cpu|cuda] [--json PATH]
+                        [--shuffle SEED] [--compile] [--feature-weight W] [--int16-inputs WEIGHT ...]
+                        [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
@@ -15,7 +16,8 @@ PTQ row; `--weight-symmetric` for int8), trains weights and scales against the f
 logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings and folds them
 with fold_encodings: the rows compare deployable static QDQ models. `--generated N` adds N windows the
 float model writes itself (`qat.generate_windows`: the first `--prompt-tokens` of a training window,
-then sampled), interleaved with the real ones. `--rotate` runs the rotate
+then sampled), interleaved with the real ones. Each QAT row also reports `torch_overlap@1`, the
+trained fake-quant student itself evaluated in torch. `--rotate` runs the rotate
 pass on the FX model first (both rows start from it; its final-norm gain is 16-bit in both). SmolLM2 trains in minutes on a
 GPU (`--device cuda`); on two CPU cores a step takes ~15 s.
 """
@@ -40,7 +42,8 @@ from graphopt.pass_infra import PassContext
 from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
 
-COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "train_steps", "train_s", "s_per_step", "pipeline_s"]
+COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "torch_overlap@1", "train_steps", "train_s", "s_per_step",
+           "pipeline_s"]
 
 
 def _calib_windows(model, count: int, length: int):
@@ -75,18 +78,19 @@ LOSS_LABELS = {"kd": "KD", "rkl": "reverse KL", "bild": "BiLD"}
 def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, lr: float, scale_lr: float,
          weight_scale_lr: float | None,
          temperature: float | None, symmetric: bool, int16_budget: float, sensitivity: str, observer: str,
-         rounding: str, device: str, fused: bool, compile: bool, shuffle: int | None, cache_teacher: bool, log):
+         rounding: str, device: str, fused: bool, compile: bool, shuffle: int | None, cache_teacher: bool,
+         feature_weight: float, int16_inputs: tuple[str, ...], log):
     start = time.perf_counter()
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
                               sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer,
-                              weight_rounding=rounding).run(
+                              weight_rounding=rounding, int16_inputs=int16_inputs).run(
         student, PassContext(calib=calib, progress=False))
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, weight_scale_lr=weight_scale_lr,
                        loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
                        compile=compile, shuffle=shuffle, cache_teacher=cache_teacher,
-                       validation=validation, progress=False, log=log)
+                       validation=validation, feature_weight=feature_weight, progress=False, log=log)
     lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
     encodings = qat.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
@@ -94,7 +98,7 @@ def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, l
     seconds = time.perf_counter() - start
     log(f"qat bench: QAT ({loss}) {steps} steps in {report.seconds:.1f} s, pipeline {seconds:.1f} s; "
         f"fold: {json.dumps({k: v for k, v in result.stats.items() if not isinstance(v, list)})}")
-    return result.model, report, seconds, encodings
+    return result.model, report, seconds, encodings, student
 
 
 def _interleave(a: list, b: list) -> list:
@@ -168,20 +172,23 @@ def run(args, log) -> dict | None:
     for loss in LOSS_LABELS:
         if f"qat-{loss}" not in args.rows:
             continue
-        model, report, seconds, encodings = _qat(fx, calib, train_windows, validation, loss=loss, steps=args.steps,
-                                                 batch=args.batch, lr=args.lr, scale_lr=args.scale_lr,
-                                                 weight_scale_lr=args.weight_scale_lr,
-                                                 temperature=args.temperature,
-                                                 symmetric=args.weight_symmetric, int16_budget=args.int16_budget,
-                                                 sensitivity=args.sensitivity, observer=args.observer,
-                                                 rounding=args.weight_rounding, device=args.device, fused=args.fused,
-                                                 compile=args.compile, shuffle=args.shuffle,
-                                                 cache_teacher=not args.no_teacher_cache, log=log)
+        model, report, seconds, encodings, student = _qat(
+            fx, calib, train_windows, validation, loss=loss, steps=args.steps, batch=args.batch, lr=args.lr,
+            scale_lr=args.scale_lr, weight_scale_lr=args.weight_scale_lr, temperature=args.temperature,
+            symmetric=args.weight_symmetric, int16_budget=args.int16_budget, sensitivity=args.sensitivity,
+            observer=args.observer, rounding=args.weight_rounding, device=args.device, fused=args.fused,
+            compile=args.compile, shuffle=args.shuffle, cache_teacher=not args.no_teacher_cache,
+            feature_weight=args.feature_weight, int16_inputs=tuple(args.int16_inputs), log=log)
+        # the trained fake-quant model itself, in torch: what the encodings mean, before any runtime's kernels
+        torch_row, _ = _evaluate(student, "QAT student (torch fake quant)", eval_windows, reference, fp32_ppl, log)
+        del student
         if args.encodings_dir:
             encodings.write(Path(args.encodings_dir) / f"qat-{loss}.encodings")
         label = (f"{LOSS_LABELS[loss]}{f', T={args.temperature:g}' if args.temperature else ''}"
                  f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}"
                  f"{', weight grids fixed' if args.weight_scale_lr == 0 else ''}"
+                 f"{f', features x{args.feature_weight:g}' if args.feature_weight else ''}"
+                 f"{f', {len(args.int16_inputs)} named inputs at 16 bits' if args.int16_inputs else ''}"
                  f"{f', shuffled ({args.shuffle})' if args.shuffle is not None else ''}{', compiled' if args.compile else ''}"
                  f"{f', +{args.generated} generated' if args.generated and not args.generated_only else ''}"
                  f"{f', {args.generated} generated only' if args.generated_only else ''}")
@@ -190,7 +197,8 @@ def run(args, log) -> dict | None:
         rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
                      "s_per_step": report.seconds_per_step, "pipeline_s": seconds,
                      "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses)),
-                     "best_step": report.best_step, "validation": report.validation})
+                     "best_step": report.best_step, "validation": report.validation,
+                     "torch_overlap@1": torch_row["overlap@1"], "torch_ppl": torch_row["ppl"]})
         del model
         gc.collect()
     return {
@@ -201,12 +209,14 @@ def run(args, log) -> dict | None:
                                "steps": args.steps, "batch": args.batch, "lr": args.lr, "scale_lr": args.scale_lr,
                                "weight_scale_lr": args.weight_scale_lr,
                                "temperature": args.temperature, "fused": args.fused, "validation": args.validation,
+                               "feature_weight": args.feature_weight,
                                "generated": args.generated, "generated_only": args.generated_only,
                                "prompt_tokens": args.prompt_tokens, "sample_temperature": args.sample_temperature,
                                "seed": args.seed, "shuffle": args.shuffle, "compile": args.compile,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer, "weight_rounding": args.weight_rounding,
-                     "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity},
+                     "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity,
+                               "qat_inputs": args.int16_inputs},
                      "reference": "fp32 (ONNX Runtime)"},
         "machine": evaluation.environment(device=args.device),
         "rows": rows,
@@ -225,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="hold out the last N training windows; QAT keeps its best step by top-1 agreement there")
     parser.add_argument("--weight-symmetric", action="store_true", help="int8 weights (default: uint8 asymmetric)")
     parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of activation points at 16 bits")
+    parser.add_argument("--int16-inputs", nargs="*", default=[], metavar="WEIGHT",
+                        help="QAT rows: these weights' inputs at 16 bits, then the ranking up to the budget")
     parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
     parser.add_argument("--rotate", action="store_true", help="rotate the residual stream first (rotate pass, FX form)")
     parser.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],
@@ -237,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="lr of the weight quantizers' scales (default: --scale-lr; 0 keeps a GPTQ start's grids)")
     parser.add_argument("--temperature", type=float,
                         help="distillation temperature (default: KD 2, reverse KL 1, BiLD 3)")
+    parser.add_argument("--feature-weight", type=float, default=0.0,
+                        help="add this many times qat.feature_loss (every linear's input against the float model's)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--fused", action="store_true",
                         help="train with torch's fused fake-quant kernels (8-bit points; 2.3x faster on CPU, "
