@@ -160,6 +160,11 @@ def _linear_nodes(gm) -> list:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.linear.default]
 
 
+def _quantizer_nodes(gm) -> list:
+    """The graph's calls of inserted quantizers, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(MODULE_PREFIX)]
+
+
 def fake_quant_modules(model: Model) -> dict[str, FakeQuant]:
     """The fake quantizers in an FX model, by submodule name."""
     model.require("fx", "fake_quant_modules")
@@ -314,7 +319,7 @@ def strip_fake_quant(model: Model) -> Model:
     """A float FX model with the (trained) weights and no quantizers, ready for lowering."""
     out = model.copy()
     gm = out.fx
-    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(MODULE_PREFIX)]:
+    for node in _quantizer_nodes(gm):
         node.replace_all_uses_with(node.args[0])
         gm.graph.erase_node(node)
         delattr(gm, node.target)
@@ -488,11 +493,13 @@ def train(
     start = time.perf_counter()
     bar = activations.progress_bar(range(steps), steps, f"qat ({loss})", progress)
     order = _WindowOrder(len(windows), shuffle)
+    trained = gm
     if feature_weight:
-        points = [n for n in gm.graph.nodes if n.op == "call_module" and n.target.startswith(MODULE_PREFIX)
-                  and gm.get_submodule(n.target).kind == "activation"]
+        # both graphs also return the values at the activation points: quantized in the student,
+        # float in the teacher (the quantizer's input node, which the teacher's graph has too)
+        points = [n for n in _quantizer_nodes(gm) if gm.get_submodule(n.target).kind == "activation"]
         teacher_fn = _with_outputs(teacher.fx, [n.args[0].name for n in points], teacher.name)
-    trained = _with_outputs(gm, [n.name for n in points], student.name) if feature_weight else gm
+        trained = _with_outputs(gm, [n.name for n in points], student.name)
     forward = torch.compile(trained) if compile else trained
     for step in bar:
         indices = [order[step * batch_size + k] for k in range(batch_size)]
@@ -513,10 +520,7 @@ def train(
         factor = _lr_factor(step, steps, warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
-        if feature_weight:
-            logits, *student_points = forward(ids)
-        else:
-            logits = _logits(forward, ids)
+        logits, *student_points = _outputs(forward, ids)
         if loss == "bild":
             value = bild_loss(logits, target, top_k, temperature)
         else:
@@ -652,10 +656,15 @@ def _with_outputs(gm, names: list[str], model_name: str):
     return torch.fx.GraphModule(gm, graph)
 
 
+def _outputs(gm, ids: torch.Tensor) -> tuple:
+    """An exported causal LM's outputs as a tuple, the logits first."""
+    out = gm(ids)
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def _logits(gm, ids: torch.Tensor) -> torch.Tensor:
     """The logits of an exported causal LM (its first output when it returns several)."""
-    out = gm(ids)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return _outputs(gm, ids)[0]
 
 
 def _window(tokens: np.ndarray, device: str) -> torch.Tensor:
