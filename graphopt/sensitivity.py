@@ -32,6 +32,7 @@ from graphopt.quant.spec import QuantSpec
 __all__ = [
     "QuantPoint", "quantization_points", "analyze_sensitivity", "SensitivityReport",
     "DEFAULT_ACTIVATION_SPEC", "DEFAULT_WEIGHT_SPEC", "METRICS", "read_sensitivity",
+    "int16_budget_count", "int16_share",
 ]
 
 Metric = Literal["kl", "overlap", "ppl"]
@@ -140,6 +141,22 @@ def read_sensitivity(path: str, who: str) -> list[dict]:
         raise OptionError(
             f"'{who}': option 'sensitivity': '{path}' is not a sensitivity JSON with a "
             f"'ranking' list of {{point, kind, drop}} entries ({exc})") from None
+
+
+def int16_budget_count(fraction: float, activations: int, weights: int, wide_weights: int,
+                       over: str = "activations") -> int:
+    """How many activation points a 16-bit budget of `fraction` buys: that fraction of the
+    `activations` points (over "activations"), or of every quantized point, activations and weights
+    as `quantization_points` counts them, less the `wide_weights` already at 16 bits (over "points")."""
+    if over == "activations":
+        return int(np.floor(fraction * activations + 1e-9))
+    return max(0, int(np.floor(fraction * (activations + weights) + 1e-9)) - wide_weights)
+
+
+def int16_share(wide_activations: int, activations: int, wide_weights: int, weights: int) -> dict:
+    """The 16-bit points counted both ways, as pass statistics: {"activations": [wide, of], "points": [wide, of]}."""
+    return {"activations": [wide_activations, activations],
+            "points": [wide_activations + wide_weights, activations + weights]}
 
 
 def _feeds_note(row: dict) -> str:

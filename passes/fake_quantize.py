@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
 from graphopt import qat
 from graphopt.errors import OptionError
 from graphopt.ir import Model
 from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant.spec import QuantSpec, dtype_for
-from graphopt.sensitivity import read_sensitivity
+from graphopt.sensitivity import int16_budget_count, int16_share, read_sensitivity
+from graphopt.sparsity import name_matches
 
 __all__ = ["FakeQuantize"]
 
@@ -34,8 +33,10 @@ class FakeQuantize(Pass):
          residual add reading the same tensor stays float.
       3. Weights named in `skip` (parameter names) keep weight and input float; weights named in
          `int16_weights` get 16-bit weight quantizers.
-      4. The inputs of weights in `int16_inputs`, then the most sensitive activation points of a
-         `graphopt sensitivity` ranking up to `int16_budget` × the points, get 16 bits.
+      4. The inputs of weights matching `int16_inputs` (names, globs or 're:...'), then the most
+         sensitive activation points of a `graphopt sensitivity` ranking up to `int16_budget` × the
+         activation points (`int16_budget_over` "activations") or × all points, weights included,
+         less the 16-bit weights ("points"), get 16 bits.
       5. A model that already holds quantizers, or has no linear layer, is left untouched.
       6. `weight_rounding` "gptq": after calibration, linear weights (not embedding tables) are
          replaced by their GPTQ rounding on their quantizer's grid (qat.gptq_round_weights),
@@ -57,9 +58,13 @@ class FakeQuantize(Pass):
     activation_bits: int = field(default=8, metadata={"help": "0 (float), 8 or 16"})
     activation_symmetric: bool = False
     skip: tuple[str, ...] = field(default=(), metadata={"help": "weight names kept float (with their input)"})
-    int16_inputs: tuple[str, ...] = field(default=(), metadata={"help": "weight names whose input is kept at 16 bits"})
+    int16_inputs: tuple[str, ...] = field(default=(), metadata={
+        "help": "weights (names, globs, 're:...') whose input is kept at 16 bits"})
     int16_weights: tuple[str, ...] = field(default=(), metadata={"help": "weight names quantized at 16 bits (e.g. rotate's gain)"})
-    int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
+    int16_budget: float = field(default=0.0, metadata={"help": "fraction of points at 16 bits (see int16_budget_over)"})
+    int16_budget_over: Literal["activations", "points"] = field(default="activations", metadata={
+        "help": "what int16_budget is a fraction of: 'activations' (activation points) or 'points' "
+                "(activations and weights; 16-bit weights count against it)"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (for int16_budget)"})
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "initial activation ranges"})
     weight_rounding: Literal["rtn", "gptq"] = field(
@@ -95,16 +100,17 @@ class FakeQuantize(Pass):
                                  symmetric=self.activation_symmetric)
 
     def wide_inputs(self, model: Model) -> frozenset[str]:
-        """Weights whose input gets 16 bits: `int16_inputs`, then the activation points the
-        sensitivity ranking puts first (matched by the weights they feed) up to the budget."""
+        """Weights whose input gets 16 bits: those `int16_inputs` matches, then the activation points
+        the sensitivity ranking puts first (matched by the weights they feed) up to the budget."""
         points = qat.activation_points(model, self.skip)
         known = {w for feeds in points for w in feeds}
-        unknown = [w for w in self.int16_inputs if w not in known]
+        unknown = [p for p in self.int16_inputs if not any(name_matches(w, (p,)) for w in known)]
         if unknown:
-            raise OptionError(f"'fake_quantize': option 'int16_inputs': '{unknown[0]}' is not the weight of a "
+            raise OptionError(f"'fake_quantize': option 'int16_inputs': '{unknown[0]}' matches no weight of a "
                               f"quantized linear of '{model.name}'")
-        chosen = {feeds for feeds in points if set(feeds) & set(self.int16_inputs)}
-        budget = int(np.floor(self.int16_budget * len(points) + 1e-9))
+        chosen = {feeds for feeds in points if any(name_matches(w, self.int16_inputs) for w in feeds)}
+        budget = int16_budget_count(self.int16_budget, len(points), len(known), len(set(self.int16_weights)),
+                                    self.int16_budget_over)
         ranking = read_sensitivity(self.sensitivity, self.name) if self.sensitivity else []
         for row in (r for r in ranking if r["kind"] == "activation"):
             if len(chosen) >= budget:
@@ -135,7 +141,11 @@ class FakeQuantize(Pass):
             for name, m in qat.fake_quant_modules(model).items()
         ]
         kinds = [m.kind for m in inserted]
+        wide_kinds = [m.kind for m in inserted if m.spec.qmax > 255]
+        wide_activations, wide_weights = wide_kinds.count("activation"), wide_kinds.count("weight")
         return PassResult(model, True, {"weight_quantizers": kinds.count("weight"),
                                         "activation_quantizers": kinds.count("activation"),
-                                        "int16_activations": sum(m.spec is wide_spec for m in inserted),
+                                        "int16_activations": wide_activations,
+                                        "int16_share": int16_share(wide_activations, kinds.count("activation"),
+                                                                   wide_weights, kinds.count("weight")),
                                         "gptq_weights": rounded})

@@ -18,7 +18,7 @@ from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import QuantSpec, dtype_for, numerics, qdq
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import MinMaxObserver, make_observer
-from graphopt.sensitivity import read_sensitivity
+from graphopt.sensitivity import int16_budget_count, int16_share, read_sensitivity
 from graphopt.sparsity import name_matches
 
 __all__ = ["Quantize"]
@@ -88,7 +88,8 @@ class Quantize(Pass):
     3. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
        the `observer` over the calibration feeds); the points in `int16_points`, plus the most
        sensitive points (sensitivity JSON, or the lowest estimated SQNR when none is given) up to
-       `int16_budget` × the number of points, get 16 bits.
+       `int16_budget` × the number of activation points (`int16_budget_over` "activations") or of
+       all points, weights included, less the 16-bit weights ("points"), get 16 bits.
     4. With `quantize_bias`, biases of quantized linears become int32 with scale s_x·s_w.
     Does NOT fire on a graph with no float constant weight in a MatMul/Gemm/Conv (e.g. an already
     quantized one): `changed` is False and the model is untouched.
@@ -116,7 +117,10 @@ class Quantize(Pass):
     percentile: float = field(default=99.99, metadata={"help": "for observer: percentile"})
     int16_points: tuple[str, ...] = field(default=(), metadata={"help": "activation tensors kept at 16 bits"})
     int16_weights: tuple[str, ...] = field(default=(), metadata={"help": "weights quantized at 16 bits (per channel)"})
-    int16_budget: float = field(default=0.0, metadata={"help": "fraction of activation points at 16 bits"})
+    int16_budget: float = field(default=0.0, metadata={"help": "fraction of points at 16 bits (see int16_budget_over)"})
+    int16_budget_over: Literal["activations", "points"] = field(default="activations", metadata={
+        "help": "what int16_budget is a fraction of: 'activations' (activation points) or 'points' "
+                "(activations and weights; 16-bit weights count against it)"})
     sensitivity: str = field(default="", metadata={"file": True, "help": "sensitivity JSON ranking the points (else SQNR proxy)"})
     smoothquant_alpha: float = field(default=0.0, metadata={"help": "SmoothQuant migration strength (0: off)"})
     smoothquant_weights: tuple[str, ...] = field(
@@ -188,7 +192,7 @@ class Quantize(Pass):
         else:
             observers, hessians = self._calibrate(model, sites, points, calib, ctx, plans)
         stats["smoothed"] = len(plans)
-        int16 = self._int16_points(points, observers, sites)
+        int16 = self._int16_points(points, observers, sites, len(weights))
         encodings = Encodings()
         for point in points:
             encodings.add(self._activation_encoding(point, observers[point], point in int16), "activation")
@@ -198,6 +202,7 @@ class Quantize(Pass):
         model.meta.encodings.update(encodings.to_meta())
         stats.update(weights=len(result.weights), activations=len(result.activations),
                      int16_points=len(int16), biases=len(result.biases),
+                     int16_share=int16_share(len(int16), len(points), len(set(self.int16_weights)), len(weights)),
                      int16=[p for p in points if p in int16][:64])
         if not stats["smoothed"]:
             del stats["smoothed"]
@@ -238,9 +243,10 @@ class Quantize(Pass):
                     follower.update(smoothed)
         return observers, hessians
 
-    def _int16_points(self, points: list[str], observers: dict, sites: list) -> set[str]:
+    def _int16_points(self, points: list[str], observers: dict, sites: list, weights: int) -> set[str]:
         chosen = [p for p in points if p in self.int16_points]
-        budget = int(np.floor(self.int16_budget * len(points) + 1e-9))
+        budget = int16_budget_count(self.int16_budget, len(points), weights, len(set(self.int16_weights)),
+                                    self.int16_budget_over)
         if self.activation_bits == 16 or budget <= len(chosen):
             return set(points) if self.activation_bits == 16 else set(chosen)
         if self.sensitivity:

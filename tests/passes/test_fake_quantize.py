@@ -35,6 +35,7 @@ def quantized(tiny_fx, tiny_calib):
 def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_calib):
     model, result = quantized
     assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9, "int16_activations": 0,
+                                             "int16_share": {"activations": [0, 9], "points": [0, 24]},
                                              "gptq_weights": 0}
     modules = qat.fake_quant_modules(model)
     weights = sorted(m.name for m in modules.values() if m.kind == "weight")
@@ -104,7 +105,7 @@ def test_weights_only_need_no_calibration(tiny_fx, tiny_calib):
     model = tiny_fx.copy()
     result = FakeQuantize(activation_bits=0, weight_bits=4).run(model, PassContext(calib=None, progress=False))
     assert result.stats == {"weight_quantizers": 15, "activation_quantizers": 0, "int16_activations": 0,
-                            "gptq_weights": 0}
+                            "int16_share": {"activations": [0, 0], "points": [0, 15]}, "gptq_weights": 0}
     assert 5.0 < sqnr_db(tiny_fx.run(tiny_calib[0])[0], model.run(tiny_calib[0])[0]) < 40.0
 
 
@@ -127,6 +128,32 @@ def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
         FakeQuantize(int16_inputs=("nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
     with pytest.raises(OptionError, match="needs option 'sensitivity'"):
         FakeQuantize(int16_budget=0.2)
+
+
+def test_int16_inputs_by_pattern_and_budget_over_points(tiny_fx, tiny_calib, tmp_path):
+    """int16_inputs takes globs; a budget over "points" counts the 15 weights too (24 points) and
+    charges the 16-bit weights to it, so 0.3 buys floor(0.3 x 24) - 1 = 6 activation points."""
+    model = tiny_fx.copy()
+    result = FakeQuantize(int16_inputs=("*.mlp.down_proj.weight",)).run(model, PassContext(calib=tiny_calib, progress=False))
+    wide = sorted(m.name for m in qat.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
+    assert wide == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    assert result.stats["int16_share"] == {"activations": [2, 9], "points": [2, 24]}
+    with pytest.raises(OptionError, match="int16_inputs.*'\\*.nope'"):
+        FakeQuantize(int16_inputs=("*.nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+
+    points = qat.activation_points(tiny_fx)
+    ranking = {"ranking": [{"point": f"p{i}", "kind": "activation", "drop": 1.0 - i / 10, "feeds": [feeds[0]]}
+                           for i, feeds in enumerate(points)]}
+    path = tmp_path / "sensitivity.json"
+    path.write_text(__import__("json").dumps(ranking))
+    common = dict(int16_budget=0.3, sensitivity=str(path), int16_weights=("model.layers.0.mlp.up_proj.weight",))
+    by_activations = FakeQuantize(**common).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+    assert by_activations.stats["int16_share"] == {"activations": [2, 9], "points": [3, 24]}  # floor(0.3 x 9)
+    by_points = FakeQuantize(int16_budget_over="points", **common).run(
+        tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+    assert by_points.stats["int16_share"] == {"activations": [6, 9], "points": [7, 24]}
+    with pytest.raises(OptionError, match="int16_budget_over"):
+        FakeQuantize(int16_budget_over="weights")
 
 
 def test_int16_weights_and_rotate_before_not_after(tiny_fx, quantized, tiny_calib):

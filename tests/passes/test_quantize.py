@@ -113,6 +113,11 @@ def test_mixed_precision_from_list_budget_and_sensitivity(tiny_onnx, tiny_calib,
     assert wide == {names[0], names[3]}  # floor(0.3 x 9) = 2: the explicit point, then the ranking's first
     proxy = Quantize(int16_budget=0.25).run(tiny_onnx.copy(), tiny_calib)
     assert proxy.stats["int16_points"] == 2
+    assert proxy.stats["int16_share"] == {"activations": [2, 9], "points": [2, 24]}
+    # over every point (9 activations + 15 weights), less the one 16-bit weight: floor(0.25 x 24) - 1 = 5
+    by_points = Quantize(int16_budget=0.25, int16_budget_over="points", int16_weights=[explicit]).run(
+        tiny_onnx.copy(), tiny_calib)
+    assert by_points.stats["int16_share"] == {"activations": [5, 9], "points": [6, 24]}
 
 
 def test_ranking_rows_match_by_the_weights_they_feed(tiny_onnx, tiny_calib, tmp_path):
