@@ -3,7 +3,8 @@
     python bench/qat.py [--model sample:smollm2] [--steps 200] [--batch 1] [--train-windows 16]
                         [--rotate] [--observer minmax|mse] [--weight-rounding rtn|gptq] [--temperature T] [--fused]
                         [--validation N] [--generated N [--generated-only] [--prompt-tokens P]]
-                        [--shuffle SEED] [--compile] [--feature-weight W] [--int16-inputs WEIGHT ...]
+                        [--shuffle SEED] [--compile] [--feature-weight W] [--int16-inputs PATTERN ...]
+                        [--int16-budget-over activations|points]
                         [--device cpu|cuda] [--json PATH]
 
 Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
@@ -17,7 +18,9 @@ logits (AdamW, cosine schedule, clipping), exports the learned scales as encodin
 with fold_encodings: the rows compare deployable static QDQ models. `--generated N` adds N windows the
 float model writes itself (`qat.generate_windows`: the first `--prompt-tokens` of a training window,
 then sampled), interleaved with the real ones. Each QAT row also reports `torch_overlap@1`, the
-trained fake-quant student itself evaluated in torch. `--rotate` runs the rotate
+trained fake-quant student itself evaluated in torch, and `int16`, its 16-bit points counted two ways:
+"18/122 act, 19/334 pts" (of the activation points; of every quantized point, weights included).
+`--rotate` runs the rotate
 pass on the FX model first (both rows start from it; its final-norm gain is 16-bit in both). SmolLM2 trains in minutes on a
 GPU (`--device cuda`); on two CPU cores a step takes ~15 s.
 """
@@ -42,7 +45,7 @@ from graphopt.pass_infra import PassContext
 from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
 
-COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "torch_overlap@1", "train_steps", "train_s", "s_per_step",
+COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "torch_overlap@1", "int16", "train_steps", "train_s", "s_per_step",
            "pipeline_s"]
 
 
@@ -60,16 +63,16 @@ def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None,
     return row, tops
 
 
-def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float]:
+def _ptq(fp32_onnx, calib, args, log) -> tuple[object, float, dict]:
     start = time.perf_counter()
-    model = get_pass("quantize")(weight_bits=8, weight_symmetric=args.weight_symmetric, activation_bits=8,
-                                 int16_budget=args.int16_budget, sensitivity=args.sensitivity,
-                                 int16_weights=gain_matrices(fp32_onnx), observer=args.observer,
-                                 weight_rounding=args.weight_rounding).run(
-        fp32_onnx.copy(), PassContext(calib=calib, progress=False)).model
+    result = get_pass("quantize")(weight_bits=8, weight_symmetric=args.weight_symmetric, activation_bits=8,
+                                  int16_budget=args.int16_budget, int16_budget_over=args.int16_budget_over,
+                                  sensitivity=args.sensitivity, int16_weights=gain_matrices(fp32_onnx),
+                                  observer=args.observer, weight_rounding=args.weight_rounding).run(
+        fp32_onnx.copy(), PassContext(calib=calib, progress=False))
     seconds = time.perf_counter() - start
     log(f"qat bench: PTQ W8A8 in {seconds:.1f} s")
-    return model, seconds
+    return result.model, seconds, result.stats["int16_share"]
 
 
 LOSS_LABELS = {"kd": "KD", "rkl": "reverse KL", "bild": "BiLD"}
@@ -79,13 +82,14 @@ def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, l
          weight_scale_lr: float | None,
          temperature: float | None, symmetric: bool, int16_budget: float, sensitivity: str, observer: str,
          rounding: str, device: str, fused: bool, compile: bool, shuffle: int | None, cache_teacher: bool,
-         feature_weight: float, int16_inputs: tuple[str, ...], log):
+         feature_weight: float, int16_inputs: tuple[str, ...], int16_budget_over: str, log):
     start = time.perf_counter()
     student = fx.copy()
-    get_pass("fake_quantize")(weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
-                              sensitivity=sensitivity, int16_weights=gain_matrices(fx), observer=observer,
-                              weight_rounding=rounding, int16_inputs=int16_inputs).run(
-        student, PassContext(calib=calib, progress=False))
+    share = get_pass("fake_quantize")(
+        weight_bits=8, weight_symmetric=symmetric, activation_bits=8, int16_budget=int16_budget,
+        int16_budget_over=int16_budget_over, sensitivity=sensitivity, int16_weights=gain_matrices(fx),
+        observer=observer, weight_rounding=rounding, int16_inputs=int16_inputs).run(
+        student, PassContext(calib=calib, progress=False)).stats["int16_share"]
     report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, weight_scale_lr=weight_scale_lr,
                        loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
@@ -98,7 +102,12 @@ def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, l
     seconds = time.perf_counter() - start
     log(f"qat bench: QAT ({loss}) {steps} steps in {report.seconds:.1f} s, pipeline {seconds:.1f} s; "
         f"fold: {json.dumps({k: v for k, v in result.stats.items() if not isinstance(v, list)})}")
-    return result.model, report, seconds, encodings, student
+    return result.model, report, seconds, encodings, student, share
+
+
+def _share_label(share: dict) -> str:
+    (act, of_act), (pts, of_pts) = share["activations"], share["points"]
+    return f"{act}/{of_act} act, {pts}/{of_pts} pts"
 
 
 def _interleave(a: list, b: list) -> list:
@@ -163,22 +172,23 @@ def run(args, log) -> dict | None:
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
     rows = [row]
     if "ptq" in args.rows:
-        model, seconds = _ptq(fp32, calib, args, log)
+        model, seconds, share = _ptq(fp32, calib, args, log)
         label = "PTQ W8A8 static (quantize" + (", GPTQ)" if args.weight_rounding == "gptq" else ")")
         row, _ = _evaluate(model, label, eval_windows, reference, fp32_ppl, log, args.threads)
-        rows.append({**row, "pipeline_s": seconds})
+        rows.append({**row, "int16": _share_label(share), "int16_share": share, "pipeline_s": seconds})
         del model
         gc.collect()
     for loss in LOSS_LABELS:
         if f"qat-{loss}" not in args.rows:
             continue
-        model, report, seconds, encodings, student = _qat(
+        model, report, seconds, encodings, student, share = _qat(
             fx, calib, train_windows, validation, loss=loss, steps=args.steps, batch=args.batch, lr=args.lr,
             scale_lr=args.scale_lr, weight_scale_lr=args.weight_scale_lr, temperature=args.temperature,
             symmetric=args.weight_symmetric, int16_budget=args.int16_budget, sensitivity=args.sensitivity,
             observer=args.observer, rounding=args.weight_rounding, device=args.device, fused=args.fused,
             compile=args.compile, shuffle=args.shuffle, cache_teacher=not args.no_teacher_cache,
-            feature_weight=args.feature_weight, int16_inputs=tuple(args.int16_inputs), log=log)
+            feature_weight=args.feature_weight, int16_inputs=tuple(args.int16_inputs),
+            int16_budget_over=args.int16_budget_over, log=log)
         # the trained fake-quant model itself, in torch: what the encodings mean, before any runtime's kernels
         torch_row, _ = _evaluate(student, "QAT student (torch fake quant)", eval_windows, reference, fp32_ppl, log)
         del student
@@ -188,13 +198,12 @@ def run(args, log) -> dict | None:
                  f"{', fused' if args.fused else ''}{', GPTQ start' if args.weight_rounding == 'gptq' else ''}"
                  f"{', weight grids fixed' if args.weight_scale_lr == 0 else ''}"
                  f"{f', features x{args.feature_weight:g}' if args.feature_weight else ''}"
-                 f"{f', {len(args.int16_inputs)} named inputs at 16 bits' if args.int16_inputs else ''}"
                  f"{f', shuffled ({args.shuffle})' if args.shuffle is not None else ''}{', compiled' if args.compile else ''}"
                  f"{f', +{args.generated} generated' if args.generated and not args.generated_only else ''}"
                  f"{f', {args.generated} generated only' if args.generated_only else ''}")
         row, _ = _evaluate(model, f"QAT ({label}, {args.steps} steps, lr {args.lr:g}) + fold_encodings",
                            eval_windows, reference, fp32_ppl, log, args.threads)
-        rows.append({**row, "train_steps": report.steps, "train_s": report.seconds,
+        rows.append({**row, "int16": _share_label(share), "int16_share": share, "train_steps": report.steps, "train_s": report.seconds,
                      "s_per_step": report.seconds_per_step, "pipeline_s": seconds,
                      "loss_first": report.losses[0], "loss_last10": sum(report.losses[-10:]) / min(10, len(report.losses)),
                      "best_step": report.best_step, "validation": report.validation,
@@ -215,7 +224,8 @@ def run(args, log) -> dict | None:
                                "seed": args.seed, "shuffle": args.shuffle, "compile": args.compile,
                                "weight_symmetric": args.weight_symmetric, "device": args.device},
                      "rotate": args.rotate, "ptq_observer": args.observer, "weight_rounding": args.weight_rounding,
-                     "int16": {"budget": args.int16_budget, "sensitivity": args.sensitivity,
+                     "int16": {"budget": args.int16_budget, "over": args.int16_budget_over,
+                               "sensitivity": args.sensitivity,
                                "qat_inputs": args.int16_inputs},
                      "reference": "fp32 (ONNX Runtime)"},
         "machine": evaluation.environment(device=args.device),
@@ -234,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", type=int, default=0,
                         help="hold out the last N training windows; QAT keeps its best step by top-1 agreement there")
     parser.add_argument("--weight-symmetric", action="store_true", help="int8 weights (default: uint8 asymmetric)")
-    parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of activation points at 16 bits")
-    parser.add_argument("--int16-inputs", nargs="*", default=[], metavar="WEIGHT",
-                        help="QAT rows: these weights' inputs at 16 bits, then the ranking up to the budget")
+    parser.add_argument("--int16-budget", type=float, default=0.0, help="fraction of points at 16 bits")
+    parser.add_argument("--int16-budget-over", choices=["activations", "points"], default="activations",
+                        help="QAT rows: the budget is a fraction of the activation points, or of every point")
+    parser.add_argument("--int16-inputs", nargs="*", default=[], metavar="PATTERN",
+                        help="QAT rows: the inputs of the weights these match (names, globs) at 16 bits, "
+                             "then the ranking up to the budget")
     parser.add_argument("--sensitivity", default="", help="`graphopt sensitivity` JSON choosing those points")
     parser.add_argument("--rotate", action="store_true", help="rotate the residual stream first (rotate pass, FX form)")
     parser.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse"],

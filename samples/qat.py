@@ -1,12 +1,14 @@
 """QAT end to end: fake-quantize SmolLM2, distil it from the float model, fold the learned scales.
 
-    python samples/qat.py [--steps 40] [--batch 2] [--device cpu|cuda] [-o out/qat]
+    python samples/qat.py [--steps 40] [--batch 2] [--device cpu|cuda] [--int16-inputs PATTERN ...] [-o out/qat]
 
 The steps an engineer runs to get a static W8A8 model whose scales came from training instead of
 calibration alone:
 1. load the FX form and rotate its residual stream (the `rotate` pass, as the W8A8 recipe does);
 2. `fake_quantize`: learnable quantizers at the points the ONNX `quantize` pass would use, the
-   15 % most sensitive activations at 16 bits, ranges initialised by the MSE observer, weights
+   15 % most sensitive activations at 16 bits (or the inputs of the weights `--int16-inputs`
+   matches, e.g. '*.mlp.down_proj.weight', then the ranking up to that budget), ranges
+   initialised by the MSE observer, weights
    rounded by GPTQ (what the smollm2-w8a8-gptq recipe computes, before any training);
 3. `qat.train`: full-vocabulary KD at T=1 against the float model (the best setting of
    bench/qat.py's GPU sweep), on the CPU with torch's fused fake-quant kernels (on CUDA they
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="windows per step")
     parser.add_argument("--lr", type=float, default=4e-6)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--int16-inputs", nargs="*", default=[], metavar="PATTERN",
+                        help="weights (names, globs) whose inputs stay at 16 bits")
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows")
     parser.add_argument("--length", type=int, default=128, help="tokens per window")
     parser.add_argument("-o", "--out", type=Path, default=ROOT / "out" / "qat")
@@ -67,9 +71,12 @@ def run(args) -> None:
 
     student = fx.copy()
     ranking = str(SENSITIVITY) if args.model == "sample:smollm2" else ""
-    get_pass("fake_quantize")(weight_bits=8, activation_bits=8, int16_budget=0.15 if ranking else 0.0,
-                              sensitivity=ranking, int16_weights=gain_matrices(fx), observer="mse",
-                              weight_rounding="gptq").run(student, PassContext(calib=calib))
+    inserted = get_pass("fake_quantize")(
+        weight_bits=8, activation_bits=8, int16_budget=0.15 if ranking else 0.0, sensitivity=ranking,
+        int16_inputs=tuple(args.int16_inputs), int16_weights=gain_matrices(fx), observer="mse",
+        weight_rounding="gptq").run(student, PassContext(calib=calib))
+    (act, of_act), (pts, of_pts) = inserted.stats["int16_share"].values()
+    print(f"qat: 16-bit points: {act} of {of_act} activation points, {pts} of {of_pts} points with the weights")
     report = qat.train(student, fx, train_windows, steps=args.steps, batch_size=args.batch, lr=args.lr,
                        loss="kd", temperature=1.0, warmup=max(1, args.steps // 20), device=args.device,
                        fused=args.device == "cpu")

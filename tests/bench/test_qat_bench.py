@@ -1,4 +1,4 @@
-"""bench/qat.py on the tiny model: PTQ and QAT rows, the temperature in the row, versions recorded."""
+"""bench/qat.py on the tiny model: PTQ and QAT rows, the temperature in the row, 16-bit shares, versions recorded."""
 
 import json
 
@@ -13,10 +13,13 @@ def test_ptq_and_qat_rows_fold_to_models_near_fp32(tmp_path, capsys):
     out = tmp_path / "qat.json"
     assert bench_qat.main(["--model", "sample:tiny-llama", "--rows", "ptq", "qat-kd", "--steps", "3",
                            "--temperature", "1", "--calib", "2", "--train-windows", "2", "--windows", "2",
-                           "--length", "32", "--threads", "1", "--json", str(out)]) == 0
+                           "--length", "32", "--threads", "1", "--int16-inputs", "*.mlp.down_proj.weight",
+                           "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     names = [r["name"] for r in data["rows"]]
     assert names == ["fp32", "PTQ W8A8 static (quantize)", "QAT (KD, T=1, 3 steps, lr 1e-05) + fold_encodings"]
+    # the 16-bit points both ways: of the 9 activation points, of all 24 (15 weights too)
+    assert [r.get("int16") for r in data["rows"]] == [None, "0/9 act, 0/24 pts", "2/9 act, 2/24 pts"]
     ptq, folded = data["rows"][1], data["rows"][2]
     # 8-bit everything on a tiny model: a broken fold or encodings export drops far below these
     assert ptq["overlap@1"] >= 0.9 and folded["overlap@1"] >= 0.9
