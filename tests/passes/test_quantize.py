@@ -263,6 +263,7 @@ def test_smollm2_w8a8_int16_budget(smollm2_onnx, smollm2_calib, smollm2_eval):
     assert result.stats["smoothed"] == 90  # 30 x (q/k/v input, gate/up input, down_proj input)
     assert result.stats["activations"] == 121 and result.stats["weights"] == 211
     assert result.stats["int16_points"] == 18
+    assert result.stats["int16_share"] == {"activations": [18, 121], "points": [18, 332]}
     assert result.model.num_bytes() < 0.27 * smollm2_onnx.num_bytes()
     row, _ = evaluate_causal_lm(result.model, smollm2_eval, reference)
     assert row["overlap@1"] > 0.8 and row["ppl"] < 1.15 * reference_row["ppl"]
