@@ -75,7 +75,7 @@ class Report:
         if stats:
             lines += ["", "## Pass statistics", ""]
             for name, st in stats:
-                lines.append(f"- **{name}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in st.items() if not isinstance(v, (dict, list))))
+                lines.append(f"- **{name}**: " + ", ".join(f"{k}={_stat_text(v)}" for k, v in st.items() if not isinstance(v, list)))
         return "\n".join(lines) + "\n"
 
     def save(self, out_dir: str | Path, stem: str = "report") -> tuple[Path, Path]:
@@ -243,6 +243,15 @@ def _fmt(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return f"{value:.4f}" if abs(value) < 1000 else f"{value:.1f}"
     return str(value)
+
+
+def _stat_text(value: Any) -> str:
+    """A statistic for the report's text: a dict of [part, whole] pairs as "key part/whole ..."
+    (e.g. int16_share), anything else as _fmt writes it (lists are left to the JSON)."""
+    if isinstance(value, dict):
+        return " ".join(f"{k} {v[0]}/{v[1]}" if isinstance(v, list) and len(v) == 2 else f"{k} {_fmt(v)}"
+                        for k, v in value.items())
+    return _fmt(value)
 
 
 def _jsonable(obj):

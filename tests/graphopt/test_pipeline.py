@@ -43,7 +43,7 @@ class ScaleLogits(Pass):
         producer.outputs[producer.outputs.index(out)] = inner
         factor = gs.Constant(f"scale_logits_factor{tag}", np.array(self.factor, np.float32))
         graph.nodes.append(gs.Node("Mul", name=f"scale_logits_mul{tag}", inputs=[inner, factor], outputs=[out]))
-        return PassResult(model, True, {"scaled": 1})
+        return PassResult(model, True, {"scaled": 1, "share": {"nodes": [1, tag + 1]}, "names": [inner.name]})
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def test_step_records_and_saved_report(tiny_onnx, tmp_path):
     nodes_before = model.num_nodes()
     result = Pipeline([ScaleLogits(factor=1.0), ScaleLogits(factor=2.0)], log=lambda *a: None).run(model)
     first, second = result.report.steps
-    assert first.seconds > 0 and first.changed and first.stats == {"scaled": 1}
+    assert first.seconds > 0 and first.changed and first.stats["scaled"] == 1
     assert first.nodes == (nodes_before, nodes_before + 1)
     assert first.params == (model.num_params(), model.num_params() + 1)
     assert first.bytes == (model.num_bytes(), model.num_bytes() + 4)
@@ -102,6 +102,8 @@ def test_step_records_and_saved_report(tiny_onnx, tmp_path):
     assert data["steps"][0]["fidelity"]["sqnr_db"] == "inf"
     text = md.read_text()
     assert "| scale_logits | onnx |" in text and "+1 Mul" in text and "sqnr_db" in text
+    # statistics: [part, whole] pairs read as part/whole (int16_share), lists stay in the JSON
+    assert f"scaled=1, share=nodes 1/{nodes_before + 1}\n" in text and data["steps"][0]["stats"]["names"]
 
 
 def test_error_inside_a_pass_names_it_and_the_passes_before(tiny_onnx):
