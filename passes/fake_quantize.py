@@ -109,8 +109,8 @@ class FakeQuantize(Pass):
             raise OptionError(f"'fake_quantize': option 'int16_inputs': '{unknown[0]}' matches no weight of a "
                               f"quantized linear of '{model.name}'")
         chosen = {feeds for feeds in points if any(name_matches(w, self.int16_inputs) for w in feeds)}
-        budget = int16_budget_count(self.int16_budget, len(points), len(known), len(set(self.int16_weights)),
-                                    self.int16_budget_over)
+        wide_weights = len(known) if self.weight_bits == 16 else len(known & set(self.int16_weights))
+        budget = int16_budget_count(self.int16_budget, len(points), len(known), wide_weights, self.int16_budget_over)
         ranking = read_sensitivity(self.sensitivity, self.name) if self.sensitivity else []
         for row in (r for r in ranking if r["kind"] == "activation"):
             if len(chosen) >= budget:

@@ -192,7 +192,9 @@ class Quantize(Pass):
         else:
             observers, hessians = self._calibrate(model, sites, points, calib, ctx, plans)
         stats["smoothed"] = len(plans)
-        int16 = self._int16_points(points, observers, sites, len(weights))
+        # linear weights are 16-bit when named so or when every weight is (tables are not linear sites)
+        wide_weights = len(weights) if self.weight_bits == 16 else len(weights & set(self.int16_weights))
+        int16 = self._int16_points(points, observers, sites, len(weights), wide_weights)
         encodings = Encodings()
         for point in points:
             encodings.add(self._activation_encoding(point, observers[point], point in int16), "activation")
@@ -202,7 +204,7 @@ class Quantize(Pass):
         model.meta.encodings.update(encodings.to_meta())
         stats.update(weights=len(result.weights), activations=len(result.activations),
                      int16_points=len(int16), biases=len(result.biases),
-                     int16_share=int16_share(len(int16), len(points), len(set(self.int16_weights)), len(weights)),
+                     int16_share=int16_share(len(int16), len(points), wide_weights, len(weights)),
                      int16=[p for p in points if p in int16][:64])
         if not stats["smoothed"]:
             del stats["smoothed"]
@@ -243,10 +245,10 @@ class Quantize(Pass):
                     follower.update(smoothed)
         return observers, hessians
 
-    def _int16_points(self, points: list[str], observers: dict, sites: list, weights: int) -> set[str]:
+    def _int16_points(self, points: list[str], observers: dict, sites: list, weights: int,
+                      wide_weights: int) -> set[str]:
         chosen = [p for p in points if p in self.int16_points]
-        budget = int16_budget_count(self.int16_budget, len(points), weights, len(set(self.int16_weights)),
-                                    self.int16_budget_over)
+        budget = int16_budget_count(self.int16_budget, len(points), weights, wide_weights, self.int16_budget_over)
         if self.activation_bits == 16 or budget <= len(chosen):
             return set(points) if self.activation_bits == 16 else set(chosen)
         if self.sensitivity:
