@@ -12,10 +12,11 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from graphopt.backend_infra import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.errors import BackendError
+from graphopt.files.writing import atomic_write_text, staged_folder
 from graphopt.ir import Model
-from graphopt.onnx_io import atomic_write_text, save_onnx, staged_folder
+from graphopt.ir.onnx_files import save_onnx
+from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 
 __all__ = ["OrtMobile", "XNNPACK_OPS"]
 

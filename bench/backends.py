@@ -24,8 +24,8 @@ from pathlib import Path
 import onnx
 
 import graphopt
-from graphopt import samples
-from graphopt.onnx_io import atomic_write_text
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows
 from graphopt.pipeline import Pipeline, export, get_pass
 
 SOURCES = {"tiny": "sample:tiny-llama", "minilm": "sample:minilm", "smollm2": "sample:smollm2"}
@@ -36,7 +36,7 @@ COLUMNS = ["model", "variant", "backend", "MB", "main file MB", "emit+validate s
 def load(name: str, log):
     model = graphopt.load(SOURCES[name], form="onnx", log=log)
     if name == "smollm2":
-        windows = samples.lm_windows(model.tokenizer, "calib", 4, 64)
+        windows = lm_windows(model.tokenizer, "calib", 4, 64)
         model = model.replace(sample_inputs=[{"input_ids": w} for w in windows])
     return model
 

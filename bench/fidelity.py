@@ -5,7 +5,7 @@
 A PIPELINE is `fp32` (the lowered model, always measured first as the reference), a recipe
 file (`samples/recipes/cleanup.yaml`), or pass names joined by commas (`cleanup`,
 `cleanup,quantize`). Default: `fp32 cleanup`. Protocol: 24 evaluation windows of 128 tokens
-(`samples.lm_windows(tok, "eval", 24, 128)`, odd pydoc topics), overlap@k against fp32's logits,
+(`lm_windows(tok, "eval", 24, 128)`, odd pydoc topics), overlap@k against fp32's logits,
 latency of one batch-1 run at sequence length 128 on onnxruntime CPU.
 """
 
@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, samples
 from graphopt.errors import GraphoptError
-from graphopt.onnx_io import atomic_write_text
+from graphopt.evaluation.lm import benchmark_causal_lm
+from graphopt.evaluation.tables import environment, markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows
 
 COLUMNS = ["ppl", "overlap@1", "overlap@8", "bytes", "latency_ms", "latency_min_ms", "pipeline_s"]
 
@@ -40,7 +42,7 @@ def build_pipeline(spec: str):
     if not passes:
         raise GraphoptError(f"pipeline '{spec}' names no pass")
     # pass names carry no calibration section: give passes that calibrate the usual 8 windows
-    calib = lambda model: [{model.inputs[0].name: w} for w in samples.lm_windows(model.tokenizer, "calib", 8, 128)]
+    calib = lambda model: [{model.inputs[0].name: w} for w in lm_windows(model.tokenizer, "calib", 8, 128)]
     return passes, calib
 
 
@@ -71,9 +73,9 @@ class Models:
 def run(specs: list[str], *, windows: int, length: int, latency_repeats: int, threads: int, log) -> dict:
     models = Models(log)
     fp32 = models.onnx()
-    eval_windows = samples.lm_windows(fp32.tokenizer, "eval", windows, length)
+    eval_windows = lm_windows(fp32.tokenizer, "eval", windows, length)
     log(f"fidelity: fp32 on {windows} x {length} eval tokens...")
-    row, reference = evaluation.benchmark_causal_lm(
+    row, reference = benchmark_causal_lm(
         fp32, eval_windows, latency_seq=length, latency_repeats=latency_repeats, threads=threads)
     rows = [{"name": "fp32", **row, "pipeline_s": 0.0}]
     for spec in specs:
@@ -87,7 +89,7 @@ def run(specs: list[str], *, windows: int, length: int, latency_repeats: int, th
         seconds = time.perf_counter() - start
         model = result.model if result.model.form == "onnx" else graphopt.lower(result.model, log=log)
         log(f"fidelity: {spec} on {windows} x {length} eval tokens...")
-        row, _ = evaluation.benchmark_causal_lm(
+        row, _ = benchmark_causal_lm(
             model, eval_windows, reference, latency_seq=length, latency_repeats=latency_repeats, threads=threads)
         rows.append({"name": spec, **row, "pipeline_s": seconds,
                      "steps": [{"name": s.name, "seconds": s.seconds, "nodes": list(s.nodes), "stats": s.stats}
@@ -99,7 +101,7 @@ def run(specs: list[str], *, windows: int, length: int, latency_repeats: int, th
         "protocol": {"split": "eval", "windows": windows, "length": length, "reference": "fp32",
                      "latency": {"seq": length, "batch": 1, "repeats": latency_repeats,
                                  "threads": threads or "ort default"}},
-        "machine": evaluation.environment(),
+        "machine": environment(),
         "rows": rows,
     }
 
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data["command"] = "python bench/fidelity.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    print(markdown_table(data["rows"], COLUMNS), end="")
     if args.json:
         atomic_write_text(args.json, json.dumps(data, indent=2))
         log(f"fidelity: rows written to {args.json}")

@@ -28,13 +28,16 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
-from graphopt import evaluation, onnx_io, samples
 from graphopt.backends.npu_sim import NpuSim, compare_outputs
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
 from graphopt.backends.npu_sim.simulator import Simulator
-from graphopt.onnx_io import atomic_write_text
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.evaluation.tables import environment, markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows, minilm_batches
+from graphopt.ir.runtime import ort_session
+from graphopt.pipeline.passes import PassContext
 from graphopt.recipe import load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "samples" / "recipes"
@@ -68,7 +71,7 @@ def recipe_qdq(model, recipe_name: str):
 
 
 def _ort_logits(model, optimization: str):
-    session = onnx_io.ort_session(model.to_onnx(), optimization=optimization, consume=True)
+    session = ort_session(model.to_onnx(), optimization=optimization, consume=True)
     return lambda ids: session.run(None, {"input_ids": ids})[0]
 
 
@@ -78,9 +81,9 @@ def smollm2_rows(args, profile):
     simulator against both."""
     fp32 = graphopt.load("sample:smollm2", form="onnx", log=log)
     tok = fp32.tokenizer
-    windows = samples.lm_windows(tok, "eval", args.windows, args.seq)
+    windows = lm_windows(tok, "eval", args.windows, args.seq)
     log("bench: fp32 reference ...")
-    fp32_row, fp32_top = evaluation.evaluate_causal_lm(fp32, windows)
+    fp32_row, fp32_top = evaluate_causal_lm(fp32, windows)
     rows = [{"name": "fp32 (ORT)", **fp32_row}]
     extra = {}
     for recipe in args.recipes:
@@ -88,8 +91,8 @@ def smollm2_rows(args, profile):
         start = time.perf_counter()
         qdq = recipe_qdq(fp32, recipe)
         extra[f"{label}_quantize_s"] = time.perf_counter() - start
-        basic_row, basic_top = evaluation.evaluate_causal_lm(_ort_logits(qdq, "basic"), windows, fp32_top)
-        fused_row, fused_top = evaluation.evaluate_causal_lm(_ort_logits(qdq, "all"), windows, basic_top)
+        basic_row, basic_top = evaluate_causal_lm(_ort_logits(qdq, "basic"), windows, fp32_top)
+        fused_row, fused_top = evaluate_causal_lm(_ort_logits(qdq, "all"), windows, basic_top)
         start = time.perf_counter()
         program = NpuSim(seq_len=args.seq).compile(qdq)
         extra[f"{label}_compile_s"] = time.perf_counter() - start
@@ -104,7 +107,7 @@ def smollm2_rows(args, profile):
             log(f"bench: {label} window {len(seconds)}/{len(windows)} simulated in {seconds[-1]:.1f} s")
             return out
 
-        sim_row, sim_top = evaluation.evaluate_causal_lm(simulate, windows, basic_top)
+        sim_row, sim_top = evaluate_causal_lm(simulate, windows, basic_top)
         sim_vs_fused = float(np.mean([np.mean(a[..., 0] == b[..., 0]) for a, b in zip(sim_top, fused_top)]))
         rows += [
             {"name": f"{label} QDQ, ORT basic (QDQ semantics) vs fp32", **basic_row},
@@ -122,7 +125,7 @@ def smollm2_rows(args, profile):
     sparse_qdq = recipe_qdq(two_four(rotated(fp32)), args.recipes[0])
     sparse_program = NpuSim(seq_len=args.seq).compile(sparse_qdq)
     sparse = estimate(sparse_program, profile)
-    sparse_row, _ = evaluation.evaluate_causal_lm(sparse_qdq, windows[:2], fp32_top[:2])
+    sparse_row, _ = evaluate_causal_lm(sparse_qdq, windows[:2], fp32_top[:2])
     extra.update({"sparse_matmuls": sum(op.attrs.get("sparsity") == "2:4" for op in sparse_program.ops
                                   if op.kind in ("matmul", "matmul_acc")),
              "sparse_qdq_vs_fp32_2win": sparse_row})
@@ -134,7 +137,7 @@ def minilm_row(args):
     qdq = recipe_qdq(model, "minilm-w8a8.yaml")
     session = qdq.session()
     cosines, seconds, programs = [], [], {}
-    for feeds in samples.minilm_batches(model.tokenizer, "eval", args.minilm_batches):
+    for feeds in minilm_batches(model.tokenizer, "eval", args.minilm_batches):
         key = tuple(feeds["input_ids"].shape)
         if key not in programs:
             programs[key] = Simulator(compile_model(qdq, feeds))
@@ -178,21 +181,21 @@ def main(argv=None) -> int:
     minilm = minilm_row(args)
     if "smollm2" not in args.models:
         print("## MiniLM\n")
-        print(evaluation.markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
+        print(markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
         return 0
     rows, dense, sparse, extra = smollm2_rows(args, profile)
     print(f"## SmolLM2-135M, {args.windows} eval windows x {args.seq} tokens\n")
-    print(evaluation.markdown_table(rows, ["ppl", "overlap@1", "overlap@8", "top1_vs_ort_all", "sim_s_per_window",
+    print(markdown_table(rows, ["ppl", "overlap@1", "overlap@8", "top1_vs_ort_all", "sim_s_per_window",
                                            "sim_min_s"]))
     print(f"{extra['npu_ops']} NPU ops, {extra['host_ops']} host ops "
           f"({', '.join(sorted({h['op'] for h in extra['host_partition']}))})\n")
     print(f"## Cost of one {args.seq}-token prefill on '{profile.name}'\n")
     print(cost_table(dense, sparse, args.recipes[0].removeprefix("smollm2-").removesuffix(".yaml").upper()))
     print("## MiniLM\n")
-    print(evaluation.markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
+    print(markdown_table([minilm], ["batches", "mean_cosine", "min_cosine", "sim_s_per_batch"]))
     if args.json:
         payload = {"command": "python " + " ".join(shlex.quote(a) for a in ["bench/npu_sim.py"] + (argv or sys.argv[1:])),
-                   "machine": evaluation.environment(), "smollm2": rows, "cost_dense": dense.totals,
+                   "machine": environment(), "smollm2": rows, "cost_dense": dense.totals,
                    "cost_2_4": sparse.totals, "minilm": minilm, "extra": extra}
         atomic_write_text(args.json, json.dumps(payload, indent=2, default=str))
     return 0

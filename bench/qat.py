@@ -7,7 +7,7 @@
                         [--int16-budget-over activations|points]
                         [--device cpu|cuda] [--json PATH]
 
-Protocol: evaluation on `samples.lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
+Protocol: evaluation on `lm_windows(tok, "eval", 24, 128)` (odd pydoc topics), overlap@k
 against fp32's logits in onnxruntime; calibration on `lm_windows(tok, "calib", 16, 128)`, training
 on the first `--train-windows` calibration windows (even topics, disjoint from evaluation).
 PTQ is the quantize pass at W8A8 (per-channel uint8 weights, per-tensor uint8 min-max activations,
@@ -16,7 +16,7 @@ QAT inserts the same points with the fake_quantize pass (asymmetric per-channel 
 PTQ row; `--weight-symmetric` for int8), trains weights and scales against the float model's
 logits (AdamW, cosine schedule, clipping), exports the learned scales as encodings and folds them
 with fold_encodings: the rows compare deployable static QDQ models. `--generated N` adds N windows the
-float model writes itself (`qat.generate_windows`: the first `--prompt-tokens` of a training window,
+float model writes itself (`distillation.generate_windows`: the first `--prompt-tokens` of a training window,
 then sampled), interleaved with the real ones. Each QAT row also reports `torch_overlap@1`, the
 trained fake-quant student itself evaluated in torch, and `int16`, its 16-bit points counted two ways:
 "18/122 act, 19/334 pts" (of the activation points; of every quantized point, weights included).
@@ -39,25 +39,29 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
-from graphopt import evaluation, onnx_io, qat, samples
 from graphopt.errors import GraphoptError
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.evaluation.tables import environment, markdown_table
+from graphopt.files.writing import atomic_write_bytes, atomic_write_text
+from graphopt.frontends.corpora import lm_windows
 from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
+from graphopt.training import distillation, fake_quant
 
 COLUMNS = ["ppl", "ppl_ratio", "overlap@1", "overlap@8", "torch_overlap@1", "int16", "train_steps", "train_s", "s_per_step",
            "pipeline_s"]
 
 
 def _calib_windows(model, count: int, length: int):
-    return samples.lm_windows(model.tokenizer, "calib", count, length)
+    return lm_windows(model.tokenizer, "calib", count, length)
 
 
 def _evaluate(model, name: str, eval_windows, reference, fp32_ppl: float | None, log,
               threads: int = 0) -> tuple[dict, list]:
     log(f"qat bench: evaluating {name} on {len(eval_windows)} windows...")
     # a thread count of its own: runs that share a machine otherwise each spin up a thread per core
-    row, tops = evaluation.evaluate_causal_lm(model, eval_windows, reference, threads=threads)
+    row, tops = evaluate_causal_lm(model, eval_windows, reference, threads=threads)
     row["name"] = name
     row["ppl_ratio"] = row["ppl"] / fp32_ppl if fp32_ppl else 1.0
     return row, tops
@@ -90,13 +94,13 @@ def _qat(fx, calib, windows, validation, *, loss: str, steps: int, batch: int, l
         int16_budget_over=int16_budget_over, sensitivity=sensitivity, int16_weights=gain_matrices(fx),
         observer=observer, weight_rounding=rounding, int16_inputs=int16_inputs).run(
         student, PassContext(calib=calib, progress=False)).stats["int16_share"]
-    report = qat.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, weight_scale_lr=weight_scale_lr,
+    report = distillation.train(student, fx, windows, steps=steps, lr=lr, scale_lr=scale_lr, weight_scale_lr=weight_scale_lr,
                        loss=loss, batch_size=batch,
                        temperature=temperature, warmup=max(1, steps // 20), device=device, fused=fused,
                        compile=compile, shuffle=shuffle, cache_teacher=cache_teacher,
                        validation=validation, feature_weight=feature_weight, progress=False, log=log)
-    lowered = graphopt.lower(qat.strip_fake_quant(student), log=log)
-    encodings = qat.export_encodings(student, lowered)
+    lowered = graphopt.lower(fake_quant.strip_fake_quant(student), log=log)
+    encodings = fake_quant.export_encodings(student, lowered)
     lowered.meta.encodings = encodings.to_meta()
     result = get_pass("fold_encodings")().run(lowered, PassContext(progress=False))
     seconds = time.perf_counter() - start
@@ -128,13 +132,13 @@ def _generated(fx, prompts, args, log) -> list:
         log(f"qat bench: {len(stored)} generated windows read from {path}")
         return [row[None, :] for row in stored]
     start = time.perf_counter()
-    generated = qat.generate_windows(fx, prompts, args.generated, length=args.length, prompt_tokens=args.prompt_tokens,
+    generated = distillation.generate_windows(fx, prompts, args.generated, length=args.length, prompt_tokens=args.prompt_tokens,
                                      temperature=args.sample_temperature, seed=args.seed,
                                      batch_size=args.generate_batch, device=args.device, progress=False)
     log(f"qat bench: {args.generated} windows generated from {args.prompt_tokens}-token prompts "
         f"in {time.perf_counter() - start:.1f} s")
     if path:
-        onnx_io.atomic_write_bytes(path, _npy_bytes(np.concatenate(generated)))
+        atomic_write_bytes(path, _npy_bytes(np.concatenate(generated)))
     return generated
 
 
@@ -166,7 +170,7 @@ def run(args, log) -> dict | None:
         results = [rotate.run(m, PassContext(progress=False)) for m in (fx, fp32)]
         fx, fp32 = (r.model for r in results)
         log(f"qat bench: rotate: {json.dumps(results[0].stats)}")
-    eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
+    eval_windows = lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
     row, reference = _evaluate(fp32, "fp32", eval_windows, None, None, log, args.threads)
     fp32_ppl = row["ppl"]
     row.update({"overlap@1": 1.0, "overlap@8": 1.0})
@@ -228,7 +232,7 @@ def run(args, log) -> dict | None:
                                "sensitivity": args.sensitivity,
                                "qat_inputs": args.int16_inputs},
                      "reference": "fp32 (ONNX Runtime)"},
-        "machine": evaluation.environment(device=args.device),
+        "machine": environment(device=args.device),
         "rows": rows,
     }
 
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float,
                         help="distillation temperature (default: KD 2, reverse KL 1, BiLD 3)")
     parser.add_argument("--feature-weight", type=float, default=0.0,
-                        help="add this many times qat.feature_loss (every linear's input against the float model's)")
+                        help="add this many times distillation.feature_loss (every linear's input against the float model's)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime threads (0: one per core)")
     parser.add_argument("--fused", action="store_true",
                         help="train with torch's fused fake-quant kernels (8-bit points; 2.3x faster on CPU, "
@@ -303,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     if data is None:
         return 0
     data["command"] = "python bench/qat.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    print(markdown_table(data["rows"], COLUMNS), end="")
     if args.json:
-        onnx_io.atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
+        atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
         log(f"qat bench: rows written to {args.json}")
     return 0
 

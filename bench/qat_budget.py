@@ -19,11 +19,14 @@ import sys
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, qat, samples
-from graphopt.onnx_io import atomic_write_text
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.evaluation.tables import environment, markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows
 from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
+from graphopt.training import fake_quant
 
 ROOT = Path(__file__).resolve().parents[1]
 SENSITIVITY = ROOT / "samples" / "recipes" / "smollm2-rotated-sensitivity.json"
@@ -48,24 +51,24 @@ def _groups(tables: set[str]) -> dict:
 def run(args, log) -> dict:
     fx = graphopt.load(args.model, log=log)
     fx = get_pass("rotate")().run(fx, PassContext(progress=False)).model
-    eval_windows = samples.lm_windows(fx.tokenizer, "eval", args.windows, args.length)
-    calib = [{"input_ids": w} for w in samples.lm_windows(fx.tokenizer, "calib", 16, args.length)]
-    row, reference = evaluation.evaluate_causal_lm(fx, eval_windows)  # an FX model runs in torch
+    eval_windows = lm_windows(fx.tokenizer, "eval", args.windows, args.length)
+    calib = [{"input_ids": w} for w in lm_windows(fx.tokenizer, "calib", 16, args.length)]
+    row, reference = evaluate_causal_lm(fx, eval_windows)  # an FX model runs in torch
     rows = [{"name": "none (fp32)", **row}]
     student = fx.copy()
     get_pass("fake_quantize")(weight_bits=8, weight_symmetric=False, activation_bits=8, int16_budget=0.15,
                               sensitivity=str(SENSITIVITY), int16_weights=gain_matrices(fx), observer="mse",
                               weight_rounding=args.weight_rounding).run(student, PassContext(calib=calib, progress=False))
-    modules = qat.fake_quant_modules(student).values()
-    for name, keep in _groups(qat.table_weights(student)).items():
+    modules = fake_quant.fake_quant_modules(student).values()
+    for name, keep in _groups(fake_quant.table_weights(student)).items():
         for module in modules:
             module.enabled = keep(module)
         log(f"qat budget: {name}...")
-        row, _ = evaluation.evaluate_causal_lm(student, eval_windows, reference)
+        row, _ = evaluate_causal_lm(student, eval_windows, reference)
         rows.append({"name": name, **row})
     return {"model": args.model, "weight_rounding": args.weight_rounding, "windows": args.windows,
             "length": args.length, "rows": rows,
-            "machine": evaluation.environment()}
+            "machine": environment()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
     data = run(args, log)
     data["command"] = "python bench/qat_budget.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    print(markdown_table(data["rows"], COLUMNS), end="")
     if args.json:
         atomic_write_text(args.json, json.dumps(data, indent=2, default=str))
     return 0

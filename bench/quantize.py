@@ -28,10 +28,15 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
-from graphopt import evaluation, metrics, onnx_io, samples
 from graphopt.errors import GraphoptError
+from graphopt.evaluation import metrics
+from graphopt.evaluation.lm import benchmark_causal_lm
+from graphopt.evaluation.sizes import disk_bytes
+from graphopt.evaluation.tables import environment, markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows, minilm_batches
 from graphopt.ir import Model
-from graphopt.onnx_io import atomic_write_text
+from graphopt.ir.onnx_files import load_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {name: ROOT / "samples" / "recipes" / f"smollm2-{name}.yaml" for name in ("w8a8", "w8a8-gptq", "w8a16", "w4a16")}
@@ -95,7 +100,7 @@ OPTIMIZATION = {"ort-static-matmul": "basic"}
 
 
 def _row(name, model, eval_windows, reference, fp32_row, seconds, args):
-    row, _ = evaluation.benchmark_causal_lm(model, eval_windows, reference, latency_seq=args.length,
+    row, _ = benchmark_causal_lm(model, eval_windows, reference, latency_seq=args.length,
                                             latency_repeats=args.latency_repeats, threads=args.threads,
                                             optimization=OPTIMIZATION.get(name, "all"), config=args.ort_config)
     row = {"name": name, **row, "quantize_s": seconds}
@@ -108,10 +113,10 @@ def _row(name, model, eval_windows, reference, fp32_row, seconds, args):
 def run(args, log) -> dict:
     wanted = args.only or ALL
     fp32 = graphopt.load("sample:smollm2", form="onnx", log=log)
-    eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
-    calib_windows = samples.lm_windows(fp32.tokenizer, "calib", args.calib, args.length)
+    eval_windows = lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
+    calib_windows = lm_windows(fp32.tokenizer, "calib", args.calib, args.length)
     log(f"quantize bench: fp32 on {args.windows} x {args.length} eval tokens...")
-    fp32_row, reference = evaluation.benchmark_causal_lm(
+    fp32_row, reference = benchmark_causal_lm(
         fp32, eval_windows, latency_seq=args.length, latency_repeats=args.latency_repeats, threads=args.threads,
         config=args.ort_config)
     rows = [{"name": "fp32", **fp32_row, "ppl_ratio": 1.0, "size_ratio": 1.0, "quantize_s": 0.0}]
@@ -127,7 +132,7 @@ def run(args, log) -> dict:
             start = time.perf_counter()
             tool(src, out, calib_windows)
             seconds = time.perf_counter() - start
-            model = Model.from_onnx(onnx_io.load_onnx(out), name=name, task="causal-lm")
+            model = Model.from_onnx(load_onnx(out), name=name, task="causal-lm")
             rows.append(_row(name, model, eval_windows, reference, fp32_row, seconds, args))
             log(f"quantize bench: {rows[-1]}")
             del model
@@ -158,7 +163,7 @@ def run(args, log) -> dict:
                      "reference": "fp32", "latency": {"seq": args.length, "batch": 1, "repeats": args.latency_repeats,
                                                       "threads": args.threads or "ort default"},
                      "ort_config": args.ort_config},
-        "machine": evaluation.environment(),
+        "machine": environment(),
         "rows": rows,
         "minilm": minilm,
     }
@@ -174,11 +179,11 @@ def minilm_cosine(log) -> dict:
     result = graphopt.Pipeline(recipe.passes, verify=False, progress=False, log=log).run(
         fp32, calib=recipe.calibration_feeds(fp32))
     seconds = time.perf_counter() - start
-    batches = samples.minilm_batches(fp32.tokenizer, "eval", 8)
+    batches = minilm_batches(fp32.tokenizer, "eval", 8)
     run_fp32, run_q = fp32.runner(), result.model.runner()
     cosines = [metrics.cosine(run_fp32(b)[0], run_q(b)[0], axis=-1) for b in batches]
     row = {"name": "graphopt-minilm-w8a8", "cosine": float(np.mean(cosines)), "min_batch_cosine": float(np.min(cosines)),
-           "bytes": evaluation.disk_bytes(result.model), "fp32_bytes": evaluation.disk_bytes(fp32), "quantize_s": seconds}
+           "bytes": disk_bytes(result.model), "fp32_bytes": disk_bytes(fp32), "quantize_s": seconds}
     log(f"quantize bench: {row}")
     return row
 
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data["command"] = "python bench/quantize.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    print(markdown_table(data["rows"], COLUMNS), end="")
     if data["minilm"]:
         m = data["minilm"]
         print(f"\nMiniLM W8A8 (graphopt): mean embedding cosine {m['cosine']:.4f} (min batch {m['min_batch_cosine']:.4f}), "

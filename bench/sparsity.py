@@ -23,11 +23,13 @@ import time
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, samples
 from graphopt.errors import GraphoptError
-from graphopt.onnx_io import atomic_write_text
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.lm import benchmark_causal_lm, evaluate_causal_lm
+from graphopt.evaluation.tables import markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
 
 COLUMNS = ["ppl", "ppl_x", "overlap@1", "overlap@8", "sparsity", "mean_recon_error", "pass_s", "load"]
 PATTERNS = {"50%": {"pattern": "unstructured", "sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
@@ -57,7 +59,7 @@ def sparsity_rows(fp32, calib, eval_windows, reference, dense_ppl, *, methods, l
             load = (load_before + os.getloadavg()[0]) / 2
             log(f"sparsity: {label} {method}: {result.stats['layers_pruned']} weights in {seconds:.1f} s "
                 f"(load {load:.1f}); evaluating...")
-            row, _ = evaluation.evaluate_causal_lm(result.model, eval_windows, reference)
+            row, _ = evaluate_causal_lm(result.model, eval_windows, reference)
             rows.append({"name": f"{label} {method}", **row, "ppl_x": row["ppl"] / dense_ppl,
                          "sparsity": result.stats["sparsity"], "mean_recon_error": result.stats["mean_recon_error"],
                          "pass_s": seconds, "load": load, "layers": result.stats["layers"]})
@@ -68,14 +70,14 @@ def sparsity_rows(fp32, calib, eval_windows, reference, dense_ppl, *, methods, l
 
 def run(*, windows: int, calib_windows: int, length: int, methods: list[str], structure: bool, log) -> dict:
     fp32 = graphopt.load("sample:smollm2", form="onnx", log=log)
-    eval_windows = samples.lm_windows(fp32.tokenizer, "eval", windows, length)
-    calib = [{"input_ids": w} for w in samples.lm_windows(fp32.tokenizer, "calib", calib_windows, length)]
+    eval_windows = lm_windows(fp32.tokenizer, "eval", windows, length)
+    calib = [{"input_ids": w} for w in lm_windows(fp32.tokenizer, "calib", calib_windows, length)]
     module = _structure_module() if structure else None
     log(f"sparsity: fp32 on {windows} x {length} eval tokens...")
     if module is not None:  # the structural rows compare params, bytes and latency with fp32's
-        dense, reference = evaluation.benchmark_causal_lm(fp32, eval_windows, latency_seq=length)
+        dense, reference = benchmark_causal_lm(fp32, eval_windows, latency_seq=length)
     else:
-        dense, reference = evaluation.evaluate_causal_lm(fp32, eval_windows)
+        dense, reference = evaluate_causal_lm(fp32, eval_windows)
     rows = [{"name": "fp32", **dense, "ppl_x": 1.0, "sparsity": 0.0}]
     rows += sparsity_rows(fp32, calib, eval_windows, reference, dense["ppl"], methods=methods, log=log)
     data = {"model": "smollm2", "protocol": {"eval": [windows, length], "calib": [calib_windows, length],
@@ -107,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data["command"] = "python bench/sparsity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    print(evaluation.markdown_table(data["rows"], COLUMNS), end="")
+    print(markdown_table(data["rows"], COLUMNS), end="")
     if "structure" in data:
         print()
-        print(evaluation.markdown_table(data["structure"]["rows"], data["structure"]["columns"]), end="")
+        print(markdown_table(data["structure"]["rows"], data["structure"]["columns"]), end="")
     if args.json:
         atomic_write_text(args.json, json.dumps(data, indent=2, default=float))
         log(f"sparsity: rows written to {args.json}")

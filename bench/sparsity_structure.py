@@ -22,11 +22,17 @@ from pathlib import Path
 import numpy as np
 
 import graphopt
-from graphopt import evaluation, metrics, onnx_io, samples
 from graphopt.errors import GraphoptError
-from graphopt.onnx_io import atomic_write_text
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation import metrics
+from graphopt.evaluation.latency import ort_latency
+from graphopt.evaluation.lm import benchmark_causal_lm
+from graphopt.evaluation.sizes import disk_bytes
+from graphopt.evaluation.tables import markdown_table
+from graphopt.files.writing import atomic_write_text
+from graphopt.frontends.corpora import lm_windows, minilm_batches
+from graphopt.ir.runtime import ort_session
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
 
 COLUMNS = ["ppl", "ppl_x", "overlap@1", "overlap@8", "cosine", "params", "params_x", "bytes", "bytes_x",
            "latency_ms", "latency_min_ms", "latency_x", "paired_latency_x", "pass_s"]
@@ -52,7 +58,7 @@ def structure_rows(fp32_onnx_model, calib_feeds, eval_windows, reference_logits,
         seconds = time.perf_counter() - start
         log(f"structure: {measure}: {result.stats.get('heads_removed', 0)} heads, "
             f"{result.stats.get('ffn_channels_removed', 0)} FFN channels removed in {seconds:.1f} s; evaluating...")
-        row, _ = evaluation.benchmark_causal_lm(result.model, eval_windows, reference_logits, latency_seq=length,
+        row, _ = benchmark_causal_lm(result.model, eval_windows, reference_logits, latency_seq=length,
                                                 latency_repeats=latency_repeats, threads=threads)
         rows.append({"name": f"smollm2 kv 2/3 + ffn 75% ({measure})", **row, "pass_s": seconds})
         pruned = result.model
@@ -77,11 +83,11 @@ def paired_latency(dense, pruned, feeds, *, rounds: int = 20, threads: int = 0) 
 
     Returns each model's minimum and median in ms, and the median over rounds of pruned/dense.
     """
-    sessions = [onnx_io.ort_session(m.to_onnx(), threads=threads, consume=True) for m in (dense, pruned)]
+    sessions = [ort_session(m.to_onnx(), threads=threads, consume=True) for m in (dense, pruned)]
     models, times = (dense, pruned), ([], [])
     for r in range(rounds):
         for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            timing = evaluation.ort_latency(models[i], feeds, 1, warmup=2 if r < 2 else 0, session=sessions[i])
+            timing = ort_latency(models[i], feeds, 1, warmup=2 if r < 2 else 0, session=sessions[i])
             times[i].append(timing["min_ms"])
     return {"dense_min_ms": min(times[0]), "pruned_min_ms": min(times[1]),
             "dense_median_ms": statistics.median(times[0]), "pruned_median_ms": statistics.median(times[1]),
@@ -92,8 +98,8 @@ def paired_latency(dense, pruned, feeds, *, rounds: int = 20, threads: int = 0) 
 def minilm_rows(*, latency_repeats: int = 10, threads: int = 0, log=print) -> list[dict]:
     """MiniLM (12 heads × 32 per layer): fp32 and 4 heads per layer removed, embedding cosine vs fp32."""
     model = graphopt.load("sample:minilm", form="onnx", log=log)
-    calib = samples.minilm_batches(model.tokenizer, "calib", 8)
-    batches = samples.minilm_batches(model.tokenizer, "eval", 8)
+    calib = minilm_batches(model.tokenizer, "calib", 8)
+    batches = minilm_batches(model.tokenizer, "eval", 8)
     run = model.runner()
     reference = [run(b)[0] for b in batches]
     latency_feed = batches[0]
@@ -113,8 +119,8 @@ def minilm_rows(*, latency_repeats: int = 10, threads: int = 0, log=print) -> li
 def _minilm_row(name, model, batches, reference, latency_feed, repeats, threads, seconds) -> dict:
     run = model.runner()
     cos = float(np.mean([metrics.cosine(ref, run(b)[0], axis=-1) for ref, b in zip(reference, batches)]))
-    latency = evaluation.ort_latency(model, latency_feed, repeats, threads=threads)
-    return {"name": name, "cosine": cos, "params": model.num_params(), "bytes": evaluation.disk_bytes(model),
+    latency = ort_latency(model, latency_feed, repeats, threads=threads)
+    return {"name": name, "cosine": cos, "params": model.num_params(), "bytes": disk_bytes(model),
             "latency_ms": latency["median_ms"], "latency_min_ms": latency["min_ms"], "pass_s": seconds}
 
 
@@ -141,10 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda message: print(message, file=sys.stderr, flush=True)
     try:
         fp32 = graphopt.load("sample:smollm2", form="onnx", log=log)
-        eval_windows = samples.lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
-        calib = [{"input_ids": w} for w in samples.lm_windows(fp32.tokenizer, "calib", args.calib_windows, args.length)]
+        eval_windows = lm_windows(fp32.tokenizer, "eval", args.windows, args.length)
+        calib = [{"input_ids": w} for w in lm_windows(fp32.tokenizer, "calib", args.calib_windows, args.length)]
         log(f"structure: fp32 on {args.windows} x {args.length} eval tokens...")
-        dense, reference = evaluation.benchmark_causal_lm(fp32, eval_windows, latency_seq=args.length,
+        dense, reference = benchmark_causal_lm(fp32, eval_windows, latency_seq=args.length,
                                                           latency_repeats=args.latency_repeats, threads=args.threads)
         dense = {"name": "smollm2 fp32", **dense, "pass_s": 0.0}
         rows = structure_rows(fp32, calib, eval_windows, reference, measures=args.measures.split(","),
@@ -155,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [dense] + rows
     add_ratios(rows, dense)
     command = "python bench/sparsity_structure.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    print(evaluation.markdown_table(rows, COLUMNS), end="")
+    print(markdown_table(rows, COLUMNS), end="")
     if args.json:
         data = {"model": "smollm2 + minilm", "command": command,
                 "protocol": {"eval_windows": args.windows, "calib_windows": args.calib_windows, "length": args.length,

@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 
 def diff(a, b):
-    """Structural difference between two models (see `graphopt.diffing.GraphDiff`)."""
-    from graphopt.diffing import diff_models
+    """Structural difference between two models (see `graphopt.analysis.diff.GraphDiff`)."""
+    from graphopt.analysis.diff import diff_models
 
     return diff_models(a, b)
 

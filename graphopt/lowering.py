@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from graphopt import onnx_io
 from graphopt.errors import GraphoptError
 from graphopt.ir import MIN_OPSET, Model
+from graphopt.ir.onnx_files import load_onnx, save_onnx
 
 __all__ = ["lower", "cache_dir", "content_hash"]
 
@@ -78,7 +78,7 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
     target = cache_dir() / "exports" / key / "model.onnx"
     if use_cache and target.is_file():
         log(f"lower: cached export {target}")
-        proto = onnx_io.load_onnx(target)
+        proto = load_onnx(target)
     else:
         start = time.perf_counter()
         log(f"lower: exporting '{model.name}' to ONNX opset {opset} (dynamo)...")
@@ -100,8 +100,8 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
             _name_dynamic_axes(proto, model)
         log(f"lower: exported in {time.perf_counter() - start:.1f} s")
         if use_cache:
-            onnx_io.save_onnx(proto, target)
-            proto = onnx_io.load_onnx(target)
+            save_onnx(proto, target)
+            proto = load_onnx(target)
     lowered = Model.from_onnx(
         proto, sample_inputs=model.sample_inputs, meta=model.meta, task=model.task,
         name=model.name, tokenizer=model.tokenizer,

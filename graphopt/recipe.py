@@ -24,7 +24,7 @@ import numpy as np
 import yaml
 
 from graphopt.errors import GraphoptError, RecipeError
-from graphopt.pass_infra import Pass
+from graphopt.pipeline.passes import Pass
 
 __all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe"]
 
@@ -63,7 +63,7 @@ class Recipe:
         cal = self.calibration
         if cal is None:
             return None
-        from graphopt import samples
+        from graphopt.frontends.corpora import lm_windows, minilm_batches
 
         where = f"{self.path or 'recipe'}, line {cal.line}"
         try:
@@ -74,13 +74,13 @@ class Recipe:
                         f"{where}: calibration needs the tokenizer of '{model.name}', which this model "
                         "does not carry; load it as a sample (sample:smollm2) or from its Hugging Face folder"
                     )
-                windows = samples.lm_windows(model.tokenizer, cal.split, cal.windows, cal.length)
+                windows = lm_windows(model.tokenizer, cal.split, cal.windows, cal.length)
                 return [{model.inputs[0].name: w} for w in windows]
             if model.task == "embedding":
                 if model.tokenizer is None:
                     raise RecipeError(f"{where}: calibration needs the tokenizer of '{model.name}'; "
                                       "load it as sample:minilm or from its Hugging Face folder")
-                return samples.minilm_batches(model.tokenizer, cal.split, cal.windows, batch=cal.batch,
+                return minilm_batches(model.tokenizer, cal.split, cal.windows, batch=cal.batch,
                                               max_length=cal.length)
         except ValueError as exc:  # more windows than the text holds
             raise RecipeError(f"{where}: calibration: {exc}") from exc

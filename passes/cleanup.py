@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import OptionError
 from graphopt.ir import Model
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["Cleanup"]
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from graphopt import qat
+from graphopt.analysis.sensitivity import int16_budget_count, int16_share, read_sensitivity
 from graphopt.errors import OptionError
 from graphopt.ir import Model
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.names import name_matches
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.quant.spec import QuantSpec, dtype_for
-from graphopt.sensitivity import int16_budget_count, int16_share, read_sensitivity
-from graphopt.sparsity import name_matches
+from graphopt.training import fake_quant
 
 __all__ = ["FakeQuantize"]
 
@@ -39,15 +39,15 @@ class FakeQuantize(Pass):
          less the 16-bit weights ("points"), get 16 bits.
       5. A model that already holds quantizers, or has no linear layer, is left untouched.
       6. `weight_rounding` "gptq": after calibration, linear weights (not embedding tables) are
-         replaced by their GPTQ rounding on their quantizer's grid (qat.gptq_round_weights),
+         replaced by their GPTQ rounding on their quantizer's grid (fake_quant.gptq_round_weights),
          from the float model's input Hessians over the calibration feeds, as the quantize pass's
          GPTQ; training then starts from those weights.
     Guarantees: scales start at min-max of calibration (activations: `observer`'s range, as in
     the quantize pass), so the fake-quant model computes what a static QDQ model with those
     scales computes; with the
-    quantizers switched off (`qat.set_fake_quant(model, False)`) it is the float model exactly.
+    quantizers switched off (`fake_quant.set_fake_quant(model, False)`) it is the float model exactly.
     Leaves: model.meta.extra["fake_quant"], one record per quantizer (module, kind, name, feeds);
-    `graphopt.qat.train` fine-tunes, `graphopt.qat.export_encodings` writes the scales.
+    `graphopt.training.distillation.train` fine-tunes, `fake_quant.export_encodings` writes the scales.
     """
 
     name = "fake_quantize"
@@ -102,7 +102,7 @@ class FakeQuantize(Pass):
     def wide_inputs(self, model: Model) -> frozenset[str]:
         """Weights whose input gets 16 bits: those `int16_inputs` matches, then the activation points
         the sensitivity ranking puts first (matched by the weights they feed) up to the budget."""
-        points = qat.activation_points(model, self.skip)
+        points = fake_quant.activation_points(model, self.skip)
         known = {w for feeds in points for w in feeds}
         unknown = [p for p in self.int16_inputs if not any(name_matches(w, (p,)) for w in known)]
         if unknown:
@@ -123,22 +123,22 @@ class FakeQuantize(Pass):
         weight_spec, activation_spec = self.specs()
         wide = self.wide_inputs(model) if activation_spec is not None else frozenset()
         wide_spec = QuantSpec(dtype_for(16, self.activation_symmetric), "tensor", symmetric=self.activation_symmetric)
-        weights = {w for feeds in qat.activation_points(model, self.skip) for w in feeds}
+        weights = {w for feeds in fake_quant.activation_points(model, self.skip) for w in feeds}
         unknown = [w for w in self.int16_weights if w not in weights]
-        if unknown and not qat.fake_quant_modules(model):
+        if unknown and not fake_quant.fake_quant_modules(model):
             raise OptionError(f"'fake_quantize': option 'int16_weights': '{unknown[0]}' is not the weight of a "
                               f"quantized linear of '{model.name}'")
-        inserted = qat.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip), wide, wide_spec,
+        inserted = fake_quant.insert_fake_quant(model, weight_spec, activation_spec, tuple(self.skip), wide, wide_spec,
                                          frozenset(self.int16_weights))
         if not inserted:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
         gptq = self.weight_rounding == "gptq"
         feeds = ctx.require_calib(self.name) if activation_spec is not None or gptq else ctx.calib
-        qat.calibrate(model, feeds, progress=ctx.progress, observer=self.observer, hessians=gptq)
-        rounded = qat.gptq_round_weights(model, progress=ctx.progress) if gptq else 0
+        fake_quant.calibrate(model, feeds, progress=ctx.progress, observer=self.observer, hessians=gptq)
+        rounded = fake_quant.gptq_round_weights(model, progress=ctx.progress) if gptq else 0
         model.meta.extra["fake_quant"] = [
             {"module": name, "kind": m.kind, "name": m.name, "feeds": list(m.feeds), "dtype": m.spec.dtype}
-            for name, m in qat.fake_quant_modules(model).items()
+            for name, m in fake_quant.fake_quant_modules(model).items()
         ]
         kinds = [m.kind for m in inserted]
         wide_kinds = [m.kind for m in inserted if m.spec.qmax > 255]

@@ -8,12 +8,12 @@ from typing import ClassVar
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import activations
-from graphopt.encodings import Encodings
+from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model, consumers
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import qdq
+from graphopt.quant.encodings import Encodings
 
 __all__ = ["FoldEncodings"]
 
@@ -92,7 +92,7 @@ def _is_quantized(tensor: gs.Tensor) -> bool:
 class FoldEncodings(Pass):
     """Turn given encodings into a static QDQ model: exactly those scales, no calibration run.
 
-    Reads an AIMET/QNN encodings JSON (`encodings`: 1.0.0 or 0.6.1, e.g. exported by graphopt.qat or
+    Reads an AIMET/QNN encodings JSON (`encodings`: 1.0.0 or 0.6.1, e.g. exported by graphopt.training.fake_quant or
     a third-party tool) or, when no file is given, `model.meta.encodings`. Rewrites:
 
     1. BatchNormalization after a Conv, and a Mul by a per-channel/scalar constant after a MatMul,
@@ -163,7 +163,7 @@ class FoldEncodings(Pass):
     def _unencoded(model: Model, found: Encodings) -> list[str]:
         """Linear inputs and weights the encodings say nothing about (they stay float)."""
         names = []
-        for site in activations.linear_sites(model):
+        for site in linear_sites(model):
             for name in (site.activation, site.weight):
                 if name not in found and name not in names:
                     names.append(name)

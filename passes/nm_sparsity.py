@@ -10,11 +10,15 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import activations, sparsity
+from graphopt import sparsity
+from graphopt.analysis.capture import InputHessian, capture, progress_bar
+from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.evaluation import markdown_table
+from graphopt.evaluation.tables import markdown_table
 from graphopt.ir import Model
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.fx_graph import get_weight, set_parameter
+from graphopt.ir.names import name_matches
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["NMSparsity"]
 
@@ -33,7 +37,7 @@ class _Target:
 def _linear_targets_onnx(model: Model, opts: "NMSparsity", skipped: dict[str, str]) -> tuple[list, list[_Target]]:
     """(all 2-D MatMul/Gemm sites, the targets among them after skip lists and the shared-weight guard)."""
     tensors = model.graph.tensors()
-    sites = [s for s in activations.linear_sites(model) if s.op in ("MatMul", "Gemm")]
+    sites = [s for s in linear_sites(model) if s.op in ("MatMul", "Gemm")]
     targets = []
     for site in sites:
         reason = _skip_reason(site.weight, opts)
@@ -49,7 +53,7 @@ def _linear_targets_onnx(model: Model, opts: "NMSparsity", skipped: dict[str, st
 
 
 def _skip_reason(name: str, opts: "NMSparsity") -> str | None:
-    return "skip" if sparsity.name_matches(name, opts.skip) else None
+    return "skip" if name_matches(name, opts.skip) else None
 
 
 def _block_of(weight: str, block_pattern: str) -> str | None:
@@ -119,7 +123,7 @@ class NMSparsity(Pass):
 
     def pattern_for(self, weight: str) -> sparsity.Pattern:
         for glob, value in self.overrides.items():
-            if sparsity.name_matches(weight, (glob,)):
+            if name_matches(weight, (glob,)):
                 return sparsity.parse_pattern(value, option=f"overrides[{glob!r}]")
         return sparsity.parse_pattern(self.pattern, self.sparsity)
 
@@ -143,10 +147,10 @@ class NMSparsity(Pass):
             hessians = {}
             if calib:
                 acts = list(dict.fromkeys(t.activation for t in targets))
-                hessians = activations.capture(model, calib, acts, lambda _: activations.InputHessian(),
+                hessians = capture(model, calib, acts, lambda _: InputHessian(),
                                                progress=ctx.progress, desc="nm_sparsity: calibrating")
             pruner.set_global_threshold(targets, lambda t: _canonical(tensors[t.weight], t), hessians)
-            for target in activations.progress_bar(pruner.pending(targets), None, "nm_sparsity: pruning", ctx.progress):
+            for target in progress_bar(pruner.pending(targets), None, "nm_sparsity: pruning", ctx.progress):
                 _prune_onnx(target, tensors, hessians.get(target.activation), pruner)
         return pruner.result(model, skipped)
 
@@ -248,7 +252,7 @@ class _Pruner:
         return new
 
     def _overridden(self) -> set[str]:
-        return {t for t in self.done if self.opts.overrides and sparsity.name_matches(t, tuple(self.opts.overrides))}
+        return {t for t in self.done if self.opts.overrides and name_matches(t, tuple(self.opts.overrides))}
 
     def result(self, model: Model, skipped: dict[str, str]) -> PassResult:
         model.meta.masks.update(self.masks)
@@ -271,7 +275,7 @@ class _Pruner:
 def _shape(model: Model, name: str) -> tuple[int, ...]:
     if model.form == "onnx":
         return model.graph.tensors()[name].values.shape
-    return tuple(_fx_param(model.fx, name).shape)
+    return tuple(get_weight(model.fx, name).shape)
 
 
 # ---------------------------------------------------------------------------------- ONNX
@@ -345,10 +349,10 @@ def _run_sequential_onnx(model: Model, plan: list[_Block], calib, pruner: _Prune
     """Prune block by block; each block's Hessians come from the pruned blocks before it."""
     feeds = [dict(feed) for feed in calib]
     cut = None
-    for block in activations.progress_bar(plan, len(plan), "nm_sparsity: blocks", pruner.ctx.progress):
+    for block in progress_bar(plan, len(plan), "nm_sparsity: blocks", pruner.ctx.progress):
         if block.activations:
             sub = _sub_model(model, cut, block.activations)
-            hessians = activations.capture(sub, feeds, block.activations, lambda _: activations.InputHessian(),
+            hessians = capture(sub, feeds, block.activations, lambda _: InputHessian(),
                                            progress=False)
             for target in block.targets:
                 _prune_onnx(target, tensors, hessians.get(target.activation), pruner)
@@ -372,7 +376,7 @@ def _linear_targets_fx(gm, opts: NMSparsity, skipped: dict[str, str]) -> list[_T
 
     uses: dict[int, int] = {}
     for node in gm.graph.nodes:
-        value = _fx_param(gm, node.target) if node.op == "get_attr" else None
+        value = get_weight(gm, node.target) if node.op == "get_attr" else None
         if isinstance(value, torch.Tensor):
             uses[value.data_ptr()] = uses.get(value.data_ptr(), 0) + len(node.users)
     targets = []
@@ -380,11 +384,11 @@ def _linear_targets_fx(gm, opts: NMSparsity, skipped: dict[str, str]) -> list[_T
         if node.op != "call_function" or node.target not in (torch.ops.aten.linear.default, torch.ops.aten.mm.default):
             continue
         weight = node.args[1] if len(node.args) > 1 else None
-        if getattr(weight, "op", None) != "get_attr" or _fx_param(gm, weight.target).dim() != 2:
+        if getattr(weight, "op", None) != "get_attr" or get_weight(gm, weight.target).dim() != 2:
             continue
         name = weight.target
         reason = _skip_reason(name, opts)
-        if reason is None and uses[_fx_param(gm, name).data_ptr()] > 1:
+        if reason is None and uses[get_weight(gm, name).data_ptr()] > 1:
             reason = "shared"
         if reason:
             skipped[name] = reason
@@ -394,34 +398,20 @@ def _linear_targets_fx(gm, opts: NMSparsity, skipped: dict[str, str]) -> list[_T
     return targets
 
 
-def _fx_param(gm, target: str):
-    owner, _, leaf = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, leaf)
-
-
 def _fx_canonical(gm, target: _Target) -> np.ndarray:
-    return sparsity.to_canonical(_fx_param(gm, target.weight).detach().float().numpy(), target.in_axis)
+    return sparsity.to_canonical(get_weight(gm, target.weight).detach().float().numpy(), target.in_axis)
 
 
 def _fx_set_param(gm, target: _Target, canonical: np.ndarray) -> None:
     """Replace (never write into) the parameter behind `target` with the pruned [out, in] weight."""
-    import torch
-
-    owner, _, leaf = target.weight.rpartition(".")
-    module = gm.get_submodule(owner) if owner else gm
-    old = getattr(module, leaf)
-    value = torch.from_numpy(sparsity.from_canonical(canonical, target.in_axis)).to(old.dtype)
-    if isinstance(old, torch.nn.Parameter):
-        setattr(module, leaf, torch.nn.Parameter(value, requires_grad=old.requires_grad))
-    else:
-        setattr(module, leaf, value)
+    set_parameter(gm, target.weight, sparsity.from_canonical(canonical, target.in_axis))
 
 
 def _fx_hessians(gm, by_node: dict[str, _Target], args_list) -> dict:
     """One-shot: input Hessians of every target linear over the calibration batches (dense model)."""
     import torch
 
-    hessians = {name: activations.InputHessian() for name in by_node}
+    hessians = {name: InputHessian() for name in by_node}
 
     class _Observe(torch.fx.Interpreter):
         def run_node(self, n):
@@ -452,12 +442,12 @@ def _make_fx_pruner():
             if target is None:
                 return super().run_node(n)
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            hessian = activations.InputHessian()
+            hessian = InputHessian()
             hessian.update(args[0].detach().float().numpy())
             new = self.pruner.prune(target, _fx_canonical(self.module, target), hessian)
             if new is not None:
                 _fx_set_param(self.module, target, new)
-                args = (args[0], _fx_param(self.module, target.weight)) + tuple(args[2:])
+                args = (args[0], get_weight(self.module, target.weight)) + tuple(args[2:])
             return n.target(*args, **kwargs)
 
     return FxPruner

@@ -11,11 +11,11 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import activations
+from graphopt.analysis.capture import ChannelMoments, capture
+from graphopt.analysis.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
-from graphopt.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["PruneStructure"]
 
@@ -182,7 +182,7 @@ def _add_bias(graph: gs.Graph, tensors: dict, proj, delta: np.ndarray, tag: str)
 class PruneStructure(Pass):
     """Remove attention heads (by KV group), FFN channels and conv output channels from an ONNX model.
 
-    Reads the graph (`graphopt.pruning_graph.find_structures`), calibration feeds when importance
+    Reads the graph (`graphopt.analysis.pruning_graph.find_structures`), calibration feeds when importance
     is "activation"/"fluctuation" or `bias_compensation` is on, and `scores` when given. Rewrites:
 
     1. Attention (MHA and GQA): removing KV group g slices K/V columns g·d..(g+1)·d, the Q columns of
@@ -195,7 +195,7 @@ class PruneStructure(Pass):
     4. Importance per unit: "l1"/"l2" norm of all its weight slices; "activation" = Σ ‖X_c‖·‖W_c‖
        (Wanda-style) and "fluctuation" = Σ Var(X_c)·‖W_c‖² (FLAP) over the channels entering the next
        layer; "scores" = user values keyed by that next layer's weight name (a JSON file or mapping,
-       e.g. from `graphopt.l0_gates`). `schedule`: "uniform" (same count per layer, `layer_ratios`
+       e.g. from `graphopt.training.l0_gates`). `schedule`: "uniform" (same count per layer, `layer_ratios`
        overriding by group name) or "global" (lowest mean-normalised scores across layers).
     5. `bias_compensation`: the removed channels' mean calibration activation times their next-layer
        weights is added to that layer's bias (a new Add of a constant for bias-free MatMuls).
@@ -376,6 +376,6 @@ def _capture_moments(model: Model, groups: list[Group], calib, progress: bool) -
         reader = g.o if isinstance(g, AttentionGroup) else g.down if isinstance(g, FFNGroup) else g.followers[0]
         wanted[g.name] = (nodes[reader.node].inputs[0].name, isinstance(g, ConvGroup))
     axis_of = {tensor: (1 if conv else -1) for tensor, conv in wanted.values()}
-    acc = activations.capture(model, calib, list(axis_of), lambda name: activations.ChannelMoments(axis_of[name]),
+    acc = capture(model, calib, list(axis_of), lambda name: ChannelMoments(axis_of[name]),
                               progress=progress, desc="prune_structure: calibrating")
     return {name: acc[tensor] for name, (tensor, _) in wanted.items()}

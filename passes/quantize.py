@@ -10,16 +10,17 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt import activations
-from graphopt.encodings import Encoding, Encodings
+from graphopt.analysis.capture import InputHessian, capture, progress_bar
+from graphopt.analysis.linear_sites import linear_sites
+from graphopt.analysis.sensitivity import int16_budget_count, int16_share, read_sensitivity
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import MIN_OPSET, Model, consumers
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
+from graphopt.ir.names import name_matches
+from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import QuantSpec, dtype_for, numerics, qdq
+from graphopt.quant.encodings import Encoding, Encodings
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import MinMaxObserver, make_observer
-from graphopt.sensitivity import int16_budget_count, int16_share, read_sensitivity
-from graphopt.sparsity import name_matches
 
 __all__ = ["Quantize"]
 
@@ -95,7 +96,7 @@ class Quantize(Pass):
     quantized one): `changed` is False and the model is untouched.
 
     Guarantees: the result runs in onnxruntime; weights under a sparsity mask (`model.meta.masks`)
-    stay exactly zero. Leaves every encoding in `model.meta.encodings` (graphopt.encodings form).
+    stay exactly zero. Leaves every encoding in `model.meta.encodings` (graphopt.quant.encodings form).
     """
 
     name: ClassVar[str] = "quantize"
@@ -159,7 +160,7 @@ class Quantize(Pass):
             raise UnsupportedGraphError(
                 f"'quantize': graph '{model.name}' has opset {opset}; QDQ with int4/16 and blocks needs "
                 f">= {MIN_OPSET} (lower it again with graphopt.lower)")
-        sites = [s for s in activations.linear_sites(model) if s.weight not in self.exclude]
+        sites = [s for s in linear_sites(model) if s.weight not in self.exclude]
         if not sites:
             return PassResult(model, False, {"reason": "no float MatMul/Gemm/Conv weight to quantize"})
         tensors = graph.tensors()
@@ -179,13 +180,13 @@ class Quantize(Pass):
         plans = self._smooth_plans(model, sites, points) if self.smoothquant_alpha and points else {}
         if plans and self.observer == "minmax" and self.weight_rounding == "rtn":
             # one calibration run: per-channel statistics give the smoothed ranges exactly
-            channels = activations.capture(model, calib, points, lambda _: MinMaxObserver(axis=-1),
+            channels = capture(model, calib, points, lambda _: MinMaxObserver(axis=-1),
                                            progress=ctx.progress, desc="quantize: calibrating")
             migrated = self._migrate(model, plans, channels)
             observers = {p: channels[p].divided(migrated.get(p)) for p in points}
             hessians = {}
         elif plans and _recording_bytes(model, calib, plans) > RECORDING_LIMIT:
-            channels = activations.capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
+            channels = capture(model, calib, list(plans), lambda _: MinMaxObserver(axis=-1),
                                            progress=ctx.progress, desc="quantize: smoothing")
             self._migrate(model, plans, channels)
             observers, hessians = self._calibrate(model, sites, points, calib, ctx)
@@ -223,7 +224,7 @@ class Quantize(Pass):
                      for p in points}
         wanted = list(points)
         if self.weight_rounding == "gptq":
-            hessians = {s.activation: activations.InputHessian() for s in sites if s.op == "MatMul"}
+            hessians = {s.activation: InputHessian() for s in sites if s.op == "MatMul"}
             wanted += [a for a in hessians if a not in observers]
 
         channels = {p: MinMaxObserver(axis=-1) for p in plans}
@@ -235,7 +236,7 @@ class Quantize(Pass):
             parts = [x for x in (observers.get(name), hessians.get(name)) if x is not None]
             return parts[0] if len(parts) == 1 else _Tee(*parts)
 
-        activations.capture(model, calib, wanted, make, progress=ctx.progress, desc="quantize: calibrating")
+        capture(model, calib, wanted, make, progress=ctx.progress, desc="quantize: calibrating")
         factors = self._migrate(model, plans, channels) if plans else {}
         for point, batches in recorded.items():
             followers = [x for x in (observers.get(point), hessians.get(point)) if x is not None]
@@ -308,11 +309,11 @@ class Quantize(Pass):
                   and site_of[n].op == "MatMul" and site_of[n].activation in hessians]
         found = {}
         groups = _shared_input_groups(solved, site_of, specs)
-        for group in activations.progress_bar(groups, len(groups), "quantize: GPTQ", ctx.progress and bool(groups)):
+        for group in progress_bar(groups, len(groups), "quantize: GPTQ", ctx.progress and bool(groups)):
             found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation].hessian,
                                     model.meta.masks, self.weight_range))
         codes = {}
-        for name in activations.progress_bar(names, len(names), "quantize: weights", ctx.progress):
+        for name in progress_bar(names, len(names), "quantize: weights", ctx.progress):
             spec = specs[name]
             if name in found:
                 scale, zero_point = found[name].scale, found[name].zero_point

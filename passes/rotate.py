@@ -1,23 +1,30 @@
 """rotate: an orthogonal rotation of the residual stream folded into the weights (QuaRot's R1).
 
-The ONNX form rewrites initializers; the FX form (so QAT can start from the rotated model) finds
-the same roles on the lowered graph, whose parameter names are the module's, and applies the same
-algebra to the parameters in torch's [out, in] layout.
+The ONNX form rewrites initializers. The FX form (so QAT can start from the rotated model) finds
+the same roles on the lowered graph (`ctx.lowered`), whose weights carry the module's parameter
+names (a tied table as NAME.T), and applies the same algebra (graphopt.analysis.residual's
+`rotated_weights`) to the parameters. Torch keeps linear weights as [out, in], the transpose of
+the ONNX MatMul's [in, out], so with R the rotation:
+    table rows      e ↦ e·R              torch [V, d]:   T ↦ T·R
+    writer          W ↦ W·R              torch [d, in]:  W ↦ Rᵀ·W
+    norm reader     W ↦ Rᵀ·diag(γ)·W     torch [out, d]: W ↦ W·diag(γ)·R, and γ ↦ ones
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import torch
 
+from graphopt.analysis.residual import ResidualStream, find_residual_stream, rotated_weights
 from graphopt.errors import UnsupportedGraphError
-from graphopt.hadamard import rotation
 from graphopt.ir import Model, consumers
-from graphopt.pass_infra import Pass, PassContext, PassResult, register_pass
-from graphopt.residual import ResidualStream, find_residual_stream, rotated_weights
+from graphopt.ir.fx_graph import set_parameter
+from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
+from graphopt.quant.rotation import rotation
 
 __all__ = ["Rotate", "gain_matmul_name", "gain_matrices"]
 
@@ -41,8 +48,8 @@ def gain_matrices(model: Model) -> tuple[str, ...]:
 class Rotate(Pass):
     """Rotate the residual stream of a pre-RMSNorm transformer by an orthogonal R, in the weights.
 
-    Reads nothing but the graph (graphopt.residual finds the stream). Rewrites, with R a
-    randomized Hadamard matrix (graphopt.hadamard.rotation(width, seed)):
+    Reads nothing but the graph (graphopt.analysis.residual finds the stream). Rewrites, with R a
+    randomized Hadamard matrix (graphopt.quant.rotation.rotation(width, seed)):
     1. embedding tables: rows e ↦ e·R;
     2. weights writing into the stream (o_proj, down_proj): W ↦ W·R;
     3. linears reading an RMSNorm: W ↦ Rᵀ·diag(γ)·W, the norm's γ set to ones (its Mul stays,
@@ -104,15 +111,14 @@ class Rotate(Pass):
         return PassResult(model, True, self._stats(stream, len(gains)))
 
     def run_fx(self, model: Model, ctx: PassContext) -> PassResult:
-        from graphopt import fx_rotation, qat
-        from graphopt.lowering import lower
+        from graphopt.training.fake_quant import fake_quant_modules
 
-        if qat.fake_quant_modules(model):
+        if fake_quant_modules(model):
             return PassResult(model, False, {"reason": "the model holds fake quantizers; rotate before fake_quantize"})
-        stream, reason = self._stream(model, lower(model, log=lambda _: None))
+        stream, reason = self._stream(model, ctx.lowered(model))
         if stream is None:
             return PassResult(model, False, {"reason": reason})
-        mixers = fx_rotation.rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
+        mixers = _rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
         return PassResult(model, True, self._stats(stream, mixers))
 
 
@@ -128,3 +134,85 @@ def _gamma_to_matmul(node: gs.Node, norm, mixer: np.ndarray) -> None:
     normalized = next(t for t in node.inputs if t.name == norm.normalized)
     weight = gs.Constant(gain_matmul_name(norm.gamma), mixer.astype(np.float32))
     node.op, node.inputs, node.attrs = "MatMul", [normalized, weight], {}
+
+
+# ------------------------------------------------------------------------------- FX form
+_LINEAR = torch.ops.aten.linear.default
+_MUL = torch.ops.aten.mul.Tensor
+
+
+def _value(gm, name: str) -> np.ndarray:
+    return gm.get_parameter(name).detach().cpu().double().numpy()
+
+
+def _gamma_mul(node, width: int, gm):
+    """(mul node, γ get_attr node, normalized input) when `node` is Mul(γ, x) with γ a [width] parameter."""
+    if node.op != "call_function" or node.target is not _MUL or len(node.args) != 2:
+        return None
+    for i, arg in enumerate(node.args):
+        other = node.args[1 - i]
+        if getattr(arg, "op", None) == "get_attr" and tuple(gm.get_parameter(arg.target).shape) == (width,):
+            return node, arg, other
+    return None
+
+
+def _rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain_name: Callable[[str], str]) -> int:
+    """Rotate `model.fx` in place by `r` along `stream` (found on its lowered form); returns the
+    number of γs turned into a linear (tied lm_heads)."""
+    gm = model.fx
+    graph = gm.graph
+    linears = {n.args[1].target: n for n in graph.nodes
+               if n.op == "call_function" and n.target is _LINEAR and getattr(n.args[1], "op", None) == "get_attr"}
+    stored_as_is = {e.table for e in stream.embeddings if e.axis == 0}  # [V, d] in both layouts
+
+    def linear(onnx_name: str):
+        name = onnx_name.removesuffix(".T")
+        if name not in linears:
+            raise UnsupportedGraphError(f"rotate (FX): no linear reads parameter '{name}' of the lowered graph's '{onnx_name}'")
+        return linears[name]
+
+    def onnx_layout(name: str, value: np.ndarray) -> np.ndarray:  # and back: a transpose is its own inverse
+        return value if name in stored_as_is else value.T
+
+    # find every γ (by the linears reading it: identical γs may share one ONNX constant) before any change
+    gains_found = {}
+    for norm in stream.norms:
+        inputs = {id(linear(w).args[0]): linear(w).args[0] for w in norm.readers}
+        if len(inputs) != 1:
+            raise UnsupportedGraphError(f"rotate (FX): the readers of norm '{norm.normalized}' do not share one input")
+        x = next(iter(inputs.values()))
+        found = _gamma_mul(x, stream.width, gm)
+        if (found is None) != (norm.gamma is None):
+            raise UnsupportedGraphError(f"rotate (FX): the input '{x.name}' of '{norm.readers[0]}' does not match the "
+                                        "lowered graph's norm gain")
+        gains_found[norm.normalized] = found
+    gammas = {key: _value(gm, found[1].target) if found else None for key, found in gains_found.items()}
+    new, gains = rotated_weights(stream, r, lambda n: onnx_layout(n, _value(gm, n.removesuffix(".T"))), gammas)
+    for name, value in new.items():
+        set_parameter(gm, name.removesuffix(".T"), np.ascontiguousarray(onnx_layout(name, value)))
+    for key, found in gains_found.items():
+        if key in gains:
+            _gain_to_linear(gm, *found, gains[key], gain_name)
+        elif found:
+            set_parameter(gm, found[1].target, np.ones(stream.width))
+    graph.lint()
+    gm.recompile()
+    return len(gains)
+
+
+def _gain_to_linear(gm, mul, gamma_attr, normalized, gain: np.ndarray, gain_name: Callable[[str], str]) -> None:
+    """Mul(γ, x) -> linear(x, gain) with gain a new parameter (torch layout: the transpose of [in, out]);
+    γ's parameter goes when nothing else reads it."""
+    graph = gm.graph
+    name = gain_name(gamma_attr.target)
+    owner, _, attr = name.rpartition(".")
+    gm.get_submodule(owner).register_parameter(attr, torch.nn.Parameter(torch.from_numpy(gain.T.copy()).float()))
+    with graph.inserting_before(mul):
+        weight = graph.get_attr(name)
+        gained = graph.call_function(_LINEAR, (normalized, weight))
+    mul.replace_all_uses_with(gained)
+    graph.erase_node(mul)
+    if not gamma_attr.users:
+        graph.erase_node(gamma_attr)
+        gamma_owner, _, gamma_name = gamma_attr.target.rpartition(".")
+        delattr(gm.get_submodule(gamma_owner) if gamma_owner else gm, gamma_name)

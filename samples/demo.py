@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, samples
 from graphopt.errors import GraphoptError
+from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.evaluation.sizes import disk_bytes
+from graphopt.frontends.corpora import lm_windows
 from graphopt.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,12 +52,12 @@ def run(out: Path, windows: int) -> None:
     print(result.report.to_markdown())
     print(f"demo: model written to {path} (report.json, report.md beside it)")
 
-    eval_windows = samples.lm_windows(model.tokenizer, "eval", windows, 128)
-    before, reference = evaluation.evaluate_causal_lm(model, eval_windows)
-    after, _ = evaluation.evaluate_causal_lm(result.model, eval_windows, reference)
+    eval_windows = lm_windows(model.tokenizer, "eval", windows, 128)
+    before, reference = evaluate_causal_lm(model, eval_windows)
+    after, _ = evaluate_causal_lm(result.model, eval_windows, reference)
     print(f"\nfidelity on {windows} eval windows x 128 tokens: ppl {before['ppl']:.3f} (fp32) -> "
           f"{after['ppl']:.3f} (W8A8), overlap@1 {after['overlap@1']:.4f}, overlap@8 {after['overlap@8']:.4f}; "
-          f"{evaluation.disk_bytes(model) / 1e6:.1f} MB -> {evaluation.disk_bytes(result.model) / 1e6:.1f} MB on disk")
+          f"{disk_bytes(model) / 1e6:.1f} MB -> {disk_bytes(result.model) / 1e6:.1f} MB on disk")
     print(f"demo: done in {time.perf_counter() - start:.1f} s")
 
 

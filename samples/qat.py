@@ -10,7 +10,7 @@ calibration alone:
    matches, e.g. '*.mlp.down_proj.weight', then the ranking up to that budget), ranges
    initialised by the MSE observer, weights
    rounded by GPTQ (what the smollm2-w8a8-gptq recipe computes, before any training);
-3. `qat.train`: full-vocabulary KD at T=1 against the float model (the best setting of
+3. `distillation.train`: full-vocabulary KD at T=1 against the float model (the best setting of
    bench/qat.py's GPU sweep), on the CPU with torch's fused fake-quant kernels (on CUDA they
    are slower than the reference formula);
 4. lower the trained student to ONNX, export its scales as AIMET 1.0.0 encodings
@@ -30,11 +30,13 @@ import time
 from pathlib import Path
 
 import graphopt
-from graphopt import evaluation, qat, samples
 from graphopt.errors import GraphoptError
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.frontends.corpora import lm_windows
 from graphopt.passes.rotate import gain_matrices
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
+from graphopt.training import distillation, fake_quant
 
 ROOT = Path(__file__).resolve().parent.parent
 SENSITIVITY = ROOT / "samples" / "recipes" / "smollm2-rotated-sensitivity.json"
@@ -66,7 +68,7 @@ def run(args) -> None:
     fx = graphopt.load(args.model)
     get_pass("rotate")().run(fx, PassContext(progress=False))
     tokenizer = getattr(fx, "tokenizer", None)
-    train_windows = samples.lm_windows(tokenizer, "calib", max(16, args.steps * args.batch), args.length)
+    train_windows = lm_windows(tokenizer, "calib", max(16, args.steps * args.batch), args.length)
     calib = [{fx.inputs[0].name: w} for w in train_windows[:16]]
 
     student = fx.copy()
@@ -77,14 +79,14 @@ def run(args) -> None:
         weight_rounding="gptq").run(student, PassContext(calib=calib))
     (act, of_act), (pts, of_pts) = inserted.stats["int16_share"].values()
     print(f"qat: 16-bit points: {act} of {of_act} activation points, {pts} of {of_pts} points with the weights")
-    report = qat.train(student, fx, train_windows, steps=args.steps, batch_size=args.batch, lr=args.lr,
+    report = distillation.train(student, fx, train_windows, steps=args.steps, batch_size=args.batch, lr=args.lr,
                        loss="kd", temperature=1.0, warmup=max(1, args.steps // 20), device=args.device,
                        fused=args.device == "cpu")
     print(f"qat: {report.steps} steps in {report.seconds:.1f} s, KD loss {report.losses[0]:.4f} -> "
           f"{sum(report.losses[-5:]) / len(report.losses[-5:]):.4f} (last 5)")
 
-    lowered = graphopt.lower(qat.strip_fake_quant(student))
-    encodings = qat.export_encodings(student, lowered)
+    lowered = graphopt.lower(fake_quant.strip_fake_quant(student))
+    encodings = fake_quant.export_encodings(student, lowered)
     encodings_path = encodings.write(args.out / f"{fx.name}-w8a8.encodings")
     lowered.meta.encodings = encodings.to_meta()
     folded = get_pass("fold_encodings")().run(lowered, PassContext(progress=False)).model
@@ -92,9 +94,9 @@ def run(args) -> None:
     print(f"qat: encodings {encodings_path}, static QDQ model {model_path}")
 
     fp32 = graphopt.load(args.model, form="onnx")  # the reference: rotation is exact in float
-    eval_windows = samples.lm_windows(tokenizer, "eval", args.windows, args.length)
-    before, reference = evaluation.evaluate_causal_lm(fp32, eval_windows)
-    after, _ = evaluation.evaluate_causal_lm(folded, eval_windows, reference)
+    eval_windows = lm_windows(tokenizer, "eval", args.windows, args.length)
+    before, reference = evaluate_causal_lm(fp32, eval_windows)
+    after, _ = evaluate_causal_lm(folded, eval_windows, reference)
     print(f"qat: on {args.windows} eval windows: ppl {before['ppl']:.3f} (float) -> {after['ppl']:.3f} "
           f"(QAT W8A8), overlap@1 {after['overlap@1']:.4f}; done in {time.perf_counter() - start:.1f} s")
 

@@ -1,11 +1,10 @@
 """Shared fixtures: real models are loaded once per test session (SmolLM2 takes seconds only
-after its ONNX form is cached; see graphopt.samples)."""
+after its ONNX form is cached; see graphopt.frontends.samples)."""
 
-import numpy as np
 import pytest
 
 import graphopt
-from graphopt import samples
+from graphopt.frontends.corpora import lm_windows
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +34,10 @@ def minilm_onnx():
 @pytest.fixture(scope="session")
 def smollm2_calib(smollm2_onnx):
     """Four calibration windows of 64 tokens (small, for tests)."""
-    return [{"input_ids": w} for w in samples.lm_windows(smollm2_onnx.tokenizer, "calib", 4, 64)]
+    return [{"input_ids": w} for w in lm_windows(smollm2_onnx.tokenizer, "calib", 4, 64)]
 
 
 @pytest.fixture(scope="session")
 def smollm2_eval(smollm2_onnx):
     """Four evaluation windows of 64 tokens, disjoint from calibration."""
-    return samples.lm_windows(smollm2_onnx.tokenizer, "eval", 4, 64)
+    return lm_windows(smollm2_onnx.tokenizer, "eval", 4, 64)

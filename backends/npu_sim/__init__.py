@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from graphopt.backend_infra import Artifact, Backend, register_backend
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
+from graphopt.files.writing import atomic_write_text, refuse_overwrite
 from graphopt.ir import Model
-from graphopt.onnx_io import atomic_write_text, refuse_overwrite
+from graphopt.pipeline.backends import Artifact, Backend, register_backend
 
 __all__ = ["NpuSim", "example_feeds", "compare_outputs"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import BackendError
-from graphopt.onnx_io import atomic_write_text
+from graphopt.files.writing import atomic_write_text
 
 __all__ = ["Op", "TensorInfo", "Program", "FORMAT_VERSION"]
 

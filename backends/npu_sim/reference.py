@@ -7,10 +7,9 @@ reference code reads, so tests can demand exact equality from the vectorised `ke
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
-
-import math
 
 from graphopt.backends.npu_sim.kernels import INT_RANGES, NORM_FRACTION_BITS, NORM_GAMMA_BITS, SOFTMAX_OUT_BITS
 

@@ -11,16 +11,17 @@ from typing import ClassVar, Literal
 
 import numpy as np
 
-from graphopt.backend_infra import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.backends.qnn.htp import compat_markdown, htp_compatibility
 from graphopt.backends.qnn.net import datatype_code_type, net_json, tensor_shapes
 from graphopt.backends.qnn.qdq import rebuild_qdq, strip_qdq
 from graphopt.backends.qnn.schema import check_encodings_v1
 from graphopt.backends.qnn.tables import QNN_DATATYPES, QNN_OPS
-from graphopt.encodings import Encodings
 from graphopt.errors import BackendError
+from graphopt.files.writing import atomic_write_text, staged_folder
 from graphopt.ir import Model
-from graphopt.onnx_io import atomic_write_text, load_onnx, save_onnx, staged_folder
+from graphopt.ir.onnx_files import load_onnx, save_onnx
+from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
+from graphopt.quant.encodings import Encodings
 
 __all__ = [
     "Qnn", "QNN_OPS", "QNN_DATATYPES", "strip_qdq", "rebuild_qdq", "load_package", "check_encodings_v1",

@@ -8,8 +8,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.backends.qnn.tables import FOLDED_OPS, TENSOR_TYPES, WEIGHT_OPS
-from graphopt.encodings import Encoding, Encodings
 from graphopt.ir import Model
+from graphopt.quant.encodings import Encoding, Encodings
 
 
 def htp_compatibility(float_model: Model, encodings: Encodings, net: dict) -> list[dict]:

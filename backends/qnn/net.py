@@ -11,16 +11,22 @@ import onnx_graphsurgeon as gs
 
 from graphopt.backends.qnn.qdq import on_type
 from graphopt.backends.qnn.tables import (
-    PLAIN_DATATYPES, QNN_DATATYPES, QNN_DEFINITION_DEFINED, QNN_OPS, QNN_QUANT_ENCODINGS, TENSOR_TYPES, WEIGHT_OPS,
+    PLAIN_DATATYPES,
+    QNN_DATATYPES,
+    QNN_DEFINITION_DEFINED,
+    QNN_OPS,
+    QNN_QUANT_ENCODINGS,
+    TENSOR_TYPES,
+    WEIGHT_OPS,
 )
-from graphopt.encodings import Encoding, Encodings
 from graphopt.ir import Model
+from graphopt.quant.encodings import Encoding, Encodings
 
 log = logging.getLogger(__name__)
 
 
 class _LastShape:
-    """Accumulator for `activations.capture`: the shape and type of the last value seen."""
+    """Accumulator for `graphopt.analysis.capture`: the shape and type of the last value seen."""
 
     def __init__(self):
         self.shape: tuple[int, ...] | None = None
@@ -36,7 +42,7 @@ def tensor_shapes(model: Model) -> dict[str, tuple[tuple[int, ...] | None, str |
     ONNX shape inference with the inputs fixed to the sample's shapes gives most dims; the
     rest (data-dependent ones) are measured by running the sample through onnxruntime.
     """
-    from graphopt.activations import capture
+    from graphopt.analysis.capture import capture
 
     proto = model.to_onnx()
     sample = model.sample_inputs[0] if model.sample_inputs else {}

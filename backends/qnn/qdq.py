@@ -7,10 +7,10 @@ import dataclasses
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import BackendError
 from graphopt.ir import Model
 from graphopt.quant import numerics
+from graphopt.quant.encodings import Encoding, Encodings
 from graphopt.quant.spec import QuantSpec
 
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-
-
-
-
 _V1_TOP = {"version", "activation_encodings", "param_encodings", "excluded_layers", "quantizer_args"}
 _V1_ENTRY = {"name", "dtype", "enc_type", "bw", "is_sym", "scale", "offset", "block_size", "axis"}
 

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-
-
-
-
 # Qnn_DataType_t codes (QnnTypes.h): 0x0X08 / 0x0X16 / 0x0X32, the high byte the family.
 QNN_DATATYPES = {
     "QNN_DATATYPE_INT_8": 0x0008, "QNN_DATATYPE_INT_16": 0x0016, "QNN_DATATYPE_INT_32": 0x0032,

@@ -3,7 +3,7 @@
 Rounding one input row of a linear weight at a time and spreading its rounding error over the
 rows not yet rounded, weighted by the inverse Hessian of the layer's inputs (H = 2/n·XᵀX, from
 `activations.InputHessian`), minimises ‖XW − XŴ‖² far better than round-to-nearest at 4 bits.
-The sweep is `graphopt.obs`'s (SparseGPT's too); this module chooses the grid and knows nothing of
+The sweep is `graphopt.sparsity.obs_sweep`'s (SparseGPT's too); this module chooses the grid and knows nothing of
 graphs: the quantize pass calls it per weight.
 """
 
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from graphopt import obs
 from graphopt.errors import OptionError
 from graphopt.quant import numerics
+from graphopt.sparsity import obs_sweep
 
 __all__ = ["GPTQResult", "gptq_quantize", "rtn_quantize"]
 
@@ -81,7 +81,7 @@ def gptq_quantize(
     """Round `weight_in_out` ([in, out], as MatMul(x, W) reads it) to `spec` with GPTQ.
 
     `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order
-    by the OBS sweep of `graphopt.obs`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
+    by the OBS sweep of `graphopt.sparsity.obs_sweep`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
     is added to the diagonal. Per channel or per tensor, the grid comes from the weight; with
     spec.granularity "block", each group of spec.block_size input rows gets its own scales, chosen
     from the error-updated weights when the sweep reaches the group (as the reference does).
@@ -92,7 +92,7 @@ def gptq_quantize(
     import torch
 
     _check(weight_in_out, hessian, spec, block_size, damp, mask)
-    W, hinv = obs.prepare(np.asarray(weight_in_out, np.float32).T, hessian, damp, "gptq")  # [out, in]
+    W, hinv = obs_sweep.prepare(np.asarray(weight_in_out, np.float32).T, hessian, damp, "gptq")  # [out, in]
     cols, rows = W.shape
     group = spec.block_size if spec.granularity == "block" else rows
     if spec.granularity == "block":  # a group's scales come from rows inside the current batch
@@ -117,7 +117,7 @@ def gptq_quantize(
         codes[j] = q
         return q.sub(zero).mul_(scale)
 
-    obs.sweep(W, hinv, replace, block_size)
+    obs_sweep.sweep(W, hinv, replace, block_size)
     codes = codes.numpy().astype(np.int64)
     if spec.granularity == "channel":
         scales, zeros = scales[0], zeros[0]

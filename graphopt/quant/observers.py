@@ -1,6 +1,6 @@
 """Observers: streaming range estimators for activations (min-max, percentile, MSE-optimal clipping).
 
-Each observer is an `activations.capture` accumulator (`update(x)` per calibration batch) and
+Each observer is an `graphopt.analysis.capture` accumulator (`update(x)` per calibration batch) and
 answers `range() -> (lo, hi)` and `params(spec) -> (scale, zero_point)`. Percentile and MSE keep a
 histogram whose span grows with the data (old counts are re-binned), so memory stays fixed
 however many batches stream through. Per-tensor only for percentile/MSE; min-max also per channel.

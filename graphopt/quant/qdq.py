@@ -23,10 +23,10 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from graphopt.encodings import Encoding, Encodings
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import consumers
 from graphopt.quant import numerics
+from graphopt.quant.encodings import Encoding, Encodings
 
 __all__ = ["QDQResult", "apply_encodings", "constant", "weight_axes", "bias_of"]
 

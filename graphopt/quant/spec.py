@@ -24,7 +24,7 @@ _ONNX_TYPES = {
 
 def dtype_for(bits: int, symmetric: bool) -> str:
     """The integer type graphopt uses for `bits`: signed when symmetric (zero point 0), unsigned
-    otherwise. This is the convention the encodings files rely on (see graphopt.encodings)."""
+    otherwise. This is the convention the encodings files rely on (see graphopt.quant.encodings)."""
     if bits not in (4, 8, 16):
         raise OptionError(f"bit width must be 4, 8 or 16, got {bits}")
     return f"{'' if symmetric else 'u'}int{bits}"

@@ -7,15 +7,14 @@ import math
 import numpy as np
 import pytest
 
-from graphopt import samples
-from graphopt.backends.npu_sim import NpuSim, compare_outputs, example_feeds
-from graphopt.backends.npu_sim import kernels, reference
+from graphopt.backends.npu_sim import NpuSim, compare_outputs, example_feeds, kernels, reference
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
 from graphopt.backends.npu_sim.ort_qdq import ort_qdq
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
+from graphopt.frontends.corpora import lm_windows, minilm_batches
 from graphopt.pipeline import export
 
 RNG = np.random.default_rng(0)
@@ -148,7 +147,7 @@ def test_softmax_bit_exact_with_mask_and_sums_to_one():
 # ----------------------------------------------------------------------------- compiler + simulator
 @pytest.fixture(scope="module")
 def tiny_qdq(tiny_onnx):
-    calib = [{"input_ids": w} for w in samples.lm_windows(None, "calib", 4, 32)]
+    calib = [{"input_ids": w} for w in lm_windows(None, "calib", 4, 32)]
     return ort_qdq(tiny_onnx, calib)
 
 
@@ -162,7 +161,7 @@ def test_tiny_llama_matches_onnxruntime_qdq(tiny_qdq, tiny_program):
     assert {"matmul", "add", "mul", "lut", "softmax", "norm", "requantize", "concat", "transpose"} <= kinds
     simulator = Simulator(tiny_program)
     session = tiny_qdq.session()
-    feeds = example_feeds(tiny_qdq, 1, 64, {"input_ids": samples.lm_windows(None, "eval", 3, 64)[2]})
+    feeds = example_feeds(tiny_qdq, 1, 64, {"input_ids": lm_windows(None, "eval", 3, 64)[2]})
     sim = simulator.run(feeds)[0]
     ref = session.run(None, feeds)[0]
     found = compare_outputs(sim, ref)
@@ -178,14 +177,14 @@ def _graphopt_w8a8(model, calib):
 
 
 def test_graphopt_quantize_output_linear_layers_on_npu(tiny_onnx):
-    calib = [{"input_ids": w} for w in samples.lm_windows(None, "calib", 2, 32)]
+    calib = [{"input_ids": w} for w in lm_windows(None, "calib", 2, 32)]
     qdq = _graphopt_w8a8(tiny_onnx, calib)
     program = NpuSim(seq_len=64).compile(qdq)
     quantized = sum(1 for n in qdq.graph.nodes if n.op == "MatMul" and n.inputs[1].inputs
                     and n.inputs[1].inputs[0].op == "DequantizeLinear")
     assert sum(op.kind == "matmul_acc" for op in program.ops) == quantized >= 10
     assert all(program.tensors[op.outputs[0]].dtype == "int32" for op in program.ops if op.kind == "matmul_acc")
-    feeds = {"input_ids": samples.lm_windows(None, "eval", 3, 64)[2]}
+    feeds = {"input_ids": lm_windows(None, "eval", 3, 64)[2]}
     found = compare_outputs(Simulator(program).run(feeds)[0], qdq.session().run(None, feeds)[0])
     assert found["top1_agreement"] == 1.0 and found["cosine"] > 0.9999, found
 
@@ -272,8 +271,8 @@ def test_simulate_command(tiny_qdq, tmp_path, capsys):
 
 @pytest.mark.real
 def test_minilm_embedding_cosine(minilm_onnx):
-    qdq = _graphopt_w8a8(minilm_onnx, samples.minilm_batches(minilm_onnx.tokenizer, "calib", 2))
-    feeds = samples.minilm_batches(minilm_onnx.tokenizer, "eval", 1)[0]
+    qdq = _graphopt_w8a8(minilm_onnx, minilm_batches(minilm_onnx.tokenizer, "calib", 2))
+    feeds = minilm_batches(minilm_onnx.tokenizer, "eval", 1)[0]
     program = compile_model(qdq, feeds)
     assert sum(op.kind == "matmul_acc" for op in program.ops) == 36  # 6 layers x (q, k, v, o, up, down)
     sim = Simulator(program).run(feeds)[0]

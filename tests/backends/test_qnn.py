@@ -10,10 +10,10 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 from graphopt import cli
 from graphopt.backends.qnn import check_encodings_v1, load_package, rebuild_qdq, strip_qdq
-from graphopt.encodings import Encodings
 from graphopt.errors import BackendError, GraphoptError, OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.pipeline import available_backends, export
+from graphopt.quant.encodings import Encodings
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 

@@ -1,10 +1,9 @@
 """bench/fidelity.py: pipeline specs (pass names or recipe files) build the right passes."""
 
 import pytest
+from bench_scripts import ROOT, load_bench
 
 from graphopt.errors import GraphoptError
-
-from bench_scripts import ROOT, load_bench
 
 fidelity = load_bench("fidelity")
 

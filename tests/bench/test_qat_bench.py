@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from bench_scripts import load_bench
 
 bench_qat = load_bench("qat")

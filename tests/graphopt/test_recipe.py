@@ -9,7 +9,7 @@ import pytest
 
 from graphopt.errors import RecipeError
 from graphopt.ir import Model
-from graphopt.pass_infra import PASSES, Pass, PassResult
+from graphopt.pipeline.passes import PASSES, Pass, PassResult
 from graphopt.recipe import Calibration, Recipe, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +162,7 @@ def test_smollm2_w8a8_recipe_end_to_end(smollm2_onnx, smollm2_eval):
     """The shipped W8A8 recipe (cleanup, rotate, quantize with its ranking and 16-bit gain matrix)
     on the real model: 18 points at 16 bits, a quarter of the file, near-float predictions."""
     import graphopt
-    from graphopt.evaluation import evaluate_causal_lm
+    from graphopt.evaluation.lm import evaluate_causal_lm
 
     recipe = load_recipe(REPO / "samples" / "recipes" / "smollm2-w8a8.yaml")
     assert [p.name for p in recipe.passes] == ["cleanup", "rotate", "quantize"]

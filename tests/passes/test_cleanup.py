@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import OptionError
 from graphopt.ir import Model
-from graphopt.pass_infra import PassContext
-from graphopt.pipeline import Pipeline, get_pass
+from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
 
 Cleanup = get_pass("cleanup")
 RNG = np.random.default_rng(0)

@@ -7,22 +7,22 @@ import pytest
 import torch
 
 import graphopt
-from graphopt import qat
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.metrics import sqnr_db
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation.metrics import sqnr_db
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
 from graphopt.quant import numerics
 from graphopt.quant.spec import QuantSpec
+from graphopt.training import fake_quant
 
 FakeQuantize = get_pass("fake_quantize")
 
 
 @pytest.fixture(scope="module")
 def tiny_calib():
-    from graphopt import samples
+    from graphopt.frontends.corpora import lm_windows
 
-    return [{"input_ids": w} for w in samples.lm_windows(None, "calib", 2, 32)]
+    return [{"input_ids": w} for w in lm_windows(None, "calib", 2, 32)]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_ca
     assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9, "int16_activations": 0,
                                              "int16_share": {"activations": [0, 9], "points": [0, 24]},
                                              "gptq_weights": 0}
-    modules = qat.fake_quant_modules(model)
+    modules = fake_quant.fake_quant_modules(model)
     weights = sorted(m.name for m in modules.values() if m.kind == "weight")
     assert "lm_head.weight" in weights and len(weights) == 15
     # the tied table's one quantizer feeds both the embedding lookup and the lm_head linear
@@ -50,11 +50,11 @@ def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_ca
     reference = tiny_fx.run(tiny_calib[1])[0]
     out = model.run(tiny_calib[1])[0]
     assert 25.0 < sqnr_db(reference, out) < 60.0  # W8A8 moves the output, but not far
-    qat.set_fake_quant(model, False)
+    fake_quant.set_fake_quant(model, False)
     try:
         np.testing.assert_array_equal(model.run(tiny_calib[1])[0], reference)
     finally:
-        qat.set_fake_quant(model, True)
+        fake_quant.set_fake_quant(model, True)
     assert model.meta.extra["fake_quant"][0].keys() >= {"module", "kind", "name", "feeds"}
 
 
@@ -63,7 +63,7 @@ def test_quantizer_computes_numerics_fake_quant_exactly():
     x = rng.normal(size=(6, 40)).astype(np.float32) * 3
     for spec, channels in ((QuantSpec("uint8", "tensor", symmetric=False), 1),
                            (QuantSpec("int4", "channel", axis=0, symmetric=True), 6)):
-        module = qat.FakeQuant(spec, "weight", "w", channels=channels)
+        module = fake_quant.FakeQuant(spec, "weight", "w", channels=channels)
         module.observing = True
         module(torch.from_numpy(x))
         module.observing = False
@@ -121,7 +121,7 @@ def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
     model = tiny_fx.copy()
     result = FakeQuantize(int16_inputs=("model.layers.0.mlp.down_proj.weight",), int16_budget=0.3,
                           sensitivity=str(path)).run(model, PassContext(calib=tiny_calib, progress=False))
-    wide = sorted(m.name for m in qat.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
+    wide = sorted(m.name for m in fake_quant.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
     assert result.stats["int16_activations"] == 2  # floor(0.3 * 9 points) = 2: the named one, then the top row
     assert wide == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"]
     with pytest.raises(OptionError, match="int16_inputs.*'nope'"):
@@ -135,13 +135,13 @@ def test_int16_inputs_by_pattern_and_budget_over_points(tiny_fx, tiny_calib, tmp
     charges the 16-bit weights to it, so 0.3 buys floor(0.3 x 24) - 1 = 6 activation points."""
     model = tiny_fx.copy()
     result = FakeQuantize(int16_inputs=("*.mlp.down_proj.weight",)).run(model, PassContext(calib=tiny_calib, progress=False))
-    wide = sorted(m.name for m in qat.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
+    wide = sorted(m.name for m in fake_quant.fake_quant_modules(model).values() if m.spec.dtype == "uint16")
     assert wide == ["model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"]
     assert result.stats["int16_share"] == {"activations": [2, 9], "points": [2, 24]}
     with pytest.raises(OptionError, match="int16_inputs.*'\\*.nope'"):
         FakeQuantize(int16_inputs=("*.nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
 
-    points = qat.activation_points(tiny_fx)
+    points = fake_quant.activation_points(tiny_fx)
     ranking = {"ranking": [{"point": f"p{i}", "kind": "activation", "drop": 1.0 - i / 10, "feeds": [feeds[0]]}
                            for i, feeds in enumerate(points)]}
     path = tmp_path / "sensitivity.json"
@@ -162,7 +162,7 @@ def test_int16_weights_and_rotate_before_not_after(tiny_fx, quantized, tiny_cali
     wide = "model.layers.0.mlp.down_proj.weight"
     model = tiny_fx.copy()
     FakeQuantize(int16_weights=[wide]).run(model, PassContext(calib=tiny_calib, progress=False))
-    dtypes = {m.name: m.spec.dtype for m in qat.fake_quant_modules(model).values() if m.kind == "weight"}
+    dtypes = {m.name: m.spec.dtype for m in fake_quant.fake_quant_modules(model).values() if m.kind == "weight"}
     assert dtypes[wide] == "int16"
     assert {d for n, d in dtypes.items() if n != wide} == {"int8"}
     with pytest.raises(OptionError, match="int16_weights.*'nope'"):
@@ -178,7 +178,7 @@ def test_mse_observer_starts_activations_where_the_quantize_pass_would(tiny_fx, 
     plain, clipped = tiny_fx.copy(), tiny_fx.copy()
     FakeQuantize().run(plain, PassContext(calib=tiny_calib, progress=False))
     FakeQuantize(observer="mse").run(clipped, PassContext(calib=tiny_calib, progress=False))
-    a, b = qat.fake_quant_modules(plain), qat.fake_quant_modules(clipped)
+    a, b = fake_quant.fake_quant_modules(plain), fake_quant.fake_quant_modules(clipped)
     acts = [n for n, m in a.items() if m.kind == "activation"]
     weights = [n for n, m in a.items() if m.kind == "weight"]
     assert all(torch.equal(a[n].log_scale, b[n].log_scale) for n in weights)
@@ -199,10 +199,10 @@ def test_mse_observer_starts_activations_where_the_quantize_pass_would(tiny_fx, 
 
 
 def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx):
-    from graphopt import samples
+    from graphopt.frontends.corpora import lm_windows
 
-    calib = [{"input_ids": w} for w in samples.lm_windows(None, "calib", 4, 32)]  # 128 tokens for 64-wide inputs
-    held_out = {"input_ids": samples.lm_windows(None, "eval", 1, 32)[0]}
+    calib = [{"input_ids": w} for w in lm_windows(None, "calib", 4, 32)]  # 128 tokens for 64-wide inputs
+    held_out = {"input_ids": lm_windows(None, "eval", 1, 32)[0]}
     reference = tiny_fx.run(held_out)[0]
     quality, models = {}, {}
     for rounding in ("rtn", "gptq"):  # 4-bit weights: rounding matters; 16-bit inputs: it is all that does
@@ -213,7 +213,7 @@ def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx):
     assert result.stats["gptq_weights"] == 14  # every linear weight but the tied embedding / lm_head table
     assert quality["gptq"] > quality["rtn"] + 0.5, quality  # measured: +1.0 dB
     param = lambda model, name: functools.reduce(getattr, name.split("."), model.fx).detach()  # noqa: E731
-    for module in qat.fake_quant_modules(models["gptq"]).values():
+    for module in fake_quant.fake_quant_modules(models["gptq"]).values():
         if module.kind != "weight":
             continue
         weight = param(models["gptq"], module.name)

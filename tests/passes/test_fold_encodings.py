@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import metrics, samples
-from graphopt.encodings import Encoding, EncodingError, Encodings
 from graphopt.errors import OptionError, UnsupportedGraphError
+from graphopt.evaluation import metrics
+from graphopt.frontends.corpora import lm_windows, minilm_batches
 from graphopt.ir import Model
-from graphopt.pass_infra import PassContext
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
 from graphopt.quant import QuantSpec, numerics
+from graphopt.quant.encodings import Encoding, EncodingError, Encodings
 
 Quantize = get_pass("quantize")
 FoldEncodings = get_pass("fold_encodings")
@@ -22,7 +23,7 @@ FoldEncodings = get_pass("fold_encodings")
 
 @pytest.fixture(scope="module")
 def tiny_quantized(tiny_onnx):
-    calib = [{"input_ids": w} for w in samples.lm_windows(None, "calib", 4, 64)]
+    calib = [{"input_ids": w} for w in lm_windows(None, "calib", 4, 64)]
     return Quantize(int16_budget=0.25).run(tiny_onnx.copy(), PassContext(calib=calib, progress=False)).model
 
 
@@ -38,7 +39,7 @@ def test_v061_file_gives_the_same_outputs(tiny_onnx, tiny_quantized, tmp_path):
     found = Encodings.from_meta(tiny_quantized.meta.encodings)
     path = found.write(tmp_path / "old.json", "0.6.1")
     folded = FoldEncodings(encodings=str(path)).run(tiny_onnx.copy(), PassContext()).model
-    ids = {"input_ids": samples.lm_windows(None, "eval", 1, 64)[0]}
+    ids = {"input_ids": lm_windows(None, "eval", 1, 64)[0]}
     np.testing.assert_array_equal(folded.run(ids)[0], tiny_quantized.run(ids)[0])
     assert Counter(n.op for n in folded.graph.nodes) == Counter(n.op for n in tiny_quantized.graph.nodes)
 
@@ -107,10 +108,10 @@ def test_errors(tiny_onnx, tmp_path):
 @pytest.mark.real
 def test_minilm_w8a8_round_trip(minilm_onnx, tmp_path):
     """MiniLM: quantize, write 1.0.0, fold into the float model: same bytes; embeddings stay close."""
-    calib = samples.minilm_batches(minilm_onnx.tokenizer, "calib", 4)
+    calib = minilm_batches(minilm_onnx.tokenizer, "calib", 4)
     quantized = Quantize().run(minilm_onnx.copy(), PassContext(calib=calib, progress=False)).model
     path = Encodings.from_meta(quantized.meta.encodings).write(tmp_path / "minilm.json")
     folded = FoldEncodings(encodings=str(path)).run(minilm_onnx.copy(), PassContext()).model
     assert folded.to_onnx().SerializeToString() == quantized.to_onnx().SerializeToString()
-    feeds = samples.minilm_batches(minilm_onnx.tokenizer, "eval", 1)[0]
+    feeds = minilm_batches(minilm_onnx.tokenizer, "eval", 1)[0]
     assert metrics.cosine(minilm_onnx.run(feeds)[0], folded.run(feeds)[0]) > 0.98

@@ -2,14 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
 
-from graphopt import evaluation, metrics, sparsity
-from graphopt.encodings import Encodings
-from graphopt.quant import numerics
+from graphopt import sparsity
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.pass_infra import PassContext
+from graphopt.evaluation import metrics
+from graphopt.evaluation.lm import evaluate_causal_lm
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
+from graphopt.quant import numerics
+from graphopt.quant.encodings import Encodings
 
 NMSparsity = get_pass("nm_sparsity")
 LAYER_WEIGHTS = 14  # tiny-llama: 2 layers x (q, k, v, o, gate, up, down); lm_head is skipped
@@ -160,9 +161,9 @@ def test_sparsegpt_on_smollm2_first_block(smollm2_onnx, smollm2_calib, smollm2_e
     for name in masks:
         assert sparsity.is_n_m(np.asarray(tensors[name].values), 0, 2, 4), name
     assert max(r["recon_error"] for r in result.stats["layers"]) < 0.5
-    dense, _ = evaluation.evaluate_causal_lm(smollm2_onnx, smollm2_eval[:2])
+    dense, _ = evaluate_causal_lm(smollm2_onnx, smollm2_eval[:2])
     pruned = result.model.run({"input_ids": smollm2_eval[0]})[0]
     reference = smollm2_onnx.run({"input_ids": smollm2_eval[0]})[0]
     assert metrics.cosine(pruned, reference) > 0.95
-    row, _ = evaluation.evaluate_causal_lm(result.model, smollm2_eval[:2])
+    row, _ = evaluate_causal_lm(result.model, smollm2_eval[:2])
     assert row["ppl"] < 1.3 * dense["ppl"]

@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
+from graphopt.analysis.pruning_graph import find_structures, shape_entries
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.pass_infra import PassContext
 from graphopt.pipeline import get_pass
-from graphopt.pruning_graph import find_structures, shape_entries
-from tests.graphopt.test_pruning_graph import conv_model
+from graphopt.pipeline.passes import PassContext
+from tests.graphopt.analysis.test_pruning_graph import conv_model
 
 PruneStructure = get_pass("prune_structure")
 

@@ -5,17 +5,18 @@ import json
 from collections import Counter
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from graphopt import activations, metrics, samples
-from graphopt.encodings import Encodings
+from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
+from graphopt.evaluation import metrics
+from graphopt.frontends.corpora import lm_windows
 from graphopt.ir import Model
-from graphopt.pass_infra import PassContext
 from graphopt.pipeline import get_pass
+from graphopt.pipeline.passes import PassContext
+from graphopt.quant.encodings import Encodings
 
 Quantize = get_pass("quantize")
 
@@ -26,12 +27,12 @@ def ops(model: Model) -> Counter:
 
 @pytest.fixture(scope="module")
 def tiny_calib():
-    return PassContext(calib=[{"input_ids": w} for w in samples.lm_windows(None, "calib", 4, 64)], progress=False)
+    return PassContext(calib=[{"input_ids": w} for w in lm_windows(None, "calib", 4, 64)], progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_eval(tiny_onnx):
-    windows = samples.lm_windows(None, "eval", 2, 64)
+    windows = lm_windows(None, "eval", 2, 64)
     run = tiny_onnx.runner()
     return windows, [run({"input_ids": w})[0] for w in windows]
 
@@ -123,7 +124,7 @@ def test_mixed_precision_from_list_budget_and_sensitivity(tiny_onnx, tiny_calib,
 def test_ranking_rows_match_by_the_weights_they_feed(tiny_onnx, tiny_calib, tmp_path):
     """A ranking from another export names activations differently; its rows still find their
     points through the weights each feeds (parameter names are stable)."""
-    site = next(s for s in activations.linear_sites(tiny_onnx) if "layers.1.mlp.down_proj" in s.weight)
+    site = next(s for s in linear_sites(tiny_onnx) if "layers.1.mlp.down_proj" in s.weight)
     path = tmp_path / "sensitivity.json"
     path.write_text(json.dumps({"ranking": [{"point": "renamed_mul_1", "kind": "activation", "drop": 0.5,
                                              "feeds": [site.weight]}]}))
@@ -255,7 +256,7 @@ def test_errors(tiny_onnx):
 @pytest.mark.real
 def test_smollm2_w8a8_int16_budget(smollm2_onnx, smollm2_calib, smollm2_eval):
     """The real model: 121 points, 15 % at 16 bits by the SQNR proxy; the file is a quarter."""
-    from graphopt.evaluation import evaluate_causal_lm
+    from graphopt.evaluation.lm import evaluate_causal_lm
 
     reference_row, reference = evaluate_causal_lm(smollm2_onnx, smollm2_eval)
     result = Quantize(int16_budget=0.15, smoothquant_alpha=0.5).run(

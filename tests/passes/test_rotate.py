@@ -6,10 +6,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import pytest
 
-from graphopt import activations, metrics
-from graphopt.pass_infra import PassContext
+from graphopt.analysis.linear_sites import linear_sites
+from graphopt.analysis.residual import find_residual_stream
+from graphopt.evaluation import metrics
 from graphopt.pipeline import get_pass
-from graphopt.residual import find_residual_stream
+from graphopt.pipeline.passes import PassContext
 
 Rotate = get_pass("rotate")
 
@@ -41,7 +42,6 @@ def test_tiny_logits_unchanged(tiny_with_gammas):
     after = logits(result.model, windows)
     np.testing.assert_allclose(after[0], before[0], rtol=0, atol=2e-4 * np.abs(before[0]).max())
     graph = result.model.graph
-    tensors = graph.tensors()
     # one table still serves lookup and lm_head; the final γ became a 64 x 64 MatMul
     assert sum(t.name == "lm_head.weight.T" for n in graph.nodes for t in n.inputs) == 2
     mixer = [n for n in graph.nodes if n.op == "MatMul" and n.inputs[1].name.endswith(".rotated_gain")]
@@ -112,7 +112,7 @@ def test_smollm2_rotation_is_exact_and_lets_8_bit_activations_through(smollm2_on
     before, after = logits(smollm2_onnx, smollm2_eval[:2]), logits(rotated, smollm2_eval[:2])
     for b, a in zip(before, after):
         assert metrics.sqnr_db(b, a) > 60 and np.array_equal(b.argmax(-1), a.argmax(-1))
-    down = tuple(s.activation for s in activations.linear_sites(smollm2_onnx) if "down_proj" in s.weight)
+    down = tuple(s.activation for s in linear_sites(smollm2_onnx) if "down_proj" in s.weight)
     quantize = get_pass("quantize")(weight_bits=16, activation_bits=8, observer="mse", int16_points=down)
     ctx = PassContext(calib=smollm2_calib, progress=False)
     plain = quantize.run(smollm2_onnx.copy(), ctx).model

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from graphopt import activations
+from graphopt.analysis.capture import InputHessian, capture
+from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import OptionError
 from graphopt.quant.gptq import gptq_quantize, rtn_quantize
 from graphopt.quant.spec import QuantSpec
@@ -19,7 +20,7 @@ def _correlated(rows: int, features: int, seed: int = 0) -> np.ndarray:
 
 
 def _hessian(x: np.ndarray) -> np.ndarray:
-    acc = activations.InputHessian()
+    acc = InputHessian()
     acc.update(x)
     return acc.hessian
 
@@ -103,15 +104,15 @@ def test_bad_arguments_are_named(kwargs, message):
 @pytest.mark.real
 def test_gptq_beats_rtn_on_a_smollm2_layer(smollm2_onnx, smollm2_calib):
     """W4 block 64 on layer 3's down_proj with its calibration Hessian: lower ‖XW − XŴ‖ than RTN."""
-    site = next(s for s in activations.linear_sites(smollm2_onnx) if s.weight == "model.layers.3.mlp.down_proj.weight")
+    site = next(s for s in linear_sites(smollm2_onnx) if s.weight == "model.layers.3.mlp.down_proj.weight")
     rows = {}
 
-    class Rows(activations.InputHessian):
+    class Rows(InputHessian):
         def update(self, x):
             super().update(x)
             rows.setdefault("x", []).append(x.reshape(-1, x.shape[-1]))
 
-    acc = activations.capture(smollm2_onnx, smollm2_calib, [site.activation], lambda _: Rows(), progress=False)
+    acc = capture(smollm2_onnx, smollm2_calib, [site.activation], lambda _: Rows(), progress=False)
     w = smollm2_onnx.graph.tensors()[site.weight].values
     gptq = gptq_quantize(w, acc[site.activation].hessian, W4_BLOCK64)
     rtn = rtn_quantize(w, W4_BLOCK64)

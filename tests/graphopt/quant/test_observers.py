@@ -5,7 +5,7 @@ import pytest
 
 from graphopt.errors import OptionError
 from graphopt.quant import QuantSpec, numerics
-from graphopt.quant.observers import MinMaxObserver, MSEObserver, PercentileObserver, make_observer
+from graphopt.quant.observers import MinMaxObserver, PercentileObserver, make_observer
 
 
 def _batches(seed=0, n=6):

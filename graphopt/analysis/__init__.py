@@ -1,0 +1,1 @@
+"""What passes ask of a graph: linear sites, calibration capture, residual stream, pruning graph, sensitivity, diff, inspect."""

@@ -1,0 +1,58 @@
+"""The command registry, and what every `graphopt` command shares: progress on stderr, loading MODEL."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+__all__ = ["Command", "COMMANDS", "register_command", "log", "load_model"]
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `add_arguments(parser)` declares its arguments, `run(args)` returns an exit code."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register_command(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                     run: Callable[[argparse.Namespace], int | None], help: str = "") -> Command:
+    """Add a subcommand to `graphopt`.
+
+    Modules of `graphopt.cli` are imported when the CLI starts; each calls this at import time
+    (keep heavy imports inside `run`, so `graphopt --help` stays fast).
+    """
+    if name in COMMANDS and COMMANDS[name].run is not run:
+        raise TypeError(f"two commands named {name!r}")
+    COMMANDS[name] = Command(name, help, add_arguments, run)
+    return COMMANDS[name]
+
+
+def log(message: str) -> None:
+    """Progress line on stderr (stdout carries results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_model(source: str, *, onnx: bool = False):
+    """Load MODEL (a path or sample:NAME) with progress on stderr; in ONNX form when `onnx` is set.
+
+    Samples load their cached ONNX form directly; other FX models are lowered (also cached).
+    """
+    import graphopt
+
+    start = time.perf_counter()
+    log(f"loading {source} ...")
+    model = graphopt.load(source, form="onnx" if onnx else "fx", log=log)
+    if onnx and model.form == "fx":
+        model = graphopt.lower(model, log=log)
+    log(f"loaded {model.name} ({model.form.upper()}, {model.num_nodes():,} nodes) in {time.perf_counter() - start:.1f} s")
+    return model

@@ -1,0 +1,1 @@
+"""Evaluation: fidelity metrics (one implementation each), LM evaluation, latency, sizes, tables."""

@@ -1,0 +1,61 @@
+"""onnxruntime sessions for in-memory models, weights handed over without a copy."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD, NUMPY_NATIVE
+
+__all__ = ["ort_session"]
+
+
+def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), threads: int = 0,
+                optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None):
+    """An onnxruntime session for an in-memory model.
+
+    The weights reach onnxruntime as external initializers (numpy views of the message's bytes),
+    so only the graph is serialised: a SmolLM2 session starts in 2.5 s instead of 6.7 s, and a
+    model past protobuf's 2 GB limit needs no temporary file. `model` is left as it came, unless
+    `consume` (a message made for this session only): then its weights are not copied back.
+    `optimization` "basic" keeps QDQ semantics (no fused integer kernels); "none" runs the graph as is.
+    `config`: session config entries, e.g. {"session.qdq_matmulnbits_accuracy_level": "1"} (at
+    onnxruntime's default, 4, a DQ -> MatMul it fuses into MatMulNBits quantizes its float or
+    16-bit activation to int8 on the fly).
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    values = []
+    try:
+        for tensor in model.graph.initializer:
+            if tensor.data_type not in NUMPY_NATIVE or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            raw = tensor.raw_data
+            if len(raw) < EXTERNAL_THRESHOLD:
+                continue
+            array = np.frombuffer(raw, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+            values.append(ort.OrtValue.ortvalue_from_numpy(array.reshape(tuple(tensor.dims))))
+            moved.append((tensor, raw))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.external_data.add(key="location", value="graphopt-in-memory")
+        if moved:
+            options.add_external_initializers([t.name for t, _ in moved], values)
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    finally:
+        for tensor, raw in ([] if consume else moved):
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            tensor.raw_data = raw
+    session.graphopt_weights = values  # onnxruntime reads these buffers for the session's lifetime
+    return session
