@@ -12,7 +12,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import OptionError
-from graphopt.ir import Model
+from graphopt.ir import MIN_OPSET, Model, graph_opset
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["Cleanup"]
@@ -178,10 +178,15 @@ def _evaluate(node: gs.Node, values: list[np.ndarray | None], opset: int) -> lis
     )
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     try:
-        return [np.asarray(r) for r in ReferenceEvaluator(model).run(None, feeds)]
+        results = ReferenceEvaluator(model).run(None, feeds)
     except Exception as exc:  # the reference evaluator raises anything; folding is optional
         log.debug("cleanup: cannot fold %s '%s': %s", node.op, node.name, exc)
         return None
+    if not all(isinstance(r, (np.ndarray, np.generic)) for r in results):
+        # a sequence, map or optional value (SequenceEmpty gives []) has no tensor constant to become
+        log.debug("cleanup: not folding %s '%s': it makes a non-tensor value", node.op, node.name)
+        return None
+    return [np.asarray(r) for r in results]
 
 
 def _fold_value(node: gs.Node, graph_outputs: set[int], opset: int) -> tuple[str, list[np.ndarray]] | None:
@@ -206,7 +211,7 @@ def _fold_value(node: gs.Node, graph_outputs: set[int], opset: int) -> tuple[str
 def _fold(graph: gs.Graph, size_limit: int, stats: Counter) -> None:
     """Replace foldable nodes' outputs by constants, in topological order so chains fold at once."""
     graph_outputs = {id(t) for t in graph.outputs}
-    opset = _default_opset(graph)
+    opset = graph_opset(graph, default=MIN_OPSET)
     for node in list(graph.nodes):
         if not node.outputs:
             continue
@@ -247,8 +252,9 @@ class Cleanup(Pass):
        `Gather`/`Slice` of a partly dynamic shape becomes one when it picks static dims only.
     5. Constants: a node whose inputs are all constants becomes its value. Does NOT fire on
        Identity, Q/DQ (the quantization boundary backends read), random or control-flow ops, nodes
-       feeding a graph output, or when the result exceeds `fold_size_limit` bytes (so a shared
-       weight is never copied into a large duplicate).
+       feeding a graph output, nodes that make a sequence, map or optional value (SequenceEmpty),
+       or when the result exceeds `fold_size_limit` bytes (so a shared weight is never copied into
+       a large duplicate).
     6. Topological sort, only when the node order is not already valid.
 
     Guarantees: graph outputs, their names and the input signature are unchanged; outputs equal
@@ -292,10 +298,3 @@ def _remove_dead(graph: gs.Graph) -> int:
     before = len(graph.nodes)
     graph.cleanup(remove_unused_graph_inputs=False)
     return before - len(graph.nodes)
-
-
-def _default_opset(graph: gs.Graph) -> int:
-    for entry in graph.import_domains or []:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    return int(graph.opset or 21)

@@ -215,3 +215,22 @@ def test_identity_named_by_an_encoding_stays():
     result = Cleanup(fold_constants=False).run(model, PassContext())
     assert result.stats["identities"] == 1  # only mm -> y went
     assert "x_id" in {t.name for n in result.model.graph.nodes for t in n.outputs}
+
+
+def test_sequence_values_are_not_folded_into_tensors():
+    """SequenceEmpty has no inputs, so it looked foldable; its value is a sequence, not a tensor."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    zero = helper.make_tensor("zero_value", TensorProto.INT64, [], [0])
+    nodes = [helper.make_node("SequenceEmpty", [], ["s0"], dtype=TensorProto.FLOAT, name="empty"),
+             helper.make_node("SequenceInsert", ["s0", "x"], ["s1"], name="insert"),
+             helper.make_node("Constant", [], ["zero"], value=zero, name="zero"),
+             helper.make_node("SequenceAt", ["s1", "zero"], ["y"], name="at")]
+    proto = helper.make_model(helper.make_graph(nodes, "seq", [x], [y]), opset_imports=[helper.make_opsetid("", 21)])
+    model = Model.from_onnx(proto)
+    result = Cleanup().run(model.copy(), PassContext())
+    assert "empty" in {n.name for n in result.model.graph.nodes}
+    out = result.model.to_onnx()
+    onnx.checker.check_model(out, full_check=True)
+    feeds = {"x": np.array([1.5, -2.0], np.float32)}
+    np.testing.assert_array_equal(result.model.run(feeds)[0], feeds["x"])
