@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -14,7 +13,6 @@ from graphopt import sparsity
 from graphopt.analysis.capture import InputHessian, capture, progress_bar
 from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import OptionError, UnsupportedGraphError
-from graphopt.evaluation.tables import markdown_table
 from graphopt.ir import Model
 from graphopt.ir.fx_graph import get_weight, set_parameter
 from graphopt.ir.names import name_matches
@@ -203,7 +201,6 @@ class _Pruner:
         self.done: set[str] = set()
         self.threshold: float | None = None
         self.note = ""
-        self.started = time.perf_counter()
 
     def pending(self, targets: list[_Target]) -> list[_Target]:
         return [t for t in targets if t.weight not in self.done]
@@ -233,7 +230,6 @@ class _Pruner:
         if self.opts.method != "magnitude" and hessian is None:
             raise UnsupportedGraphError(f"'nm_sparsity': no calibration activations reached weight '{target.weight}'")
         threshold = self.threshold if self.opts.scope == "global" and target.weight not in self._overridden() else None
-        start = time.perf_counter()
         new, keep = sparsity.prune(w, target.pattern, self.opts.method, hessian=hessian,
                                    scope="row" if self.opts.scope == "global" else self.opts.scope,
                                    threshold=threshold, blocksize=self.opts.blocksize, dampening=self.opts.dampening)
@@ -247,7 +243,6 @@ class _Pruner:
         self.rows.append({
             "name": target.weight, "pattern": label, "sparsity": achieved,
             "recon_error": sparsity.reconstruction_error(w, new, hessian) if hessian is not None else None,
-            "seconds": time.perf_counter() - start,
         })
         return new
 
@@ -264,8 +259,7 @@ class _Pruner:
             else f"unstructured {self.opts.sparsity:g}",
             "layers_pruned": len(self.rows), "sparsity": zeros / total if total else 0.0,
             "mean_recon_error": float(np.mean(errors)) if errors else None,
-            "seconds": time.perf_counter() - self.started, "skipped": skipped, "layers": self.rows,
-            "table": markdown_table(self.rows, ["pattern", "sparsity", "recon_error"]),
+            "skipped": skipped, "layers": self.rows,
         }
         if self.note:
             stats["note"] = self.note
