@@ -8,7 +8,6 @@ simulator on the model's sample inputs and compares with onnxruntime on the QDQ 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from graphopt.backends.npu_sim.cost import estimate, load_profile
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
+from graphopt.files.json_files import write_json
 from graphopt.files.writing import atomic_write_text, refuse_overwrite
 from graphopt.ir import Model
 from graphopt.pipeline.backends import Artifact, Backend, register_backend
@@ -103,7 +103,7 @@ class NpuSim(Backend):
         program.save(out_dir)
         atomic_write_text(out_dir / "cost.csv", report.to_csv())
         atomic_write_text(out_dir / "cost.md", report.to_markdown())
-        atomic_write_text(out_dir / "host_partition.json", json.dumps(program.host_partition, indent=1))
+        write_json(out_dir / "host_partition.json", program.host_partition)
         return Artifact(self.name, out_dir, [out_dir / n for n in names], report={
             "npu_ops": program.count("npu"), "host_ops": program.count("host"), "cost": report.totals,
             "host_partition": _partition_summary(program)})

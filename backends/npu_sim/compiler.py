@@ -39,6 +39,7 @@ from graphopt.backends.npu_sim import kernels
 from graphopt.backends.npu_sim.program import Op, Program, TensorInfo
 from graphopt.backends.npu_sim.simulator import _HostOp, run_op
 from graphopt.errors import BackendError, UnsupportedGraphError
+from graphopt.sparsity.patterns import is_n_m
 
 __all__ = ["compile_model", "MASK_THRESHOLD"]
 
@@ -727,11 +728,8 @@ class _Compiler:
 
 def _detect_nm(q: np.ndarray, zp: np.ndarray, n: int = 2, m: int = 4) -> str | None:
     """'2:4' when every group of 4 consecutive weights along the input axis (0) holds at least 2 zeros."""
-    if q.ndim != 2 or q.shape[0] % m:
-        return None
-    zero = np.asarray(q, np.int64) == np.asarray(zp, np.int64).reshape(1, -1)
-    groups = zero.reshape(q.shape[0] // m, m, q.shape[1]).sum(axis=1)
-    return f"{n}:{m}" if bool(np.all(groups >= m - n)) else None
+    centred = np.asarray(q, np.int64) - np.asarray(zp, np.int64).reshape(1, -1)
+    return f"{n}:{m}" if q.ndim == 2 and is_n_m(centred, 0, n, m) else None
 
 
 def _attrs(node: gs.Node) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from graphopt.errors import BackendError
-from graphopt.files.writing import atomic_write_text
+from graphopt.files.json_files import write_json
 
 __all__ = ["Op", "TensorInfo", "Program", "FORMAT_VERSION"]
 
@@ -81,7 +81,7 @@ class Program:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        js = atomic_write_text(out_dir / "program.json", json.dumps(self.to_json(), indent=1, default=_json_default))
+        js = write_json(out_dir / "program.json", self.to_json())
         return js, out_dir / "weights.npz"
 
     @classmethod
@@ -115,11 +115,3 @@ class Program:
 
     def count(self, unit: str) -> int:
         return sum(1 for op in self.ops if op.unit == unit)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return obj.item()
-    raise TypeError(f"cannot store {type(obj).__name__} in program.json")

@@ -17,6 +17,7 @@ from graphopt.backends.qnn.qdq import rebuild_qdq, strip_qdq
 from graphopt.backends.qnn.schema import check_encodings_v1
 from graphopt.backends.qnn.tables import QNN_DATATYPES, QNN_OPS
 from graphopt.errors import BackendError
+from graphopt.files.json_files import write_json
 from graphopt.files.writing import atomic_write_text, staged_folder
 from graphopt.ir import Model
 from graphopt.ir.onnx_files import load_onnx, save_onnx
@@ -101,11 +102,11 @@ class Qnn(Backend):
         inputs = [model.source] if model.source else []
         with staged_folder(out_dir, inputs=inputs) as staging:
             save_onnx(float_model.to_onnx(), staging / "model.onnx")
-            atomic_write_text(staging / "model.encodings", json.dumps(data, indent=1) + "\n")
-            atomic_write_text(staging / "model_net.json", json.dumps(net, indent=1))
-            atomic_write_text(staging / "htp_compatibility.json", json.dumps(findings, indent=1))
+            write_json(staging / "model.encodings", data)
+            write_json(staging / "model_net.json", net)
+            write_json(staging / "htp_compatibility.json", findings)
             atomic_write_text(staging / "htp_compatibility.md", compat_markdown(model.name, findings))
-            atomic_write_text(staging / "qnn_package.json", json.dumps(report, indent=1))
+            write_json(staging / "qnn_package.json", report)
             if (staging / "model.onnx.data").exists():
                 names.insert(1, "model.onnx.data")
         return Artifact(backend=self.name, out_dir=out_dir, files=[out_dir / n for n in names], report=report)

@@ -8,6 +8,7 @@ import numpy as np
 
 from graphopt.analysis.diff import GraphView, distinct_params, view_of
 from graphopt.ir import Model
+from graphopt.sparsity.patterns import is_n_m
 
 __all__ = ["summarize", "to_markdown", "SPARSE_THRESHOLD"]
 
@@ -43,15 +44,6 @@ def _weight_in_axes(model: Model, view: GraphView) -> dict[str, int]:
     return axes
 
 
-def _is_n_m(values: np.ndarray, axis: int, n: int = 2, m: int = 4) -> bool:
-    """At most n non-zeros in every group of m consecutive elements along `axis`."""
-    if values.ndim < 2 or values.shape[axis] % m:
-        return False
-    moved = np.moveaxis(values, axis, -1)
-    groups = moved.reshape(-1, m)
-    return bool(np.all(np.count_nonzero(groups, axis=1) <= n))
-
-
 def _weights_of_interest(view: GraphView) -> list[str]:
     """Weights worth a sparsity check: at least 2-D, 64 elements, and not shapes or masks."""
     return [name for name, (shape, dtype, _) in view.weights.items()
@@ -79,7 +71,7 @@ def summarize(model: Model) -> dict:
         if zeros < SPARSE_THRESHOLD:
             continue
         row = {"name": name, "shape": list(values.shape), "zeros": round(float(zeros), 4)}
-        if name in in_axes and _is_n_m(values, in_axes[name]):
+        if name in in_axes and is_n_m(values, in_axes[name], 2, 4):
             row["pattern"] = "2:4"
         sparse.append(row)
     mask_patterns = Counter(str(rec.get("pattern", "?")) if isinstance(rec, dict) else "?"

@@ -14,6 +14,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError, UnsupportedGraphError
+from graphopt.files.json_files import jsonable
 from graphopt.ir import onnx_files
 from graphopt.ir.runtime import ort_session
 from graphopt.quant.encodings import Encodings
@@ -183,7 +184,7 @@ class Model:
             meta["encodings"] = {n: e for n, e in meta["encodings"].items() if n not in in_graph}
             meta[ENCODINGS_IN_GRAPH] = in_graph
         del proto.metadata_props[:]
-        proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, default=_json_default))
+        proto.metadata_props.add(key=META_KEY, value=json.dumps(jsonable(meta)))
         for node in proto.graph.node:
             made_by = self.meta.provenance.get(node.name)
             if made_by:
@@ -294,11 +295,3 @@ def _spec_of(value: onnx.ValueInfoProto) -> TensorSpec:
     ttype = value.type.tensor_type
     dims = tuple(d.dim_param if d.dim_param else d.dim_value for d in ttype.shape.dim)
     return TensorSpec(value.name, _np_dtype_name(ttype.elem_type), dims)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    raise TypeError(f"cannot store {type(obj).__name__} in model metadata")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from graphopt.files.json_files import jsonable, write_json
 
-__all__ = ["StepRecord", "Report", "jsonable"]
+__all__ = ["StepRecord", "Report"]
 
 
 @dataclass
@@ -68,7 +67,7 @@ class Report:
         from graphopt.files.writing import atomic_write_text
 
         out_dir = Path(out_dir)
-        js = atomic_write_text(out_dir / f"{stem}.json", json.dumps(self.to_json(), indent=2))
+        js = write_json(out_dir / f"{stem}.json", self.to_json(), indent=2)
         md = atomic_write_text(out_dir / f"{stem}.md", self.to_markdown())
         return js, md
 
@@ -123,18 +122,3 @@ def _stat_text(value: Any) -> str:
         return " ".join(f"{k} {v[0]}/{v[1]}" if isinstance(v, (list, tuple)) and len(v) == 2 else f"{k} {fmt(v)}"
                         for k, v in value.items())
     return fmt(value)
-
-
-def jsonable(obj):
-    """`obj` with tuples as lists, numpy scalars and arrays as Python values, infinities as strings."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
-        return "inf" if obj > 0 else "-inf"
-    if isinstance(obj, (np.integer, np.floating, np.bool_)):
-        return jsonable(obj.item())
-    return obj

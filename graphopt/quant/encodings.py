@@ -35,7 +35,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError
-from graphopt.files.writing import atomic_write_text
+from graphopt.files.json_files import write_json
 from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = ["Encoding", "Encodings", "EncodingError", "VERSIONS"]
@@ -273,7 +273,7 @@ class Encodings:
 
     def write(self, path: str | Path, version: str = "1.0.0") -> Path:
         """Write an AIMET/QNN encodings JSON file (atomically)."""
-        return atomic_write_text(path, json.dumps(self.to_json(version), indent=1) + "\n")
+        return write_json(path, self.to_json(version))
 
     @classmethod
     def from_json(cls, data, where: str = "encodings") -> "Encodings":
