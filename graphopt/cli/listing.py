@@ -25,38 +25,32 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _list(kind: str, registry: dict, json_output: bool, forms: bool) -> int:
+    """Print each registered pass or backend: name, (IR forms), first doc line, options."""
+    if json_output:
+        print(json.dumps({name: {**({"forms": list(cls.forms())} if forms else {}), "doc": _first_line(cls),
+                                 "options": cls.describe_options()} for name, cls in registry.items()},
+                         indent=2, default=str))
+        return 0
+    if not registry:
+        print(f"no {kind} registered")
+    for name, cls in registry.items():
+        where = f"  [{', '.join(cls.forms()).upper() or '-'}]" if forms else ""
+        print(f"{name}{where}  {_first_line(cls)}")
+        print("\n".join(_option_lines(cls.describe_options())))
+    return 0
+
+
 def _passes_run(args) -> int:
     from graphopt.pipeline.registry import available_passes
 
-    passes = available_passes()
-    if args.json:
-        print(json.dumps({name: {"forms": list(cls.forms()), "doc": _first_line(cls),
-                                 "options": cls.describe_options()} for name, cls in passes.items()}, indent=2, default=str))
-        return 0
-    if not passes:
-        print("no passes registered")
-        return 0
-    for name, cls in passes.items():
-        print(f"{name}  [{', '.join(cls.forms()).upper() or '-'}]  {_first_line(cls)}")
-        print("\n".join(_option_lines(cls.describe_options())))
-    return 0
+    return _list("passes", available_passes(), args.json, forms=True)
 
 
 def _backends_run(args) -> int:
     from graphopt.pipeline.registry import available_backends
 
-    backends = available_backends()
-    if args.json:
-        print(json.dumps({name: {"doc": _first_line(cls), "options": cls.describe_options()}
-                          for name, cls in backends.items()}, indent=2, default=str))
-        return 0
-    if not backends:
-        print("no backends registered")
-        return 0
-    for name, cls in backends.items():
-        print(f"{name}  {_first_line(cls)}")
-        print("\n".join(_option_lines(cls.describe_options())))
-    return 0
+    return _list("backends", available_backends(), args.json, forms=False)
 
 
 register_command("passes", _json_flag, _passes_run, "list passes: name, IR forms, options")
