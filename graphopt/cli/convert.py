@@ -15,6 +15,9 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for model.onnx, report.json/.md")
     parser.add_argument("--backend", metavar="NAME", help="emit with this backend (overrides the recipe's)")
     parser.add_argument("--no-verify", action="store_true", help="skip per-pass fidelity checks on sample inputs")
+    parser.add_argument("--check-every-step", action="store_true",
+                        help="check the model with onnx.checker and onnxruntime after every changed step, not only "
+                             "at the end (finds the step that made an invalid model)")
 
 
 def _input_files(source: str) -> set[Path]:
@@ -54,6 +57,7 @@ def _refuse_overwrite(out: Path, source: str, backend: str | None) -> None:
 def _convert_run(args) -> int:
     import graphopt
     from graphopt.pipeline import Pipeline, available_backends, export
+    from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -71,7 +75,10 @@ def _convert_run(args) -> int:
     calib = recipe.calibration_feeds(model)
     if calib:
         log(f"calibration: {len(calib)} feeds from {recipe.calibration.source} ({recipe.calibration.split})")
-    result = Pipeline(recipe.passes, verify=not args.no_verify, log=log).run(model, calib=calib)
+    instruments = default_instruments(verify=not args.no_verify, log=log)
+    if args.check_every_step:
+        instruments = [Checker(every_step=True) if isinstance(i, Checker) else i for i in instruments]
+    result = Pipeline(recipe.passes, instruments=instruments, log=log).run(model, calib=calib)
     final = result.model
     if final.form == "fx":
         final = graphopt.lower(final, log=log)
