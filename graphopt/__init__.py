@@ -28,3 +28,13 @@ def export(model, backend: str, out_dir, options: dict | None = None):
     from graphopt.pipeline import export as _export
 
     return _export(model, backend, out_dir, options)
+
+
+def __getattr__(name: str):
+    """`graphopt.passes` and `graphopt.backends` import on first use (they register every pass and
+    backend, which `import graphopt` alone should not pay for)."""
+    if name in ("passes", "backends"):
+        import importlib
+
+        return importlib.import_module(f"graphopt.{name}")
+    raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
