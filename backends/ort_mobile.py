@@ -13,9 +13,9 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from graphopt.errors import BackendError
-from graphopt.files.writing import atomic_write_text, staged_folder
+from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
-from graphopt.ir.onnx_files import save_onnx
+from graphopt.ir.onnx_files import write_onnx
 from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 
 __all__ = ["OrtMobile", "XNNPACK_OPS"]
@@ -205,7 +205,7 @@ class OrtMobile(Backend):
     usability: bool = field(default=True, metadata={"help": "write the NNAPI/CoreML/XNNPACK usability report"})
     atol: float = field(default=1e-5, metadata={"help": "max |diff| of float outputs in validation (QDQ: exact)"})
 
-    def emit(self, model: Model, out_dir: Path) -> Artifact:
+    def emit(self, model: Model, out_dir: Path, *, force: bool = False) -> Artifact:
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         model.require("onnx", f"backend '{self.name}'")
@@ -215,10 +215,12 @@ class OrtMobile(Backend):
         ort_name, config_name = _ort_file_names(self.optimization_style)
         report: dict = {"optimization_style": self.optimization_style, "target_platform": self.target_platform,
                         "qdq": _is_qdq(model)}
-        with staged_folder(out_dir, inputs=inputs) as staging:
+        with OutputSet(out_dir, inputs=inputs, force=force) as out:
+            staging = out.staging
             work = staging / "work"
             work.mkdir()
-            onnx_path = save_onnx(model.to_onnx(), work / "model.onnx")
+            onnx_path = work / "model.onnx"
+            write_onnx(model.to_onnx(), onnx_path)
             converter_log = io.StringIO()
             try:
                 with contextlib.redirect_stdout(converter_log), _quiet("ort_format_model.utils"):

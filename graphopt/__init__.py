@@ -1,12 +1,33 @@
-"""graphopt: a compiler-style graph transformation toolkit that makes models fit on phones and NPUs."""
+"""graphopt: a compiler-style graph transformation toolkit that makes models fit on phones and NPUs.
 
-from graphopt.errors import GraphoptError
-from graphopt.frontends import load
-from graphopt.ir import Model, ModelMeta, TensorSpec
-from graphopt.pipeline import Pipeline, PipelineResult
+    import graphopt
+    model = graphopt.load("model.onnx")                 # or sample:NAME, a .gguf, a Hugging Face folder
+    result = graphopt.Pipeline([graphopt.passes.Quantize(weight_bits=8)]).run(model, calib=feeds)
+    result.model.save("out/model.onnx")
 
-__all__ = ["load", "Model", "ModelMeta", "TensorSpec", "Pipeline", "PipelineResult", "GraphoptError", "diff", "export", "lower"]
+Names are imported on first use, so `import graphopt` (and the `graphopt` command's start-up) stays
+light; the submodules hold the implementations.
+"""
+
+import importlib
+
+__all__ = ["load", "Model", "ModelMeta", "TensorSpec", "Pipeline", "PipelineResult", "GraphoptError", "diff",
+           "export", "lower", "passes", "backends"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("graphopt.frontends", "load"),
+    "Model": ("graphopt.ir", "Model"),
+    "ModelMeta": ("graphopt.ir", "ModelMeta"),
+    "TensorSpec": ("graphopt.ir", "TensorSpec"),
+    "Pipeline": ("graphopt.pipeline", "Pipeline"),
+    "PipelineResult": ("graphopt.pipeline", "PipelineResult"),
+    "GraphoptError": ("graphopt.errors", "GraphoptError"),
+    "export": ("graphopt.pipeline", "export"),
+    "lower": ("graphopt.lowering", "lower"),
+    "passes": ("graphopt.passes", None),
+    "backends": ("graphopt.backends", None),
+}
 
 
 def diff(a, b):
@@ -16,25 +37,15 @@ def diff(a, b):
     return diff_models(a, b)
 
 
-def lower(model, **kwargs):
-    """FX form -> ONNX form (cached); see `graphopt.lowering.lower`."""
-    from graphopt.lowering import lower as _lower
-
-    return _lower(model, **kwargs)
-
-
-def export(model, backend: str, out_dir, options: dict | None = None):
-    """Emit `model` with a backend ("ort-mobile", "qnn", "npu-sim") and validate the artifact."""
-    from graphopt.pipeline import export as _export
-
-    return _export(model, backend, out_dir, options)
-
-
 def __getattr__(name: str):
-    """`graphopt.passes` and `graphopt.backends` import on first use (they register every pass and
-    backend, which `import graphopt` alone should not pay for)."""
-    if name in ("passes", "backends"):
-        import importlib
+    if name not in _LAZY:
+        raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
+    module, attribute = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attribute is None else getattr(value, attribute)
+    globals()[name] = value
+    return value
 
-        return importlib.import_module(f"graphopt.{name}")
-    raise AttributeError(f"module 'graphopt' has no attribute '{name}'")
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
 from graphopt.files.json_files import write_json
-from graphopt.files.writing import atomic_write_text, refuse_overwrite
+from graphopt.files.writing import OutputSet, atomic_write_text, check_manifest
 from graphopt.ir import Model
 from graphopt.pipeline.backends import Artifact, Backend, register_backend
 
@@ -92,18 +92,17 @@ class NpuSim(Backend):
         program.meta["example_inputs"] = {k: v.tolist() for k, v in feeds.items()}
         return program
 
-    def emit(self, model: Model, out_dir: Path) -> Artifact:
+    def emit(self, model: Model, out_dir: Path, *, force: bool = False) -> Artifact:
         model.require("onnx", "backend 'npu-sim'")
         out_dir = Path(out_dir)
         names = ["program.json", "weights.npz", "cost.csv", "cost.md", "host_partition.json"]
-        for name in names:
-            refuse_overwrite(out_dir / name, [model.source] if model.source else [])
         program = self.compile(model)
         report = estimate(program, load_profile(self.profile))
-        program.save(out_dir)
-        atomic_write_text(out_dir / "cost.csv", report.to_csv())
-        atomic_write_text(out_dir / "cost.md", report.to_markdown())
-        write_json(out_dir / "host_partition.json", program.host_partition)
+        with OutputSet(out_dir, inputs=[model.source], force=force) as out:
+            program.save(out.staging)
+            atomic_write_text(out.path("cost.csv"), report.to_csv())
+            atomic_write_text(out.path("cost.md"), report.to_markdown())
+            write_json(out.path("host_partition.json"), program.host_partition)
         return Artifact(self.name, out_dir, [out_dir / n for n in names], report={
             "npu_ops": program.count("npu"), "host_ops": program.count("host"), "cost": report.totals,
             "host_partition": _partition_summary(program)})
@@ -134,7 +133,10 @@ class NpuSim(Backend):
     def simulate(self, folder: str | Path, feeds: dict[str, np.ndarray] | None = None) -> dict:
         """Run an emitted program folder on `feeds` (default: its compile-time example) and cost it
         on this backend's profile: {"program", "outputs" (by name), "simulate_s", NPU/host op
-        counts, "profile" name, "cost" totals}. What `graphopt simulate` prints."""
+        counts, "profile" name, "cost" totals}. What `graphopt simulate` prints. A folder whose
+        program.json and weights.npz come from two different runs is refused (its manifest)."""
+        if Path(folder).is_dir():
+            check_manifest(folder, ["program.json", "weights.npz"])
         program = Program.load(folder)
         if feeds is None:
             feeds = {k: np.array(v) for k, v in program.meta.get("example_inputs", {}).items()}

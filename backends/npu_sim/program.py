@@ -9,8 +9,6 @@ name of a constant array in weights.npz (multipliers, tables, masks, weights).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,21 +66,13 @@ class Program:
             "ops": [asdict(op) for op in self.ops],
         }
 
-    def save(self, out_dir: str | Path) -> tuple[Path, Path]:
-        """Write program.json and weights.npz atomically into `out_dir`."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".weights.", suffix=".npz", dir=out_dir)
-        os.close(fd)
-        try:
-            np.savez(tmp, **self.constants)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_dir / "weights.npz")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        js = write_json(out_dir / "program.json", self.to_json())
-        return js, out_dir / "weights.npz"
+    def save(self, folder: str | Path) -> tuple[Path, Path]:
+        """Write program.json and weights.npz into `folder`, which the caller stages
+        (`graphopt.files.writing.OutputSet`: the two files appear together or not at all)."""
+        folder = Path(folder)
+        with open(folder / "weights.npz", "wb") as fh:
+            np.savez(fh, **self.constants)
+        return write_json(folder / "program.json", self.to_json()), folder / "weights.npz"
 
     @classmethod
     def load(cls, path: str | Path) -> "Program":

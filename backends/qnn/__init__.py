@@ -18,9 +18,9 @@ from graphopt.backends.qnn.schema import check_encodings_v1
 from graphopt.backends.qnn.tables import QNN_DATATYPES, QNN_OPS
 from graphopt.errors import BackendError
 from graphopt.files.json_files import write_json
-from graphopt.files.writing import atomic_write_text, staged_folder
+from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
-from graphopt.ir.onnx_files import load_onnx, save_onnx
+from graphopt.ir.onnx_files import load_onnx, write_onnx
 from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.quant.encodings import Encodings
 
@@ -70,7 +70,7 @@ class Qnn(Backend):
         default="1.0.0", metadata={"help": "AIMET/QNN encodings layout (0.6.1 has no per-block)"})
     fail_on_reject: bool = field(default=False, metadata={"help": "fail the export when HTP would reject the graph"})
 
-    def emit(self, model: Model, out_dir: Path) -> Artifact:
+    def emit(self, model: Model, out_dir: Path, *, force: bool = False) -> Artifact:
         model.require("onnx", f"backend '{self.name}'")
         out_dir = Path(out_dir)
         float_model, encodings, code_types = strip_qdq(model)
@@ -100,8 +100,9 @@ class Qnn(Backend):
         names = ["model.onnx", "model.encodings", "model_net.json", "htp_compatibility.json",
                  "htp_compatibility.md", "qnn_package.json"]
         inputs = [model.source] if model.source else []
-        with staged_folder(out_dir, inputs=inputs) as staging:
-            save_onnx(float_model.to_onnx(), staging / "model.onnx")
+        with OutputSet(out_dir, inputs=inputs, force=force) as out:
+            staging = out.staging
+            write_onnx(float_model.to_onnx(), staging / "model.onnx")
             write_json(staging / "model.encodings", data)
             write_json(staging / "model_net.json", net)
             write_json(staging / "htp_compatibility.json", findings)

@@ -6,9 +6,10 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
-__all__ = ["Command", "COMMANDS", "register_command", "log", "load_model"]
+__all__ = ["Command", "COMMANDS", "register_command", "log", "load_model", "source_files", "write_output_file"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,29 @@ def load_model(source: str, *, onnx: bool = False):
         model = graphopt.lower(model, log=log)
     log(f"loaded {model.name} ({model.form.upper()}, {model.num_nodes():,} nodes) in {time.perf_counter() - start:.1f} s")
     return model
+
+
+def source_files(source: str) -> list[Path]:
+    """The files a MODEL argument reads, which no output may replace: an ONNX file and every
+    external-data file it names, a GGUF file, every file of a Hugging Face folder."""
+    if source.startswith("sample:"):
+        return []
+    path = Path(source)
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    if path.suffix.lower() == ".onnx" and path.is_file():
+        from graphopt.ir.onnx_files import referenced_files
+
+        return [path, *referenced_files(path)]
+    return [path]
+
+
+def write_output_file(path: str | Path, write: Callable[[Path], None], inputs: list[Path]) -> Path:
+    """Write one output file the user named (`--json`, `--plot`, `--save`): through `write(staged)`,
+    renamed into place whole, refused when it would replace one of `inputs`."""
+    from graphopt.files.writing import OutputSet
+
+    path = Path(path)
+    with OutputSet(path.parent, inputs=inputs, force=True, manifest=False) as out:
+        write(out.path(path.name))
+    return path

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from graphopt.cli.command import load_model, log, register_command
+from graphopt.cli.command import load_model, log, register_command, source_files
 from graphopt.errors import GraphoptError, UnsafePathError
+from graphopt.files.writing import OutputSet, foreign_files, refuse_overwrite
 
 
 def _convert_args(parser: argparse.ArgumentParser) -> None:
@@ -15,47 +16,26 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for model.onnx, report.json/.md")
     parser.add_argument("--backend", metavar="NAME", help="emit with this backend (overrides the recipe's)")
     parser.add_argument("--no-verify", action="store_true", help="skip per-pass fidelity checks on sample inputs")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a folder that holds files graphopt did not write (inputs are never replaced)")
     parser.add_argument("--check-every-step", action="store_true",
                         help="check the model with onnx.checker and onnxruntime after every changed step, not only "
                              "at the end (finds the step that made an invalid model)")
 
 
-def _input_files(source: str) -> set[Path]:
-    """The files a model source reads (an ONNX file and its external data), resolved."""
-    if source.startswith("sample:"):
-        return set()
-    path = Path(source).resolve()
-    files = {path}
-    if path.is_file() and path.suffix.lower() == ".onnx":
-        import onnx
-
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception:  # noqa: BLE001 - an unreadable file is reported by the loader itself
-            return files
-        for tensor in proto.graph.initializer:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    files.add((path.parent / entry.value).resolve())
-    return files
-
-
-def _refuse_overwrite(out: Path, source: str, backend: str | None) -> None:
-    """Refuse an output folder where writing would replace the input model or its weights."""
-    inputs = _input_files(source)
+def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None) -> None:
+    """Refuse, before any work, an output folder where a file of the result would replace an input."""
     for name in ("model.onnx", "model.onnx.data", "report.json", "report.md"):
-        if (out / name).resolve() in inputs:
-            raise UnsafePathError(
-                f"{out}: writing {name} there would overwrite the input model '{source}'; choose another output folder"
-            )
+        refuse_overwrite(out / name, inputs)
     if backend:
         folder = (out / backend).resolve()
-        if any(p == folder or folder in p.parents for p in inputs):
-            raise UnsafePathError(f"{out / backend}: the backend would write over the input model '{source}'")
+        if any(folder == p.resolve() or folder in p.resolve().parents for p in inputs):
+            raise UnsafePathError(f"{out / backend}: the backend would write over the input '{inputs[0]}'")
 
 
 def _convert_run(args) -> int:
     import graphopt
+    from graphopt.ir.onnx_files import write_onnx
     from graphopt.pipeline import Pipeline, available_backends, export
     from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
@@ -66,7 +46,13 @@ def _convert_run(args) -> int:
     if args.backend and args.backend not in available_backends():
         raise GraphoptError(f"--backend: unknown backend '{args.backend}' (known: {', '.join(available_backends()) or 'none'})")
     out = Path(args.output)
-    _refuse_overwrite(out, args.model, backend)
+    inputs = source_files(args.model)
+    _refuse_overwrite(out, inputs, backend)
+    if not args.force:
+        strangers = foreign_files(out)
+        if strangers:
+            raise UnsafePathError(f"{out}: holds files graphopt did not write ('{strangers[0]}'); choose an empty or "
+                                  "new folder, or pass --force to write beside them (inputs are never overwritten)")
     log(f"recipe {args.recipe}: {', '.join(p.name for p in recipe.passes) or 'no passes'}"
         + (f", backend {backend}" if backend else ""))
 
@@ -82,14 +68,15 @@ def _convert_run(args) -> int:
     final = result.model
     if final.form == "fx":
         final = graphopt.lower(final, log=log)
-    model_path = final.save(out / "model.onnx")
-    report_json, report_md = result.report.save(out)
-    print(f"model:  {model_path}" + (f" (+ {model_path.name}.data)" if (out / "model.onnx.data").exists() else ""))
-    print(f"report: {report_json}, {report_md}")
+    with OutputSet(out, inputs=inputs, force=args.force) as output:  # model and reports as one set
+        written = write_onnx(final.to_onnx(), output.path("model.onnx"))
+        result.report.save(output.staging)
+    print(f"model:  {out / 'model.onnx'}" + (" (+ model.onnx.data)" if len(written) > 1 else ""))
+    print(f"report: {out / 'report.json'}, {out / 'report.md'}")
     print(f"nodes {model.num_nodes():,} -> {final.num_nodes():,}, bytes {model.num_bytes():,} -> {final.num_bytes():,}")
     if backend:
         log(f"export: backend {backend} ...")
-        artifact = export(final, backend, out / backend, options)
+        artifact = export(final, backend, out / backend, options, force=args.force)
         print(f"{backend}: " + ", ".join(str(f) for f in artifact.files))
     return 0
 

@@ -27,12 +27,17 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from graphopt.analysis.sensitivity import analyze_sensitivity
-    from graphopt.cli.command import load_model
+    from graphopt.cli.command import load_model, source_files, write_output_file
     from graphopt.errors import OptionError
+    from graphopt.files.writing import refuse_overwrite
     from graphopt.recipe import Calibration, Recipe
 
     if args.windows < 1 or args.calib_windows < 1 or args.length < 2:
         raise OptionError("sensitivity: --windows and --calib-windows must be >= 1, --length >= 2")
+    inputs = source_files(args.model)
+    for target in (args.json, args.plot):  # refused before the sweep, not after it
+        if target:
+            refuse_overwrite(target, inputs)
     model = load_model(args.model, onnx=True)
     model = _prepared(model, [name.strip() for name in args.prepare.split(",") if name.strip()])
     # ranges from the first calib windows; the drop measured on the ones after them
@@ -48,9 +53,9 @@ def _run(args: argparse.Namespace) -> int:
     report = analyze_sensitivity(model, calib, measure, metric=args.metric, kinds=kinds)
     print(report.markdown(args.top), end="")
     if args.json:
-        log(f"sensitivity: ranking written to {report.save_json(args.json)}")
+        log(f"sensitivity: ranking written to {write_output_file(args.json, report.save_json, inputs)}")
     if args.plot:
-        log(f"sensitivity: plot written to {report.plot(args.plot)}")
+        log(f"sensitivity: plot written to {write_output_file(args.plot, report.plot, inputs)}")
     return 0
 
 

@@ -21,9 +21,17 @@ def _args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
+    from graphopt.cli.command import write_output_file
     from graphopt.files.writing import refuse_overwrite
     from graphopt.pipeline import available_backends
 
+    program_dir = Path(args.program)
+    inputs = [p for p in program_dir.iterdir() if p.is_file()] if program_dir.is_dir() else [program_dir]
+    inputs += [Path(args.inputs)] if args.inputs else []
+    save = None
+    if args.save:  # np.savez would append .npz: decide the real name before checking it
+        save = Path(args.save) if args.save.endswith(".npz") else Path(args.save + ".npz")
+        refuse_overwrite(save, inputs)
     simulator = available_backends()["npu-sim"].from_options({"profile": args.profile})
     feeds = None
     if args.inputs:
@@ -34,9 +42,12 @@ def _run(args) -> int:
     result = simulator.simulate(args.program, feeds)
     program, outputs, cost = result.pop("program"), result.pop("outputs"), result["cost"]
     log(f"simulate: {program.name}, {result['npu_ops']} NPU ops, {result['host_ops']} host ops")
-    if args.save:
-        refuse_overwrite(Path(args.save), [Path(args.program) / "weights.npz"])
-        np.savez(args.save, **outputs)
+    if save:
+        def write(path: Path) -> None:
+            with open(path, "wb") as fh:
+                np.savez(fh, **outputs)
+
+        log(f"simulate: outputs written to {write_output_file(save, write, inputs)}")
     result = {"program": str(args.program), **result, "outputs": {n: list(o.shape) for n, o in outputs.items()}}
     if args.json:
         print(json.dumps(result, indent=2))

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 
 from graphopt.errors import ModelLoadError, UnsafePathError
-from graphopt.files.writing import default_mode, refuse_overwrite
+from graphopt.files.writing import OutputSet
 
-__all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "save_onnx"]
+__all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "save_onnx", "write_onnx"]
 
 # Protobuf cannot serialise a message of 2 GiB or more; larger models keep weights beside them.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -107,44 +105,65 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[Path] = ()) -> Path:
-    """Write `model` to `path` atomically; weights go to `<name>.data` beside it when large.
+def referenced_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files an ONNX file names (initializers, Constant attributes, subgraphs,
+    functions, sparse initializers), resolved against its folder; [] when it cannot be parsed
+    (the loader reports that). For writers: none of these may be replaced."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any parse failure: the loader names it when the model is read
+        return []
+    found = []
+    for tensor in _all_tensor_protos(proto):
+        location = next((e.value for e in tensor.external_data if e.key == "location"), None)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and location:
+            found.append((path.parent / location).resolve())
+    return sorted(set(found))
 
-    The files are written into a temporary folder next to the target and renamed into place, so a
-    crash leaves either the old files or the new ones, never half of one.
+
+def _all_tensor_protos(proto: onnx.ModelProto):
+    """Every TensorProto of a model: initializers and attribute tensors of the graph, its subgraphs and
+    its functions, and the values and indices of sparse initializers."""
+    from onnx.external_data_helper import _get_all_tensors
+
+    yield from _get_all_tensors(proto)
+    graphs = [proto.graph]
+    while graphs:
+        graph = graphs.pop()
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        graphs += [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
+        graphs += [g for n in graph.node for a in n.attribute for g in a.graphs]
+
+
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[Path] = ()) -> Path:
+    """Write `model` to `path` as one output set; weights go to `<name>.data` beside it when large.
+
+    Both files are staged and renamed into place together (`graphopt.files.writing.OutputSet`), so a
+    crash leaves either the old files or the new ones; neither may replace one of `inputs`. An
+    earlier `<name>.data` that the new model does not need is left where it is: nothing here removes
+    a file it did not write.
     """
     path = Path(path)
-    refuse_overwrite(path, list(inputs))
-    refuse_overwrite(path.with_name(path.name + ".data"), list(inputs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        staged = staging / path.name
-        data_name = path.name + ".data"
-        large = tensor_bytes(model) > PROTOBUF_LIMIT // 4
-        if large:
-            onnx.save_model(
-                model,
-                str(staged),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=EXTERNAL_THRESHOLD,
-            )
-            # save_model converted the tensors in place; bring the weights back into memory
-            onnx.load_external_data_for_model(model, str(staging))
-        else:
-            onnx.save_model(model, str(staged))
-        for produced in staging.iterdir():
-            with open(produced, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(produced, default_mode())
-            os.replace(produced, path.parent / produced.name)
-        if not large and (path.parent / data_name).exists():
-            os.remove(path.parent / data_name)  # stale weights of an earlier large save
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with OutputSet(path.parent, inputs=inputs, force=True, manifest=False) as out:
+        write_onnx(model, out.path(path.name))
     return path
+
+
+def write_onnx(model: onnx.ModelProto, target: Path) -> list[Path]:
+    """Serialise `model` to `target` (a fresh path), weights in `target.name + ".data"` beside it
+    when the model is too large for one protobuf; returns the files written. `model` is unchanged."""
+    data_name = target.name + ".data"
+    if tensor_bytes(model) <= PROTOBUF_LIMIT // 4:
+        onnx.save_model(model, str(target))
+        return [target]
+    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=EXTERNAL_THRESHOLD)
+    # save_model converted the tensors in place; bring the weights back into memory
+    onnx.load_external_data_for_model(model, str(target.parent))
+    return [target, target.parent / data_name]
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -1,4 +1,4 @@
-"""Backend contract: `emit(model, out_dir, options) -> Artifact` and `validate(artifact)`; a registry."""
+"""The backend contract: `emit(model, out_dir) -> Artifact` and `validate(artifact, model)`; a registry."""
 
 from __future__ import annotations
 
@@ -38,15 +38,17 @@ def register_backend(cls: type["Backend"]) -> type["Backend"]:
 class Backend(Options):
     """Base class: a frozen dataclass whose fields are the backend's options.
 
-    Subclasses set `name`, implement `emit` (write files for the ONNX form) and `validate`
-    (prove the files work: run them or rebuild and compare; return a dict of findings and raise
-    BackendError when they do not hold).
+    Subclasses set `name`, implement `emit` (write the package for the ONNX form as one
+    `graphopt.files.writing.OutputSet` into `out_dir`: whole or not at all, never over the model's
+    source; `force` allows a folder that holds other files) and `validate` (prove the files work: run
+    them or rebuild and compare; return a dict of findings and raise BackendError when they do not
+    hold).
     """
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "backend"
 
-    def emit(self, model: Model, out_dir: Path) -> Artifact:
+    def emit(self, model: Model, out_dir: Path, *, force: bool = False) -> Artifact:
         raise NotImplementedError
 
     def validate(self, artifact: Artifact, model: Model) -> dict:

@@ -40,17 +40,18 @@ def get_backend(name: str):
 
 
 def export(model: Model, backend: str, out_dir: str | Path, options: dict | None = None, *,
-           validate: bool = True) -> Artifact:
+           validate: bool = True, force: bool = False) -> Artifact:
     """Emit `model` with the named backend into `out_dir`, then validate the artifact.
 
-    An FX model is lowered first (backends read the ONNX form only).
+    An FX model is lowered first (backends read the ONNX form only). The package is written as one
+    output set (`graphopt.files.writing.OutputSet`); `force` allows a folder holding other files.
     """
     emitter = get_backend(backend).from_options(options)
     if model.form == "fx":
         from graphopt.lowering import lower
 
         model = lower(model)
-    artifact = emitter.emit(model, Path(out_dir))
+    artifact = emitter.emit(model, Path(out_dir), force=force)
     if validate:
         artifact.validation = emitter.validate(artifact, model)
     return artifact

@@ -41,7 +41,7 @@ def test_registered_with_its_options():
 
 def test_float_tiny_model_ort_matches_onnx(tiny_onnx, tmp_path):
     artifact = export(tiny_onnx, "ort-mobile", tmp_path / "out")
-    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    names = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name != ".graphopt-manifest.json")
     assert names == ["mobile_usability.json", "mobile_usability.md", "model.ort", "ort_mobile.json",
                      "required_operators.config"]
     assert artifact.validation["passed"] and artifact.validation["max_abs_diff"] <= 1e-5
@@ -122,9 +122,11 @@ def test_never_overwrites_the_input(tiny_onnx, tmp_path):
 
     source = tmp_path / "model.ort"
     source.write_bytes(b"input")
-    with pytest.raises(UnsafePathError, match="refusing to write over"):
+    with pytest.raises(UnsafePathError, match="holds files graphopt did not write"):
         export(tiny_onnx.replace(source=source), "ort-mobile", tmp_path, {"usability": False})
-    assert source.read_bytes() == b"input"
+    with pytest.raises(UnsafePathError, match="refusing to write over"):  # even with force
+        export(tiny_onnx.replace(source=source), "ort-mobile", tmp_path, {"usability": False}, force=True)
+    assert source.read_bytes() == b"input" and sorted(p.name for p in tmp_path.iterdir()) == ["model.ort"]
 
 
 @pytest.mark.real

@@ -167,7 +167,7 @@ def test_convert_refuses_to_overwrite_the_input(tmp_path, capsys):
     before = model.read_bytes()
     recipe = _recipe(tmp_path / "r.yaml", "passes:\n  - test_cli_drop_identity\n")
     line = _one_error_line(capsys, cli.main(["convert", str(model), "--recipe", str(recipe), "-o", str(tmp_path)]))
-    assert "overwrite the input model" in line
+    assert "refusing to write over the input" in line
     assert model.read_bytes() == before
 
 
@@ -216,7 +216,7 @@ def test_convert_exports_with_the_recipe_backend(tmp_path, capsys, monkeypatch):
         name: ClassVar[str] = "test_cli_echo"
         suffix: str = ".txt"
 
-        def emit(self, model, out_dir):
+        def emit(self, model, out_dir, *, force=False):
             out_dir.mkdir(parents=True, exist_ok=True)
             path = out_dir / f"nodes{self.suffix}"
             path.write_text(str(model.num_nodes()))
