@@ -18,7 +18,8 @@ from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.training.fake_quant import fake_quant_modules, quantizer_nodes
 
-__all__ = ["kd_loss", "reverse_kd_loss", "bild_loss", "feature_loss", "train", "TrainReport", "generate_windows"]
+__all__ = ["kd_loss", "reverse_kd_loss", "bild_loss", "feature_loss", "TrainConfig", "train", "TrainReport",
+           "generate_windows"]
 
 Loss = Literal["kd", "rkl", "bild"]
 DEFAULT_TEMPERATURE = {"kd": 2.0, "rkl": 1.0, "bild": 3.0}
@@ -78,8 +79,83 @@ def bild_loss(student: torch.Tensor, teacher: torch.Tensor, top_k: int = 8, temp
 
 
 # ---------------------------------------------------------------------------------- training
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How `train` fine-tunes a fake-quantized student: every option once, with its default.
+
+    Groups: the schedule (`steps`, `batch_size`, `warmup`, `shuffle`), the optimiser (`lr`,
+    `scale_lr`, `weight_scale_lr`, `weight_decay`, `clip`, `train_weights`), the loss (`loss`,
+    `temperature`, `top_k`, `feature_weight`), the teacher's targets (`cache_teacher`), validation
+    (`validate_every`) and execution (`device`, `fused`, `compile`, `progress`). Construction
+    checks every value and raises OptionError naming the option.
+    """
+
+    # schedule
+    steps: int = _option(100, "optimiser steps")
+    batch_size: int = _option(1, "windows per step, taken in order and cycled (or shuffled per epoch)")
+    warmup: int = _option(0, "steps of linear warm-up before the cosine decay to 0")
+    shuffle: int | None = _option(None, "seed: each epoch visits the windows in its own random order; None: in order")
+    # optimiser (AdamW)
+    lr: float = _option(1e-5, "learning rate of the weights")
+    scale_lr: float = _option(1e-3, "learning rate of the activation quantizers' log-scales")
+    weight_scale_lr: float | None = _option(
+        None, "learning rate of the weight quantizers' log-scales (None: scale_lr; 0 keeps a GPTQ start's grids)")
+    weight_decay: float = _option(0.0, "AdamW decay of the weights (scales never decay)")
+    clip: float = _option(1.0, "gradient-norm clipping over every trained parameter")
+    train_weights: bool = _option(True, "train the weights too, not only the scales")
+    # loss
+    loss: Loss = _option("kd", "kd (Hinton KD), rkl (reverse KL) or bild (BiLD top-k logit differences)")
+    temperature: float | None = _option(None, "distillation temperature (None: kd 2, rkl 1, bild 3)")
+    top_k: int = _option(8, "BiLD: logits compared per position")
+    feature_weight: float = _option(
+        0.0, "adds this many times feature_loss between every linear's quantized input and the teacher's float value")
+    # teacher targets
+    cache_teacher: bool = _option(
+        True, "keep each window's teacher logits (fp16) for later epochs instead of recomputing them every step")
+    # validation
+    validate_every: int = _option(0, "steps between validation measurements (0: a tenth of the steps)")
+    # execution
+    device: str = _option("cpu", "torch device of the training step")
+    fused: bool = _option(False, "8-bit quantizers use torch's fused fake-quant kernels")
+    compile: bool = _option(False, "run the training forward and backward through torch.compile")
+    progress: bool = _option(True, "show a progress bar")
+
+    def __post_init__(self):
+        if self.loss not in DEFAULT_TEMPERATURE:
+            raise OptionError(f"TrainConfig: option 'loss' must be one of {', '.join(DEFAULT_TEMPERATURE)}, "
+                              f"got '{self.loss}'")
+        for name in ("steps", "batch_size", "top_k"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"TrainConfig: option '{name}' must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "validate_every", "lr", "scale_lr", "weight_decay", "feature_weight"):
+            if getattr(self, name) < 0:
+                raise OptionError(f"TrainConfig: option '{name}' must be >= 0, got {getattr(self, name)}")
+        if self.weight_scale_lr is not None and self.weight_scale_lr < 0:
+            raise OptionError(f"TrainConfig: option 'weight_scale_lr' must be >= 0, got {self.weight_scale_lr}")
+        if self.temperature is not None and self.temperature <= 0:
+            raise OptionError(f"TrainConfig: option 'temperature' must be > 0, got {self.temperature}")
+        if self.clip <= 0:
+            raise OptionError(f"TrainConfig: option 'clip' must be > 0, got {self.clip}")
+
+    @property
+    def distillation_temperature(self) -> float:
+        """`temperature`, or the loss's own default."""
+        return self.temperature or DEFAULT_TEMPERATURE[self.loss]
+
+    @property
+    def weight_scales_lr(self) -> float:
+        """The weight quantizers' scale learning rate (`weight_scale_lr`, else `scale_lr`)."""
+        return self.scale_lr if self.weight_scale_lr is None else self.weight_scale_lr
+
+
 @dataclass
 class TrainReport:
+    """What `train` did: steps, seconds, the loss of every step, and the validation curve."""
+
     steps: int
     seconds: float
     losses: list[float] = field(default_factory=list)
@@ -97,156 +173,158 @@ def train(
     student: Model,
     teacher: Model | Callable[[torch.Tensor], torch.Tensor],
     windows: list[np.ndarray],
+    config: TrainConfig = TrainConfig(),
     *,
-    steps: int = 100,
-    lr: float = 1e-5,
-    scale_lr: float = 1e-3,
-    weight_scale_lr: float | None = None,
-    loss: Loss = "kd",
-    temperature: float | None = None,
-    top_k: int = 8,
-    clip: float = 1.0,
-    warmup: int = 0,
-    weight_decay: float = 0.0,
-    train_weights: bool = True,
-    batch_size: int = 1,
-    device: str = "cpu",
-    fused: bool = False,
-    compile: bool = False,
-    shuffle: int | None = None,
-    cache_teacher: bool = True,
     validation: list[np.ndarray] | None = None,
-    validate_every: int = 0,
-    feature_weight: float = 0.0,
-    progress: bool = True,
     log: Callable[[str], None] = lambda _: None,
 ) -> TrainReport:
-    """Fine-tune `student` (FX, with quantizers) to match `teacher`'s logits on token `windows`.
+    """Fine-tune `student` (FX, with quantizers) in place to match `teacher` on token `windows`.
 
-    AdamW (weights at `lr`, log-scales at `scale_lr`, the weight quantizers' at `weight_scale_lr`
-    when given: 0 keeps the grids a GPTQ start rounded its weights to, which a moving scale would
-    round again; no decay by default), linear warm-up then
-    cosine decay to 0, gradient-norm clipping at `clip`. Each step takes the next `batch_size`
-    windows, cycling in order (`shuffle`: a seed, each epoch in its own random order); teacher
-    logits are computed once per window and kept (fp16) for later epochs, or computed at every step
-    with `cache_teacher` False (12.6 MB a SmolLM2 window: thousands of generated windows would not
-    fit in a GPU's memory). loss "kd" uses temperature 2 by default, "rkl" (`reverse_kd_loss`) 1, "bild"
-    temperature 3 and `top_k` 8 (the paper's settings). `validation` windows (held out from
-    `windows`): before training, every `validate_every` steps (default: a tenth of them) and at the
-    end, the student's top-1 agreement with the teacher there is measured, and the student ends with
-    the weights and scales of the best measurement (longer training can drift away from the teacher
-    on text it did not see; `TrainReport.validation`, `best_step`). Top-1 agreement is noisy: on
-    SmolLM2, 16 windows of 128 tokens varied by ±0.006 between steps that evaluate alike, so hold
-    out many windows to rank steps, or few to catch a collapse. `fused` trains with torch's fused fake-quant kernels
-    (`FakeQuant.fused_forward`, 8-bit quantizers; a KD step of SmolLM2 W8A8, rotated, 15 % of points
-    at 16 bits, 2 x 128 tokens, on two CPU cores: 3.5 s instead of 8.2 s). On CUDA they are
-    3-5x slower than the reference formula (H200, batch 8 x 128): leave `fused` off there.
-    `compile` runs the training forward and backward through torch.compile (a GPU step is
-    otherwise bound by the launches of thousands of small kernels; the first step compiles).
-    `feature_weight` adds that many times `feature_loss` between what each of the student's
-    linears reads (its activation quantizers' outputs) and the float values the teacher has at the
-    same nodes (a teacher Model whose graph the student was copied from; computed at every step):
-    every layer, not only the logits, is pulled back toward the float model.
-    The student is trained in place (on `device`, moved back to CPU at the end).
+    `teacher` is the float Model the student was copied from, or any callable ids -> logits (then
+    `config.feature_weight` must be 0: feature distillation reads the teacher's graph). Each step
+    takes the next `config.batch_size` windows, computes the teacher's targets, and takes one
+    AdamW step on the loss `config.loss` (weights, activation scales and weight scales each at
+    their own learning rate; linear warm-up then cosine decay to 0; gradient norm clipped).
+
+    `validation` windows (held out from `windows`) are scored before training, every
+    `config.validate_every` steps and at the end by the student's top-1 agreement with the
+    teacher; the student ends with the weights and scales of the best score (the earliest among
+    equals), recorded in `TrainReport.validation` and `best_step`.
+
+    Guarantees: the student's graph is unchanged, only its parameters move; afterwards it is on
+    the CPU, its quantizers use the reference formula and every log-scale is trainable again,
+    its weights are not. A teacher Model is moved back to the CPU too.
     """
-    student.require("fx", "qat.train")
-    if loss not in DEFAULT_TEMPERATURE:
-        raise OptionError(f"qat.train: loss must be one of {', '.join(DEFAULT_TEMPERATURE)}, got '{loss}'")
-    if steps < 1 or not windows or batch_size < 1:
-        raise OptionError("qat.train needs steps >= 1, batch_size >= 1 and at least one window")
-    if feature_weight < 0 or (feature_weight and not isinstance(teacher, Model)):
-        raise OptionError("qat.train: feature_weight must be >= 0 and needs the teacher as a Model (its graph's nodes)")
+    _check(student, teacher, windows, config)
     quantizers = list(fake_quant_modules(student).values())
-    if not quantizers:
-        raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
-    temperature = temperature or DEFAULT_TEMPERATURE[loss]
     for module in quantizers:
-        module.fused = fused
-    gm = _to_device(student.fx, device)
-    weight_scale_lr = scale_lr if weight_scale_lr is None else weight_scale_lr
-    weight_scales = [m.log_scale for m in quantizers if m.kind == "weight"]
-    for p in weight_scales:
-        p.requires_grad_(bool(weight_scale_lr))
-    weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
-    for p in weights:
-        p.requires_grad_(train_weights)
-    groups = [{"params": [m.log_scale for m in quantizers if m.kind == "activation"], "lr": scale_lr,
-               "weight_decay": 0.0}]
-    if weight_scale_lr:
-        groups.append({"params": weight_scales, "lr": weight_scale_lr, "weight_decay": 0.0})
-    if train_weights:
-        groups.append({"params": weights, "lr": lr, "weight_decay": weight_decay})
+        module.fused = config.fused
+    gm = _to_device(student.fx, config.device)
+    groups, weights = _optimizer_groups(gm, quantizers, config)
     optimizer = torch.optim.AdamW(groups)
     bases = [g["lr"] for g in optimizer.param_groups]
-    teacher_fn = _teacher_fn(teacher, device)
-    cache: dict[int, torch.Tensor] = {}
-    report = TrainReport(steps, 0.0, loss=loss, device=device)
-    validator = _Validator(teacher_fn, validation, device) if validation else None
-    every = validate_every or max(1, steps // 10)
+    forward, targets = _forward_and_targets(gm, student, teacher, windows, config)
+    report = TrainReport(config.steps, 0.0, loss=config.loss, device=config.device)
+    validator = _Validator(_teacher_fn(teacher, config.device), validation, config.device) if validation else None
+    every = config.validate_every or max(1, config.steps // 10)
     if validator:
         validator.measure(gm, 0, report)
+    order = _WindowOrder(len(windows), config.shuffle)
     start = time.perf_counter()
-    bar = progress_bar(range(steps), steps, f"qat ({loss})", progress)
-    order = _WindowOrder(len(windows), shuffle)
-    trained = gm
-    if feature_weight:
-        # both graphs also return the values at the activation points: quantized in the student,
-        # float in the teacher (the quantizer's input node, which the teacher's graph has too)
-        points = [n for n in quantizer_nodes(gm) if gm.get_submodule(n.target).kind == "activation"]
-        teacher_fn = _with_outputs(teacher.fx, [n.args[0].name for n in points], teacher.name)
-        trained = _with_outputs(gm, [n.name for n in points], student.name)
-    forward = torch.compile(trained) if compile else trained
+    bar = progress_bar(range(config.steps), config.steps, f"qat ({config.loss})", config.progress)
     for step in bar:
-        indices = [order[step * batch_size + k] for k in range(batch_size)]
-        ids = torch.cat([_window(windows[i], device) for i in indices])
-        if feature_weight:
-            with torch.no_grad():
-                target, *teacher_points = teacher_fn(ids)
-            target = target.float()
-        elif cache_teacher:
-            for index in indices:
-                if index not in cache:
-                    with torch.no_grad():
-                        cache[index] = teacher_fn(_window(windows[index], device)).to(torch.float16)
-            target = torch.cat([cache[i] for i in indices]).float()
-        else:
-            with torch.no_grad():
-                target = teacher_fn(ids).float()
-        factor = _lr_factor(step, steps, warmup)
+        factor = _lr_factor(step, config.steps, config.warmup)
         for group, base in zip(optimizer.param_groups, bases):
             group["lr"] = base * factor
-        logits, *student_points = _outputs(forward, ids)
-        if loss == "bild":
-            value = bild_loss(logits, target, top_k, temperature)
-        else:
-            value = (kd_loss if loss == "kd" else reverse_kd_loss)(logits, target, temperature)
-        if feature_weight:
-            value = value + feature_weight * feature_loss(student_points, teacher_points)
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], clip)
-        optimizer.step()
-        report.losses.append(float(value.detach()))
+        indices = [order[step * config.batch_size + k] for k in range(config.batch_size)]
+        ids = torch.cat([_window(windows[i], config.device) for i in indices])
+        report.losses.append(_step(forward, optimizer, groups, ids, targets(indices, ids), config))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
-        if (step + 1) % max(1, steps // 10) == 0:
-            log(f"qat: step {step + 1}/{steps} loss {sum(report.losses[-10:]) / len(report.losses[-10:]):.4f}")
-        if validator and ((step + 1) % every == 0 or step + 1 == steps):
+        if (step + 1) % max(1, config.steps // 10) == 0:
+            recent = report.losses[-10:]
+            log(f"qat: step {step + 1}/{config.steps} loss {sum(recent) / len(recent):.4f}")
+        if validator and ((step + 1) % every == 0 or step + 1 == config.steps):
             validator.measure(gm, step + 1, report)
             log(f"qat: step {step + 1} validation overlap@1 {report.validation[-1][1]:.4f}")
     if validator:
         validator.restore(gm, report)
         log(f"qat: kept step {report.best_step} (validation overlap@1 {max(v for _, v in report.validation):.4f})")
     report.seconds = time.perf_counter() - start
+    _release(quantizers, weights)
+    student.fx = _to_device(gm, "cpu")
+    if isinstance(teacher, Model):
+        teacher.fx = _to_device(teacher.fx, "cpu")
+    return report
+
+
+def _check(student: Model, teacher, windows: list, config: TrainConfig) -> None:
+    student.require("fx", "distillation.train")
+    if not windows:
+        raise OptionError("distillation.train: no training windows (its steps need at least one)")
+    if config.feature_weight and not isinstance(teacher, Model):
+        raise OptionError("distillation.train: feature_weight needs the teacher as a Model (its graph's nodes)")
+    if not fake_quant_modules(student):
+        raise UnsupportedGraphError(f"'{student.name}' has no fake quantizers: run the fake_quantize pass first")
+
+
+def _optimizer_groups(gm, quantizers: list, config: TrainConfig) -> tuple[list[dict], list[torch.nn.Parameter]]:
+    """AdamW parameter groups (activation scales; weight scales unless their lr is 0; the weights
+    when trained), with requires_grad set to match. Returns the groups and the weights."""
+    weight_scales = [m.log_scale for m in quantizers if m.kind == "weight"]
+    for p in weight_scales:
+        p.requires_grad_(bool(config.weight_scales_lr))
+    weights = [p for n, p in gm.named_parameters() if not n.endswith("log_scale")]
+    for p in weights:
+        p.requires_grad_(config.train_weights)
+    groups = [{"params": [m.log_scale for m in quantizers if m.kind == "activation"], "lr": config.scale_lr,
+               "weight_decay": 0.0}]
+    if config.weight_scales_lr:
+        groups.append({"params": weight_scales, "lr": config.weight_scales_lr, "weight_decay": 0.0})
+    if config.train_weights:
+        groups.append({"params": weights, "lr": config.lr, "weight_decay": config.weight_decay})
+    return groups, weights
+
+
+def _release(quantizers: list, weights: list[torch.nn.Parameter]) -> None:
+    """After training: reference formula, every scale trainable again, weights frozen."""
     for module in quantizers:
         module.fused = False
         module.log_scale.requires_grad_(True)
     for p in weights:
         p.requires_grad_(False)
-    student.fx = _to_device(gm, "cpu")
-    if isinstance(teacher, Model):
-        teacher.fx = _to_device(teacher.fx, "cpu")
-    return report
+
+
+def _forward_and_targets(gm, student: Model, teacher, windows: list[np.ndarray], config: TrainConfig):
+    """The student's training forward (compiled on request) and `targets(indices, ids)`, which
+    returns (teacher logits in float32, the teacher's float values at the student's activation
+    points when feature distillation is on, else an empty list)."""
+    teacher_fn = _teacher_fn(teacher, config.device)
+    trained = gm
+    if config.feature_weight:
+        # both graphs also return the values at the activation points: quantized in the student,
+        # float in the teacher (the quantizer's input node, which the teacher's graph has too)
+        points = [n for n in quantizer_nodes(gm) if gm.get_submodule(n.target).kind == "activation"]
+        teacher_fn = _with_outputs(teacher.fx, [n.args[0].name for n in points], teacher.name)
+        trained = _with_outputs(gm, [n.name for n in points], student.name)
+    forward = torch.compile(trained) if config.compile else trained
+    cache: dict[int, torch.Tensor] = {}
+
+    def targets(indices: list[int], ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.no_grad():
+            if config.feature_weight:
+                logits, *points = teacher_fn(ids)
+                return logits.float(), points
+            if not config.cache_teacher:
+                return teacher_fn(ids).float(), []
+            for index in indices:
+                if index not in cache:
+                    cache[index] = teacher_fn(_window(windows[index], config.device)).to(torch.float16)
+            return torch.cat([cache[i] for i in indices]).float(), []
+
+    return forward, targets
+
+
+def _distillation_loss(logits: torch.Tensor, target: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    temperature = config.distillation_temperature
+    if config.loss == "bild":
+        return bild_loss(logits, target, config.top_k, temperature)
+    return (kd_loss if config.loss == "kd" else reverse_kd_loss)(logits, target, temperature)
+
+
+def _step(forward, optimizer, groups: list[dict], ids: torch.Tensor,
+          target: tuple[torch.Tensor, list[torch.Tensor]], config: TrainConfig) -> float:
+    """One optimisation step on a batch; returns its loss."""
+    teacher_logits, teacher_points = target
+    logits, *student_points = _outputs(forward, ids)
+    value = _distillation_loss(logits, teacher_logits, config)
+    if config.feature_weight:
+        value = value + config.feature_weight * feature_loss(student_points, teacher_points)
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], config.clip)
+    optimizer.step()
+    return float(value.detach())
 
 
 def generate_windows(teacher: Model | Callable[[torch.Tensor], torch.Tensor], prompts: list[np.ndarray], count: int,
@@ -257,9 +335,7 @@ def generate_windows(teacher: Model | Callable[[torch.Tensor], torch.Tensor], pr
 
     Data-free distillation in the manner of LLM-QAT (Liu et al., arXiv 2305.17888), seeded with
     real text: the student learns the teacher on text the teacher itself would write, as many
-    windows as wanted, rather than on a few hundred real windows seen again every epoch. On
-    SmolLM2 W8A8 (448 pydoc windows + 2048 generated, H200) it stopped the drift below the
-    teacher's perplexity but did not raise top-1 agreement on pydoc text (bench/RESULTS.md).
+    windows as wanted, rather than on a few hundred real windows seen again every epoch.
     Deterministic for a seed on one device. Windows are [1, length] int64 arrays, like
     `samples.lm_windows`'.
     """
@@ -345,7 +421,7 @@ def _with_outputs(gm, names: list[str], model_name: str):
     by_name = {old.name: new for old, new in copied.items()}
     missing = [n for n in names if n not in by_name]
     if missing:
-        raise UnsupportedGraphError(f"qat.train: '{model_name}' has no node '{missing[0]}' to distil features at "
+        raise UnsupportedGraphError(f"distillation.train: '{model_name}' has no node '{missing[0]}' to distil features at "
                                     f"(the student must be a copy of the teacher's graph)")
     graph.output((out[0] if isinstance(out, (tuple, list)) else out, *(by_name[n] for n in names)))
     return torch.fx.GraphModule(gm, graph)
@@ -399,7 +475,7 @@ def _lr_factor(step: int, steps: int, warmup: int) -> float:
 def _teacher_fn(teacher, device: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if not isinstance(teacher, Model):
         return teacher
-    teacher.require("fx", "qat.train teacher")
+    teacher.require("fx", "distillation.train teacher")
     teacher.fx = gm = _to_device(teacher.fx, device)
     return functools.partial(_logits, gm)
 

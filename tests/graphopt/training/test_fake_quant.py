@@ -66,10 +66,12 @@ def test_reverse_kd_is_kl_from_the_student():
 @pytest.mark.parametrize("loss, batch", [("kd", 1), ("bild", 1), ("kd", 2), ("rkl", 1)])
 def test_training_lowers_the_distillation_loss(tiny_fx, student, windows, loss, batch):
     model = student.copy()
-    first = distillation.train(model, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False).losses[0]
-    report = distillation.train(model, tiny_fx, windows, steps=12, lr=1e-4, scale_lr=1e-2, loss=loss, batch_size=batch,
-                       progress=False)
-    after = distillation.train(model, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False).losses[0]
+    first = distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False)).losses[0]
+    report = distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=12, lr=1e-4, scale_lr=1e-2, loss=loss, batch_size=batch, progress=False))
+    after = distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=1, lr=0.0, scale_lr=0.0, loss=loss, progress=False)).losses[0]
     assert report.steps == 12 and len(report.losses) == 12 and report.seconds > 0
     assert after < 0.9 * first, (first, after)
 
@@ -113,7 +115,8 @@ def test_fused_training_follows_the_reference_and_resets(tiny_fx, student, windo
         seen = []
         first = next(iter(fake_quant.fake_quant_modules(model).values()))
         first.register_forward_pre_hook(lambda module, _: seen.append(module.fused))
-        reports.append(distillation.train(model, tiny_fx, windows, steps=4, lr=1e-4, scale_lr=1e-2, fused=fused, progress=False))
+        reports.append(distillation.train(model, tiny_fx, windows,
+            distillation.TrainConfig(steps=4, lr=1e-4, scale_lr=1e-2, fused=fused, progress=False)))
         assert seen == [fused] * 4
         assert not any(m.fused for m in fake_quant.fake_quant_modules(model).values())
     np.testing.assert_allclose(reports[1].losses, reports[0].losses, rtol=2e-2)
@@ -151,8 +154,8 @@ def test_validation_keeps_the_best_step(tiny_fx, student, windows):
     and measuring the returned student again gives that score."""
     held_out = lm_windows(None, "eval", 2, 24)
     model = student.copy()
-    report = distillation.train(model, tiny_fx, windows, steps=6, lr=0.3, scale_lr=0.3, validation=held_out,
-                       validate_every=2, progress=False)
+    report = distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=6, lr=0.3, scale_lr=0.3, validate_every=2, progress=False), validation=held_out)
     steps = [step for step, _ in report.validation]
     assert steps == [0, 2, 4, 6]
     scores = dict(report.validation)
@@ -165,13 +168,15 @@ def test_validation_keeps_the_best_step(tiny_fx, student, windows):
 
 def test_errors(tiny_fx, tiny_onnx, windows, student):
     with pytest.raises(UnsupportedGraphError, match="fake_quantize"):
-        distillation.train(tiny_fx.copy(), tiny_fx, windows, steps=1, progress=False)
+        distillation.train(tiny_fx.copy(), tiny_fx, windows, distillation.TrainConfig(steps=1, progress=False))
     with pytest.raises(OptionError, match="loss"):
-        distillation.train(student.copy(), tiny_fx, windows, steps=1, loss="mse", progress=False)
+        distillation.train(student.copy(), tiny_fx, windows,
+            distillation.TrainConfig(steps=1, loss="mse", progress=False))
     with pytest.raises(OptionError, match="steps"):
-        distillation.train(student.copy(), tiny_fx, [], steps=1, progress=False)
+        distillation.train(student.copy(), tiny_fx, [], distillation.TrainConfig(steps=1, progress=False))
     with pytest.raises(OptionError, match="batch_size"):
-        distillation.train(student.copy(), tiny_fx, windows, steps=1, batch_size=0, progress=False)
+        distillation.train(student.copy(), tiny_fx, windows,
+            distillation.TrainConfig(steps=1, batch_size=0, progress=False))
     with pytest.raises(UnsupportedGraphError, match="ONNX"):
         fake_quant.export_encodings(student, tiny_fx)
 
@@ -210,7 +215,8 @@ def test_weight_scale_lr_zero_keeps_the_weight_grids(tiny_fx, student, windows):
     model = student.copy()
     before = {n: m.log_scale.detach().clone() for n, m in fake_quant.fake_quant_modules(model).items()}
     weight = model.fx.get_parameter("model.layers.0.mlp.down_proj.weight").detach().clone()
-    distillation.train(model, tiny_fx, windows, steps=4, lr=1e-3, scale_lr=1e-2, weight_scale_lr=0.0, progress=False)
+    distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=4, lr=1e-3, scale_lr=1e-2, weight_scale_lr=0.0, progress=False))
     modules = fake_quant.fake_quant_modules(model)
     assert all(torch.equal(modules[n].log_scale, before[n]) for n, m in modules.items() if m.kind == "weight")
     assert any(not torch.equal(modules[n].log_scale, before[n]) for n, m in modules.items() if m.kind == "activation")
@@ -222,8 +228,8 @@ def test_teacher_logits_computed_each_step_train_alike(tiny_fx, student, windows
     runs = []
     for cache in (True, False):
         model = student.copy()
-        runs.append(distillation.train(model, tiny_fx, windows, steps=3, lr=1e-4, scale_lr=1e-2, cache_teacher=cache,
-                              shuffle=0, progress=False).losses)
+        runs.append(distillation.train(model, tiny_fx, windows,
+            distillation.TrainConfig(steps=3, lr=1e-4, scale_lr=1e-2, cache_teacher=cache, shuffle=0, progress=False)).losses)
     # the cache keeps fp16 logits: the first loss agrees to its rounding, later ones after steps
     # taken from slightly different targets (a wrong window or teacher would differ by far more)
     assert runs[0][0] == pytest.approx(runs[1][0], rel=2e-3)
@@ -232,8 +238,10 @@ def test_teacher_logits_computed_each_step_train_alike(tiny_fx, student, windows
 
 def test_compiled_training_takes_the_eager_steps(tiny_fx, student, windows):
     eager, compiled = student.copy(), student.copy()
-    a = distillation.train(eager, tiny_fx, windows, steps=3, lr=1e-4, scale_lr=1e-2, progress=False).losses
-    b = distillation.train(compiled, tiny_fx, windows, steps=3, lr=1e-4, scale_lr=1e-2, compile=True, progress=False).losses
+    a = distillation.train(eager, tiny_fx, windows,
+        distillation.TrainConfig(steps=3, lr=1e-4, scale_lr=1e-2, progress=False)).losses
+    b = distillation.train(compiled, tiny_fx, windows,
+        distillation.TrainConfig(steps=3, lr=1e-4, scale_lr=1e-2, compile=True, progress=False)).losses
     assert b == pytest.approx(a, rel=2e-3)  # fused kernels round differently, nothing more
     weight = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(compiled.fx.get_parameter(weight), eager.fx.get_parameter(weight), rtol=0, atol=1e-5)
@@ -241,8 +249,8 @@ def test_compiled_training_takes_the_eager_steps(tiny_fx, student, windows):
 
 def test_feature_distillation_pulls_every_point_back_to_the_float_model(tiny_fx, student, windows):
     def points(m):  # the feature term alone: the loss with it, less the loss without
-        first_loss = lambda **kw: distillation.train(m, tiny_fx, windows, steps=1, lr=0.0, scale_lr=0.0,  # noqa: E731
-                                            progress=False, **kw).losses[0]
+        first_loss = lambda **kw: distillation.train(m, tiny_fx, windows,  # noqa: E731
+            distillation.TrainConfig(steps=1, lr=0.0, scale_lr=0.0, progress=False, **kw)).losses[0]
         return first_loss(feature_weight=1.0) - first_loss()
 
     model = student.copy()
@@ -252,12 +260,15 @@ def test_feature_distillation_pulls_every_point_back_to_the_float_model(tiny_fx,
     first = points(model)
     assert first > 1e-3  # 4-bit weights move what every linear reads
     logits_only = model.copy()
-    distillation.train(model, tiny_fx, windows, steps=12, lr=1e-4, scale_lr=1e-2, feature_weight=10.0, progress=False)
-    distillation.train(logits_only, tiny_fx, windows, steps=12, lr=1e-4, scale_lr=1e-2, progress=False)
+    distillation.train(model, tiny_fx, windows,
+        distillation.TrainConfig(steps=12, lr=1e-4, scale_lr=1e-2, feature_weight=10.0, progress=False))
+    distillation.train(logits_only, tiny_fx, windows,
+        distillation.TrainConfig(steps=12, lr=1e-4, scale_lr=1e-2, progress=False))
     # 12 steps: 0.0286 -> 0.0245 with the feature term, 0.0296 with the logits alone
     assert points(model) < 0.9 * min(first, points(logits_only))
     with pytest.raises(OptionError, match="feature_weight"):
-        distillation.train(model, lambda ids: tiny_fx.fx(ids), windows, steps=1, feature_weight=1.0, progress=False)
+        distillation.train(model, lambda ids: tiny_fx.fx(ids), windows,
+            distillation.TrainConfig(steps=1, feature_weight=1.0, progress=False))
 
 
 def test_feature_loss_weighs_each_point_by_its_own_scale():
