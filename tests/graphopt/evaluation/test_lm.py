@@ -43,7 +43,7 @@ def test_benchmark_row_on_tiny(tiny_onnx, tiny_fx):
     assert set(row) == {"ppl", "bytes", "params", "latency_ms", "latency_min_ms"}
     assert row["latency_min_ms"] <= row["latency_ms"] and row["latency_ms"] > 0
     assert row["bytes"] > tiny_onnx.num_bytes()  # weights plus the graph
-    assert 50 < row["ppl"] < 1000  # random weights over 256 bytes: near-uniform, not degenerate
+    assert 5.9 < row["ppl"] < 6.5  # 6.19 measured: the trained tiny Llama predicts bytes (uniform: 256)
     fx_row, _ = evaluate_causal_lm(tiny_fx, windows, ref)
     assert fx_row["ppl"] == pytest.approx(row["ppl"], rel=1e-5)
     assert fx_row["overlap@1"] == 1.0
