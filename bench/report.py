@@ -72,7 +72,7 @@ def _table(table: Table, rows: list[dict]) -> list[str]:
     skipped = [r for r in rows if "skipped" in r]
     if skipped:
         lines += [f"- `{r['name']}` not measured: {r['skipped']}" for r in skipped] + [""]
-    builds = sorted({(r["name"], r["build"]) for r in rows if r.get("build") not in (None, "the float model")},
+    builds = sorted({(r["name"], r["build"]) for r in rows if r.get("build") not in (None, "the float model", "qat")},
                     key=lambda nb: [r["name"] for r in rows].index(nb[0]))
     if builds:
         lines += ["Rows: " + "; ".join(f"`{name}` = {build}" for name, build in builds) + ".", ""]
@@ -118,9 +118,10 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
                         for c in ev["corpora"])
     parts = []
     if "lm" in measures:
+        sqnr = any("sqnr_db" in t.columns for t in suite.tables)
         parts.append(f"causal LMs: {ev['windows']} evaluation windows × {ev['length']} tokens of {corpora}, "
-                     f"overlap@1/@{ev['top_k']} against the table's reference row at every position, SQNR of the "
-                     f"logits on the first {ev['sqnr_windows']} window(s)")
+                     f"overlap@1/@{ev['top_k']} against the table's reference row at every position"
+                     + (f", SQNR of the logits on the first {ev['sqnr_windows']} window(s)" if sqnr else ""))
     if "embedding" in measures:
         parts.append(f"embeddings: {emb['eval_batches']} batches × {emb['batch']} sentences (≤ {emb['eval_max_length']} "
                      f"tokens), mean cosine per batch against the reference row")
@@ -132,7 +133,7 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
     if any(r for t in suite.tables for r in t.rows if any(k == "qat" for k, _ in r.build)):
         tr = protocol["training"]
         parts.append(f"training: {tr['windows']} windows × {tr['length']} tokens of {tr['corpus']} (calibration split)")
-    if measures & {"lm", "embedding"}:
+    if any(t.measure in ("lm", "embedding") and t.options.get("latency", True) for t in suite.tables):
         parts.append(f"latency: onnxruntime CPU, batch {lat['batch']} × {lat['seq']} tokens, median and min of "
                      f"{lat['repeats']} runs after {lat['warmup']} warm-up runs, {protocol['threads']} threads")
     return "Protocol: " + "; ".join(parts) + "."

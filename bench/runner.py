@@ -127,13 +127,9 @@ def _device(device: str) -> str:
 
 
 def _peer_versions() -> dict[str, str | None]:
-    versions = {}
-    for package in PEER_PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
+    """The installed version of each peer package (None where it is absent)."""
+    installed = {d.metadata["Name"].lower(): d.version for d in importlib.metadata.distributions()}
+    return {package: installed.get(package) for package in PEER_PACKAGES}
 
 
 def write_result(result: dict, path: str | Path | None = None) -> Path:

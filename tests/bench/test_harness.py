@@ -14,8 +14,11 @@ from graphopt.recipe import load_recipe
 
 @pytest.fixture(scope="module")
 def protocol():
+    # a second corpus (the calibration split, scored as evaluation text) exercises issue 20's two-corpus columns
+    second = {"source": "sample:pydoc-topics", "calibration_split": "eval", "evaluation_split": "calib"}
     return load_protocol().replace(
-        evaluation={"windows": 2, "length": 32}, calibration={"windows": 2, "length": 32},
+        corpora={"pydoc-calib": second}, evaluation={"windows": 2, "length": 32, "corpora": ["pydoc", "pydoc-calib"]},
+        calibration={"windows": 2, "length": 32},
         latency={"seq": 32, "repeats": 2, "warmup": 1, "paired_rounds": 2}, training={"windows": 4, "length": 32})
 
 
@@ -91,6 +94,8 @@ def test_a_tiny_suite_runs_end_to_end_into_the_result_schema(tiny, tmp_path):
     # the float model's top-1 may be trivial on the tiny model: fidelity is asserted on SQNR and ppl
     assert cleanup["sqnr_db"] == float("inf") and cleanup["ppl"] == pytest.approx(fp32["ppl"], rel=1e-6)
     assert w8a8["sqnr_db"] > 30 and abs(w8a8["ppl_ratio"] - 1) < 0.03 and w8a8["bytes_ratio"] < 0.4
+    assert w8a8["ppl[pydoc-calib]"] > 1 and w8a8["overlap@1 gap[pydoc-calib]"] == pytest.approx(
+        w8a8["overlap@1"] - w8a8["overlap@1[pydoc-calib]"])
     # the broken variant: 4-bit weights fail the assertion the 8-bit row passes
     assert w4a8["sqnr_db"] < 30 and w4a8["sqnr_db"] < w8a8["sqnr_db"] - 5
     assert rows["ort-dynamic"]["build_s"] > 0 and rows["ort-dynamic"]["sqnr_db"] > 30
@@ -111,7 +116,8 @@ def test_the_report_shows_command_protocol_tables_and_targets(tiny):
     suite, result = tiny
     text = render_suite(suite, result)
     assert text.startswith("## Tiny suite (`tiny`)") and "```\npython -m bench run tiny\n```" in text
-    assert "Protocol: causal LMs: 2 evaluation windows × 32 tokens of pydoc" in text
+    assert "Protocol: causal LMs: 2 evaluation windows × 32 tokens of pydoc (sample:pydoc-topics, eval split), " \
+           "pydoc-calib (sample:pydoc-topics, calib split)" in text
     assert "| name | ppl | ppl × | overlap@1 | SQNR dB | MB on disk |" in text and "| cleanup | " in text
     assert "`absent` not measured: 'no_such_package' is not importable" in text
     assert "| w8a8: sqnr_db >= 30 |" in text and "| met |" in text and "| **missed** |" in text
