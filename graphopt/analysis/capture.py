@@ -2,7 +2,8 @@
 
 Quantization calibration, sensitivity analysis, Wanda/SparseGPT/GPTQ and activation-aware
 pruning all need statistics of the activations entering linear layers (`linear_sites`); the
-capture run and the accumulators live here once.
+capture run and the accumulators live here once. Ranges (min-max, per tensor or per channel) are
+the observers' (`graphopt.quant.observers.MinMaxObserver`).
 """
 
 from __future__ import annotations
@@ -15,22 +16,11 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model
 
-__all__ = ["capture", "Accumulator", "InputHessian", "ChannelSquareSum", "RunningMinMax", "ChannelMoments", "progress_bar"]
+__all__ = ["capture", "Accumulator", "InputHessian", "ChannelSquareSum", "ChannelMoments", "progress_bar"]
 
 
 class Accumulator(Protocol):
     def update(self, x: np.ndarray) -> None: ...
-
-
-class RunningMinMax:
-    """Global min and max of everything seen."""
-
-    def __init__(self):
-        self.min, self.max = np.inf, -np.inf
-
-    def update(self, x: np.ndarray) -> None:
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
 
 
 class ChannelSquareSum:

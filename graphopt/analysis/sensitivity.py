@@ -22,18 +22,18 @@ from typing import Any, Literal
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from graphopt.analysis.capture import RunningMinMax, capture, progress_bar
+from graphopt.analysis.capture import capture, progress_bar
 from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import GraphoptError, OptionError
 from graphopt.evaluation.metrics import nll_sum
 from graphopt.ir import Model
 from graphopt.quant import numerics
+from graphopt.quant.observers import MinMaxObserver
 from graphopt.quant.spec import QuantSpec
 
 __all__ = [
     "QuantPoint", "quantization_points", "analyze_sensitivity", "SensitivityReport",
     "DEFAULT_ACTIVATION_SPEC", "DEFAULT_WEIGHT_SPEC", "METRICS", "read_sensitivity",
-    "int16_budget_count", "int16_share",
 ]
 
 Metric = Literal["kl", "overlap", "ppl"]
@@ -129,35 +129,42 @@ class SensitivityReport:
         return Path(path)
 
 
+MAX_SENSITIVITY_BYTES = 64 << 20  # a ranking of every point of a large model is a few MB
+
+
 def read_sensitivity(path: str, who: str) -> list[dict]:
     """The ranking of a `graphopt sensitivity` JSON file, most sensitive first:
-    [{"point", "kind", "drop", "feeds"}, ...]. `who` (a pass name) prefixes errors."""
+    [{"point", "kind", "drop", "feeds"}, ...]. Checks the size before reading and every entry's
+    fields and types; any problem is an OptionError that names the file, the entry and `who` (a pass)."""
+    file = Path(path)
+
+    def bad(problem: str) -> OptionError:
+        return OptionError(f"'{who}': option 'sensitivity': '{path}' {problem}")
+
     try:
-        ranking = json.loads(Path(path).read_text())["ranking"]
-        return [{"point": str(r["point"]), "kind": str(r.get("kind", "activation")), "drop": float(r.get("drop", 0.0)),
-                 "feeds": [str(f) for f in r.get("feeds", [])]} for r in ranking]
+        if file.stat().st_size > MAX_SENSITIVITY_BYTES:
+            raise bad(f"is larger than {MAX_SENSITIVITY_BYTES >> 20} MiB; it is not a sensitivity ranking")
+        data = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise OptionError(f"'{who}': option 'sensitivity': no such file '{path}'") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise OptionError(
-            f"'{who}': option 'sensitivity': '{path}' is not a sensitivity JSON with a "
-            f"'ranking' list of {{point, kind, drop}} entries ({exc})") from None
-
-
-def int16_budget_count(fraction: float, activations: int, weights: int, wide_weights: int,
-                       over: str = "activations") -> int:
-    """How many activation points a 16-bit budget of `fraction` buys: that fraction of the
-    `activations` points (over "activations"), or of every quantized point, activations and weights
-    as `quantization_points` counts them, less the `wide_weights` already at 16 bits (over "points")."""
-    if over == "activations":
-        return int(np.floor(fraction * activations + 1e-9))
-    return max(0, int(np.floor(fraction * (activations + weights) + 1e-9)) - wide_weights)
-
-
-def int16_share(wide_activations: int, activations: int, wide_weights: int, weights: int) -> dict:
-    """The 16-bit points counted both ways, as pass statistics: {"activations": [wide, of], "points": [wide, of]}."""
-    return {"activations": [wide_activations, activations],
-            "points": [wide_activations + wide_weights, activations + weights]}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"cannot be read as JSON ({exc})") from None
+    ranking = data.get("ranking") if isinstance(data, dict) else None
+    if not isinstance(ranking, list):
+        raise bad("is not a sensitivity JSON: it needs a 'ranking' list of {point, kind, drop, feeds} entries")
+    rows = []
+    for index, row in enumerate(ranking):
+        if not isinstance(row, dict) or not isinstance(row.get("point"), str):
+            raise bad(f"ranking entry {index} has no 'point' name")
+        kind, drop, feeds = row.get("kind", "activation"), row.get("drop", 0.0), row.get("feeds", [])
+        if kind not in ("activation", "weight"):
+            raise bad(f"ranking entry {index} ('{row['point']}'): 'kind' must be 'activation' or 'weight', got {kind!r}")
+        if isinstance(drop, bool) or not isinstance(drop, (int, float)):
+            raise bad(f"ranking entry {index} ('{row['point']}'): 'drop' must be a number, got {drop!r}")
+        if not isinstance(feeds, list) or not all(isinstance(f, str) for f in feeds):
+            raise bad(f"ranking entry {index} ('{row['point']}'): 'feeds' must be a list of weight names")
+        rows.append({"point": row["point"], "kind": kind, "drop": float(drop), "feeds": list(feeds)})
+    return rows
 
 
 def _feeds_note(row: dict) -> str:
@@ -307,9 +314,8 @@ def analyze_sensitivity(
     if not points:
         raise GraphoptError(f"sensitivity: '{model.name}' has no quantization point (no MatMul/Gemm/Conv with a constant weight)")
     act_names = [p.name for p in points if p.kind == "activation"]
-    stats = capture(model, calib, act_names, lambda _: RunningMinMax(),
-                                progress=progress, desc="sensitivity: ranges")
-    ranges = {name: (acc.min, acc.max) for name, acc in stats.items()}
+    stats = capture(model, calib, act_names, lambda _: MinMaxObserver(), progress=progress, desc="sensitivity: ranges")
+    ranges = {name: observer.range() for name, observer in stats.items()}
     probe = _build_probe(model, points, ranges, activation_spec)
     lm = model.task == "causal-lm"
     ids = [feeds[model.inputs[0].name] if lm else None for feeds in measure]

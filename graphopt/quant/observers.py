@@ -18,13 +18,14 @@ __all__ = ["MinMaxObserver", "HistogramObserver", "PercentileObserver", "MSEObse
 
 
 class MinMaxObserver:
-    """Running min and max; per channel of `axis` when given (a 1-D range per channel)."""
+    """Running min and max, per channel of `axis` when given (a 1-D range per channel), and the
+    mean square of everything seen (`sqnr_db`). The one min-max accumulator: calibration, the
+    sensitivity probe's ranges and SmoothQuant's per-channel maxima all use it."""
 
     def __init__(self, axis: int | None = None):
         self.axis = axis
         self.lo = self.hi = None
         self.sum_sq, self.count = 0.0, 0
-        self.channel_sum_sq = None
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -34,9 +35,6 @@ class MinMaxObserver:
             axis = self.axis % x.ndim
             others = tuple(i for i in range(x.ndim) if i != axis)
             lo, hi = x.min(axis=others), x.max(axis=others)
-            rows = np.moveaxis(x, axis, -1).reshape(-1, x.shape[axis])
-            squares = np.einsum("ij,ij->j", rows, rows, dtype=np.float64)
-            self.channel_sum_sq = squares if self.channel_sum_sq is None else self.channel_sum_sq + squares
         self.sum_sq += float(np.einsum("i,i->", x.ravel(), x.ravel(), dtype=np.float64))
         self.count += x.size
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
@@ -49,17 +47,6 @@ class MinMaxObserver:
 
     def params(self, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         return numerics.scale_zero_point(*self.range(), spec)
-
-    def divided(self, scales: np.ndarray | None = None) -> "MinMaxObserver":
-        """The per-tensor observer of x / scales (per channel), exactly, from per-channel statistics:
-        what calibrating again after a SmoothQuant migration would find, without running the model."""
-        if self.axis is None or self.channel_sum_sq is None:
-            raise OptionError("divided() needs a per-channel MinMaxObserver that has seen data")
-        s = np.ones_like(self.lo, dtype=np.float64) if scales is None else np.asarray(scales, np.float64)
-        out = MinMaxObserver()
-        out.lo, out.hi = float(np.min(self.lo / s)), float(np.max(self.hi / s))
-        out.sum_sq, out.count = float(np.sum(self.channel_sum_sq / s**2)), self.count
-        return out
 
     def sqnr_db(self, spec: QuantSpec) -> float:
         """Estimated SQNR of quantizing what was seen with `spec` (rounding noise scale²/12 per

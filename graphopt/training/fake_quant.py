@@ -1,7 +1,8 @@
 """Fake quantization on the FX form: trainable quantizer modules, their insertion and calibration,
 and the export of what they learned as encodings.
 
-The `fake_quantize` pass calls `insert_fake_quant` and `calibrate`; `graphopt.training.distillation`
+The `fake_quantize` pass calls `insert_fake_quant`, `observe` and `set_ranges` (choosing the 16-bit
+activation points in between, `graphopt.quant.plan`); `graphopt.training.distillation`
 fine-tunes weights and quantizer scales; `export_encodings` writes the learned scales as AIMET/QNN
 encodings keyed by the ONNX tensor names of the lowered model, which `fold_encodings` turns into
 a static QDQ model.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,10 +31,11 @@ from graphopt.ir.fx_graph import get_weight, set_parameter
 from graphopt.quant import numerics
 from graphopt.quant.encodings import Encoding, Encodings
 from graphopt.quant.observers import make_observer
-from graphopt.quant.spec import QuantSpec, dtype_for
+from graphopt.quant.plan import weight_matches
+from graphopt.quant.spec import QuantSpec
 
 __all__ = [
-    "FakeQuant", "activation_points", "insert_fake_quant", "calibrate", "gptq_round_weights", "fake_quant_modules",
+    "FakeQuant", "activation_points", "insert_fake_quant", "observe", "set_ranges", "gptq_round_weights", "fake_quant_modules",
     "table_weights", "set_fake_quant", "strip_fake_quant", "export_encodings", "quantizer_nodes",
 ]
 
@@ -164,31 +166,30 @@ def fake_quant_modules(model: Model) -> dict[str, FakeQuant]:
     return {name: m for name, m in model.fx.named_children() if isinstance(m, FakeQuant)}
 
 
-def _quantized_linears(gm, skip: tuple[str, ...]) -> tuple[list, dict[Any, list[str]]]:
-    """Linears with a parameter weight not in `skip`, and each input activation's weights."""
-    linears = [n for n in _linear_nodes(gm) if n.args[1].op == "get_attr" and n.args[1].target not in skip]
+def _quantized_linears(gm, exclude: tuple[str, ...]) -> tuple[list, dict[Any, list[str]]]:
+    """Linears with a parameter weight that `exclude` (names, globs, 're:...') does not match, and
+    each input activation's weights."""
+    linears = [n for n in _linear_nodes(gm) if n.args[1].op == "get_attr" and not weight_matches(n.args[1].target, exclude)]
     feeds: dict[Any, list[str]] = {}
     for node in linears:
         feeds.setdefault(node.args[0], []).append(node.args[1].target)
     return linears, feeds
 
 
-def activation_points(model: Model, skip: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def activation_points(model: Model, exclude: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     """The activation quantization points `insert_fake_quant` would make, each as the weights it feeds."""
     model.require("fx", "activation_points")
-    return [tuple(f) for f in _quantized_linears(model.fx, skip)[1].values()]
+    return [tuple(f) for f in _quantized_linears(model.fx, exclude)[1].values()]
 
 
-def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_spec: QuantSpec | None,
-                      skip: tuple[str, ...] = (), wide: frozenset[str] = frozenset(),
-                      wide_spec: QuantSpec | None = None, wide_weights: frozenset[str] = frozenset()) -> list[FakeQuant]:
+def insert_fake_quant(model: Model, weight_spec: Callable[[str], QuantSpec] | None, activation_spec: QuantSpec | None,
+                      exclude: tuple[str, ...] = ()) -> list[FakeQuant]:
     """Insert quantizers into `model.fx` in place; returns them (empty when there is nothing to do).
 
-    weight_spec: torch layout (channel axis 0 of [out, in]); None leaves weights float.
-    activation_spec: per tensor; None leaves activations float. `skip` names weights (their
-    parameter names) whose weight and input activation stay float. An activation feeding a
-    weight named in `wide` gets `wide_spec` instead (16-bit sensitive points); weights named in
-    `wide_weights` get 16 bits in weight_spec's layout.
+    weight_spec: the spec of a weight by its parameter name, torch layout (channel axis 0 of
+    [out, in]); None leaves weights float. activation_spec: per tensor; None leaves activations
+    float (a quantizer's spec may be changed before `set_ranges`, e.g. to 16 bits). `exclude`
+    matches weights (names, globs, 're:...') whose weight and input activation stay float.
     """
     model.require("fx", "insert_fake_quant")
     gm = model.fx
@@ -198,18 +199,15 @@ def insert_fake_quant(model: Model, weight_spec: QuantSpec | None, activation_sp
     inserted: list[FakeQuant] = []
     weight_q: dict[Any, Any] = {}
     act_q: dict[Any, Any] = {}
-    linears, feeds = _quantized_linears(gm, skip)
+    linears, feeds = _quantized_linears(gm, exclude)
     pairs = [(node.args[0], node.args[1]) for node in linears]  # read before rewiring changes args
     for x, w in pairs:
         if weight_spec is not None and w not in weight_q:
             param = get_weight(gm, w.target)  # tied tables are deduplicated in named_parameters
-            spec = weight_spec if w.target not in wide_weights else \
-                dataclasses.replace(weight_spec, dtype=dtype_for(16, weight_spec.symmetric))
-            module = FakeQuant(spec, "weight", w.target, channels=param.shape[0])
+            module = FakeQuant(weight_spec(w.target), "weight", w.target, channels=param.shape[0])
             weight_q[w] = _add(gm, module, w, inserted, users=None)
         if activation_spec is not None and x not in act_q:
-            spec = wide_spec if wide_spec is not None and wide.intersection(feeds[x]) else activation_spec
-            module = FakeQuant(spec, "activation", feeds[x][0], tuple(feeds[x]))
+            module = FakeQuant(activation_spec, "activation", feeds[x][0], tuple(feeds[x]))
             act_q[x] = _add(gm, module, x, inserted, users=[n for n, (a, _) in zip(linears, pairs) if a is x])
     graph.lint()
     gm.recompile()
@@ -231,19 +229,20 @@ def _add(gm, module: FakeQuant, source, inserted: list, users) -> Any:
     return new
 
 
-def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progress: bool = True,
-              observer: str = "minmax", hessians: bool = False) -> None:
-    """Observe every quantizer's input over `feeds` (default: the model's sample inputs, enough
-    for weights alone), then set scales and zero points: weights from min/max, activations from
-    `observer` ("minmax", "percentile" or "mse", as the quantize pass's). `hessians`: activation
-    quantizers also keep their input's Hessian (`FakeQuant.hessian`), for `gptq_round_weights`."""
+def observe(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, observer: str = "minmax",
+            percentile: float = 99.99, hessians: bool = False, progress: bool = True) -> None:
+    """Run `feeds` (default: the model's sample inputs, enough for weights alone) through the model
+    with every quantizer observing its input: weights their min/max, activations an `observer`
+    ("minmax", "percentile" or "mse", as the quantize pass's; its `sqnr_db` is the 16-bit proxy)
+    and, with `hessians`, their input's Hessian (`FakeQuant.hessian`, for `gptq_round_weights`).
+    `set_ranges` then turns what was seen into scales."""
     modules = list(fake_quant_modules(model).values())
+    options = {"percentile": percentile} if observer == "percentile" else {}
     for module in modules:
         module.observing = True
-        if module.kind == "activation" and observer != "minmax":
-            module.observer = make_observer(observer)
-        if module.kind == "activation" and hessians:
-            module.hessian = InputHessian()
+        if module.kind == "activation":
+            module.observer = make_observer(observer, **options)
+            module.hessian = InputHessian() if hessians else None
     feeds = feeds or model.sample_inputs
     if not feeds:
         raise OptionError(f"calibrating the fake quantizers of '{model.name}' needs at least one feed")
@@ -253,9 +252,19 @@ def calibrate(model: Model, feeds: list[dict[str, np.ndarray]] | None, *, progre
     finally:
         for module in modules:
             module.observing = False
-    for module in modules:
+
+
+def set_ranges(model: Model, *, weight_range: str = "minmax") -> None:
+    """Scales and zero points from what `observe` saw, for each quantizer's current spec:
+    activations from their observer's range, weights from min/max or, with `weight_range` "mse",
+    the MSE-clipped ranges of `numerics.mse_params` (as the quantize pass's). Observers are freed."""
+    gm = model.fx
+    for module in fake_quant_modules(model).values():
         module.init_from_range()
         module.observer = None
+        if module.kind == "weight" and weight_range == "mse":
+            weight = get_weight(gm, module.name).detach().cpu().numpy()
+            module.set_params(*numerics.mse_params(weight, module.spec))
 
 
 def table_weights(model: Model) -> set[str]:
@@ -277,7 +286,7 @@ def gptq_round_weights(model: Model, *, grid: str = "minmax", progress: bool = T
     """Replace every linear weight by its GPTQ rounding (graphopt.quant.gptq) on its quantizer's
     grid, and set the quantizer to that grid; returns how many weights were rounded.
 
-    Needs the input Hessians `calibrate(..., hessians=True)` kept. The quantized model then
+    Needs the input Hessians `observe(..., hessians=True)` kept. The quantized model then
     computes what the ONNX quantize pass's GPTQ weights compute, and training starts from there
     instead of round-to-nearest. Embedding tables keep round-to-nearest (their rounding serves the
     lookups as much as the lm_head), as in the quantize pass; the Hessians are freed."""

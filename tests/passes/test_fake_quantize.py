@@ -1,4 +1,8 @@
-"""fake_quantize (FX): where quantizers go, that they compute numerics' fake-quant, and when the pass must not fire."""
+"""fake_quantize (FX): where quantizers go, that they compute numerics' fake-quant, and when the pass must not fire.
+
+Fidelity bounds are the values measured on the tiny Llama minus a small margin, each beside a
+broken variant that must fail the same check: W8A8 38.2 dB, W4 weights alone 26.0 dB, GPTQ
++2.3 dB over round-to-nearest."""
 
 import functools
 
@@ -12,10 +16,12 @@ from graphopt.evaluation.metrics import sqnr_db
 from graphopt.pipeline import get_pass
 from graphopt.pipeline.passes import PassContext
 from graphopt.quant import numerics
+from graphopt.quant.observers import MinMaxObserver
 from graphopt.quant.spec import QuantSpec
 from graphopt.training import fake_quant
 
 FakeQuantize = get_pass("fake_quantize")
+
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +38,7 @@ def quantized(tiny_fx, tiny_calib):
     return model, result
 
 
-def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_calib):
+def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_calib, scale_times_four):
     model, result = quantized
     assert result.changed and result.stats == {"weight_quantizers": 15, "activation_quantizers": 9, "int16_activations": 0,
                                              "int16_share": {"activations": [0, 9], "points": [0, 24]},
@@ -49,13 +55,17 @@ def test_quantizers_at_every_linear_weight_and_input(tiny_fx, quantized, tiny_ca
             assert {str(u.target) for u in node.users} == {"aten.linear.default"}
     reference = tiny_fx.run(tiny_calib[1])[0]
     out = model.run(tiny_calib[1])[0]
-    assert 25.0 < sqnr_db(reference, out) < 60.0  # W8A8 moves the output, but not far
+    assert 37.0 < sqnr_db(reference, out) < 60.0  # W8A8 moves the output, but not far (measured 38.2)
     fake_quant.set_fake_quant(model, False)
     try:
         np.testing.assert_array_equal(model.run(tiny_calib[1])[0], reference)
     finally:
         fake_quant.set_fake_quant(model, True)
     assert model.meta.extra["fake_quant"][0].keys() >= {"module", "kind", "name", "feeds"}
+    scale_times_four(MinMaxObserver, "params")  # activation scales x4
+    broken = tiny_fx.copy()
+    FakeQuantize().run(broken, PassContext(calib=tiny_calib, progress=False))
+    assert not 37.0 < sqnr_db(reference, broken.run(tiny_calib[1])[0]) < 60.0
 
 
 def test_quantizer_computes_numerics_fake_quant_exactly():
@@ -101,12 +111,17 @@ def test_bad_options_and_forms_are_refused(tiny_fx, tiny_onnx):
         FakeQuantize().run(tiny_onnx, PassContext(progress=False))
 
 
-def test_weights_only_need_no_calibration(tiny_fx, tiny_calib):
+def test_weights_only_need_no_calibration(tiny_fx, tiny_calib, scale_times_four):
     model = tiny_fx.copy()
     result = FakeQuantize(activation_bits=0, weight_bits=4).run(model, PassContext(calib=None, progress=False))
     assert result.stats == {"weight_quantizers": 15, "activation_quantizers": 0, "int16_activations": 0,
                             "int16_share": {"activations": [0, 0], "points": [0, 15]}, "gptq_weights": 0}
-    assert 5.0 < sqnr_db(tiny_fx.run(tiny_calib[0])[0], model.run(tiny_calib[0])[0]) < 40.0
+    reference = tiny_fx.run(tiny_calib[0])[0]
+    assert 25.0 < sqnr_db(reference, model.run(tiny_calib[0])[0]) < 40.0  # measured 26.0
+    scale_times_four(numerics, "scale_zero_point")  # weight scales x4
+    broken = tiny_fx.copy()
+    FakeQuantize(activation_bits=0, weight_bits=4).run(broken, PassContext(calib=None, progress=False))
+    assert not 25.0 < sqnr_db(reference, broken.run(tiny_calib[0])[0]) < 40.0
 
 
 def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
@@ -126,8 +141,9 @@ def test_sensitive_inputs_get_16_bits(tiny_fx, tiny_calib, tmp_path):
     assert wide == ["lm_head.weight", "model.layers.0.mlp.down_proj.weight"]
     with pytest.raises(OptionError, match="int16_inputs.*'nope'"):
         FakeQuantize(int16_inputs=("nope",)).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
-    with pytest.raises(OptionError, match="needs option 'sensitivity'"):
-        FakeQuantize(int16_budget=0.2)
+    # without a ranking, the calibration statistics rank the points (the quantize pass's SQNR proxy)
+    proxy = FakeQuantize(int16_budget=0.25).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
+    assert proxy.stats["int16_share"] == {"activations": [2, 9], "points": [2, 24]}
 
 
 def test_int16_inputs_by_pattern_and_budget_over_points(tiny_fx, tiny_calib, tmp_path):
@@ -163,8 +179,8 @@ def test_int16_weights_and_rotate_before_not_after(tiny_fx, quantized, tiny_cali
     model = tiny_fx.copy()
     FakeQuantize(int16_weights=[wide]).run(model, PassContext(calib=tiny_calib, progress=False))
     dtypes = {m.name: m.spec.dtype for m in fake_quant.fake_quant_modules(model).values() if m.kind == "weight"}
-    assert dtypes[wide] == "int16"
-    assert {d for n, d in dtypes.items() if n != wide} == {"int8"}
+    assert dtypes[wide] == "uint16"  # asymmetric weights by default, as the quantize pass's
+    assert {d for n, d in dtypes.items() if n != wide} == {"uint8"}
     with pytest.raises(OptionError, match="int16_weights.*'nope'"):
         FakeQuantize(int16_weights=["nope"]).run(tiny_fx.copy(), PassContext(calib=tiny_calib, progress=False))
     result = get_pass("rotate")().run(quantized[0].copy(), PassContext())
@@ -195,10 +211,10 @@ def test_mse_observer_starts_activations_where_the_quantize_pass_would(tiny_fx, 
     for module in b.values():
         module.observing = False
     scale, _ = observer.params(first.spec)
-    np.testing.assert_allclose(float(first.log_scale.exp()), float(scale), rtol=1e-5)
+    np.testing.assert_allclose(float(first.log_scale.detach().exp()), float(scale), rtol=1e-5)
 
 
-def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx):
+def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx, monkeypatch):
     from graphopt.frontends.corpora import lm_windows
 
     calib = [{"input_ids": w} for w in lm_windows(None, "calib", 4, 32)]  # 128 tokens for 64-wide inputs
@@ -211,7 +227,7 @@ def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx):
             model, PassContext(calib=calib, progress=False))
         models[rounding], quality[rounding] = model, sqnr_db(reference, model.run(held_out)[0])
     assert result.stats["gptq_weights"] == 14  # every linear weight but the tied embedding / lm_head table
-    assert quality["gptq"] > quality["rtn"] + 0.5, quality  # measured: +1.0 dB
+    assert quality["gptq"] > quality["rtn"] + 1.8, quality  # measured: +2.3 dB
     param = lambda model, name: functools.reduce(getattr, name.split("."), model.fx).detach()  # noqa: E731
     for module in fake_quant.fake_quant_modules(models["gptq"]).values():
         if module.kind != "weight":
@@ -222,6 +238,13 @@ def test_gptq_weights_sit_on_their_grid_and_beat_round_to_nearest(tiny_fx):
             continue
         with torch.no_grad():  # on the grid: the quantizer gives the weight back
             torch.testing.assert_close(module(weight), weight, rtol=0, atol=1e-6)
+    from graphopt.analysis.capture import InputHessian
+
+    # broken variant: GPTQ blind to the calibration inputs (identity Hessians) loses the gain
+    monkeypatch.setattr(InputHessian, "hessian", property(lambda self: np.eye(self.h.shape[0])))
+    blind = tiny_fx.copy()
+    FakeQuantize(weight_bits=4, activation_bits=16, weight_rounding="gptq").run(blind, PassContext(calib=calib, progress=False))
+    assert not sqnr_db(reference, blind.run(held_out)[0]) > quality["rtn"] + 1.8
 
 
 def test_gptq_needs_activation_quantizers(tiny_fx):

@@ -1,5 +1,9 @@
-"""quantize: QDQ layout and op counts, W8A8/W8A16/W4 fidelity, mixed precision, SmoothQuant
-equivalence, masks, int32 bias, errors; SmolLM2 and MiniLM for real."""
+"""quantize: QDQ layout and op counts, W8A8/W8A16/W4 fidelity (each beside a broken variant that
+must fail the same check), GPTQ, mixed precision, masks, int32 bias, errors; SmolLM2 for real.
+
+Fidelity bounds are the values measured on the tiny Llama minus a small margin (SQNR in dB of the
+logits on two held-out windows): W8A8 36.1, W8A16 45.7, W4 blocks with MSE ranges 31.1, GPTQ
++6.5 over round-to-nearest."""
 
 import json
 from collections import Counter
@@ -16,9 +20,12 @@ from graphopt.frontends.corpora import lm_windows
 from graphopt.ir import Model
 from graphopt.pipeline import get_pass
 from graphopt.pipeline.passes import PassContext
+from graphopt.quant import numerics
 from graphopt.quant.encodings import Encodings
+from graphopt.quant.observers import MinMaxObserver
 
 Quantize = get_pass("quantize")
+
 
 
 def ops(model: Model) -> Counter:
@@ -43,7 +50,7 @@ def sqnr(model: Model, tiny_eval) -> float:
     return float(np.mean([metrics.sqnr_db(r, run({"input_ids": w})[0]) for w, r in zip(windows, reference)]))
 
 
-def test_w8a8_layout_and_fidelity(tiny_onnx, tiny_calib, tiny_eval):
+def test_w8a8_layout_and_fidelity(tiny_onnx, tiny_calib, tiny_eval, scale_times_four):
     model = tiny_onnx.copy()
     result = Quantize().run(model, tiny_calib)
     assert result.changed
@@ -58,39 +65,51 @@ def test_w8a8_layout_and_fidelity(tiny_onnx, tiny_calib, tiny_eval):
     encodings = Encodings.from_meta(result.model.meta.encodings)
     assert len(encodings.activations) == 9 and len(encodings.params) == 15
     assert encodings == Encodings.from_qdq_model(result.model)
-    assert sqnr(result.model, tiny_eval) > 20.0
+    assert sqnr(result.model, tiny_eval) > 35.0  # measured 36.1
     assert "lm_head.weight.T" in tiny_onnx.parameters()  # the input model is untouched
+    scale_times_four(MinMaxObserver, "params")  # activation scales x4
+    assert sqnr(Quantize().run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) < 35.0
 
 
-def test_w8a16_and_w4_block(tiny_onnx, tiny_calib, tiny_eval):
+def test_w8a16_and_w4_block(tiny_onnx, tiny_calib, tiny_eval, scale_times_four):
     wide = Quantize(activation_bits=16).run(tiny_onnx.copy(), tiny_calib).model
-    assert sqnr(wide, tiny_eval) > 35.0
+    assert sqnr(wide, tiny_eval) > 44.5  # measured 45.7
     assert all(e["bw"] == 16 for e in wide.meta.encodings.values() if e["kind"] == "activation")
-    w4 = Quantize(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=0,
-                  weight_range="mse", embedding_bits=8, weight_symmetric=True).run(tiny_onnx.copy(), tiny_calib).model
+    w4_options = dict(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=0,
+                      weight_range="mse", embedding_bits=8, weight_symmetric=True)
+    w4 = Quantize(**w4_options).run(tiny_onnx.copy(), tiny_calib).model
     assert ops(w4)["QuantizeLinear"] == 0
     params = w4.parameters()
     assert params["model.layers.0.mlp.down_proj.weight_quantized"][1] == "int4"
     assert params["lm_head.weight.T_quantized"][1] == "int8"
     dq = next(n for n in w4.graph.nodes if n.outputs[0].name == "model.layers.0.mlp.down_proj.weight")
     assert dq.attrs == {"axis": 0, "block_size": 16}
-    assert sqnr(w4, tiny_eval) > 12.0
+    assert sqnr(w4, tiny_eval) > 30.0  # measured 31.1
+    scale_times_four(numerics, "mse_params")  # weight scales x4
+    assert sqnr(Quantize(**w4_options).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) < 30.0
 
 
-def test_gptq_beats_round_to_nearest_and_solves_shared_inputs_jointly(tiny_onnx, tiny_calib, tiny_eval):
-    """W4 block GPTQ: closer to float than RTN on held-out windows; q/k/v (one input) are solved
-    side by side, each keeping its own per-block grid; the tied table stays RTN."""
+def test_gptq_beats_round_to_nearest_and_solves_shared_inputs_jointly(tiny_onnx, tiny_calib, tiny_eval, monkeypatch):
+    """W4 block GPTQ: closer to float than RTN on held-out windows (measured +6.5 dB), and only
+    through the calibration Hessians (an identity Hessian, the broken variant, loses the gain);
+    q/k/v (one input) are solved side by side, each keeping its own per-block grid; the tied
+    table stays RTN."""
     options = dict(weight_bits=4, weight_granularity="block", weight_block_size=16, weight_symmetric=True,
                    activation_bits=0, embedding_bits=8)
     rtn = Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model
     gptq = Quantize(weight_rounding="gptq", **options).run(tiny_onnx.copy(), tiny_calib).model
-    assert sqnr(gptq, tiny_eval) > sqnr(rtn, tiny_eval) + 1.0
+    assert sqnr(gptq, tiny_eval) > sqnr(rtn, tiny_eval) + 5.5
     codes = {n.outputs[0].name: n.inputs[0].values for n in gptq.graph.nodes if n.op == "DequantizeLinear"}
     rtn_codes = {n.outputs[0].name: n.inputs[0].values for n in rtn.graph.nodes if n.op == "DequantizeLinear"}
     assert codes["model.layers.0.self_attn.k_proj.weight"].shape == (64, 32)  # split back to its own shape
     np.testing.assert_array_equal(codes["lm_head.weight.T"], rtn_codes["lm_head.weight.T"])
     assert not np.array_equal(codes["model.layers.0.self_attn.q_proj.weight"],
                               rtn_codes["model.layers.0.self_attn.q_proj.weight"])
+    from graphopt.analysis.capture import InputHessian
+
+    monkeypatch.setattr(InputHessian, "hessian", property(lambda self: np.eye(self.h.shape[0])))
+    blind = Quantize(weight_rounding="gptq", **options).run(tiny_onnx.copy(), tiny_calib).model
+    assert not sqnr(blind, tiny_eval) > sqnr(rtn, tiny_eval) + 5.5
 
 
 def test_nothing_to_do_leaves_model_untouched(tiny_onnx, tiny_calib):
@@ -100,18 +119,20 @@ def test_nothing_to_do_leaves_model_untouched(tiny_onnx, tiny_calib):
     assert not again.changed and again.model.to_onnx().SerializeToString() == before
 
 
-def test_mixed_precision_from_list_budget_and_sensitivity(tiny_onnx, tiny_calib, tmp_path):
+def test_mixed_precision_from_inputs_budget_and_sensitivity(tiny_onnx, tiny_calib, tmp_path):
+    """int16_inputs names weights whose input gets 16 bits; the budget then takes the ranking's
+    activation rows (weight rows skipped), or without a ranking the lowest estimated SQNR."""
     explicit = "model.layers.1.mlp.down_proj.weight"
-    points = [e for e in Quantize().run(tiny_onnx.copy(), tiny_calib).model.meta.encodings.values() if e["kind"] == "activation"]
-    names = [p["name"] for p in points]
-    ranking = {"ranking": [{"point": names[3], "kind": "activation", "drop": 0.5},
+    sites = {s.weight: s.activation for s in linear_sites(tiny_onnx)}
+    names = list(dict.fromkeys(sites.values()))
+    ranking = {"ranking": [{"point": names[3], "kind": "activation", "drop": 0.5, "feeds": ["model.layers.0.mlp.down_proj.weight"]},
                            {"point": explicit, "kind": "weight", "drop": 0.4},
-                           {"point": names[5], "kind": "activation", "drop": 0.1}]}
+                           {"point": names[5], "kind": "activation", "drop": 0.1, "feeds": ["model.layers.1.self_attn.o_proj.weight"]}]}
     path = tmp_path / "sensitivity.json"
     path.write_text(json.dumps(ranking))
-    model = Quantize(int16_points=[names[0]], int16_budget=0.3, sensitivity=str(path)).run(tiny_onnx.copy(), tiny_calib).model
+    model = Quantize(int16_inputs=[explicit], int16_budget=0.3, sensitivity=str(path)).run(tiny_onnx.copy(), tiny_calib).model
     wide = {n for n, e in model.meta.encodings.items() if e["kind"] == "activation" and e["bw"] == 16}
-    assert wide == {names[0], names[3]}  # floor(0.3 x 9) = 2: the explicit point, then the ranking's first
+    assert wide == {sites[explicit], names[3]}  # floor(0.3 x 9) = 2: the named input, then the ranking's first
     proxy = Quantize(int16_budget=0.25).run(tiny_onnx.copy(), tiny_calib)
     assert proxy.stats["int16_points"] == 2
     assert proxy.stats["int16_share"] == {"activations": [2, 9], "points": [2, 24]}
@@ -133,59 +154,28 @@ def test_ranking_rows_match_by_the_weights_they_feed(tiny_onnx, tiny_calib, tmp_
     assert wide == {site.activation}
 
 
-def test_int16_weights(tiny_onnx, tiny_calib, tiny_eval):
-    """A weight named in int16_weights gets uint16 codes per channel; the rest stay 8-bit."""
+def test_int16_weights(tiny_onnx, tiny_calib, scale_times_four):
+    """A weight int16_weights matches gets uint16 codes per channel, within half a 16-bit step of
+    its float values (a 4x scale, the broken variant, is not); the rest stay 8-bit."""
     wide = "model.layers.0.mlp.down_proj.weight"
-    model = Quantize(int16_weights=[wide]).run(tiny_onnx.copy(), tiny_calib).model
+
+    def worst_error_in_steps(model) -> float:
+        dq = next(n for n in model.graph.nodes if n.op == "DequantizeLinear" and n.outputs[0].name == wide)
+        back = numerics.dequantize(dq.inputs[0].values, dq.inputs[1].values, dq.inputs[2].values,
+                                   Encodings.from_meta(model.meta.encodings).params[wide].with_axis(1).spec)
+        values = np.asarray(tiny_onnx.graph.tensors()[wide].values)
+        step = (np.maximum(values.max(0), 0) - np.minimum(values.min(0), 0)) / 65535  # per output channel
+        return float(np.max(np.abs(back - values) / step))
+
+    model = Quantize(int16_weights=["*.layers.0.mlp.down_proj.*"]).run(tiny_onnx.copy(), tiny_calib).model
     params = {n: e for n, e in model.meta.encodings.items() if e["kind"] == "param"}
     assert params[wide]["bw"] == 16 and {e["bw"] for n, e in params.items() if n != wide} == {8}
     codes = {n.outputs[0].name: n.inputs[0].values.dtype for n in model.graph.nodes if n.op == "DequantizeLinear"
              and isinstance(n.inputs[0], gs.Constant)}
     assert codes[wide] == np.uint16
-    assert sqnr(model, tiny_eval) > 20
-
-
-def test_smoothquant_is_exact_before_rounding(tiny_onnx, tiny_calib, tiny_eval):
-    """With 16-bit weights and activations the rounding is negligible: the smoothed model must
-    compute what the float one does (a wrong fold would show as a large error)."""
-    plain = Quantize(weight_bits=16, activation_bits=16).run(tiny_onnx.copy(), tiny_calib)
-    smoothed = Quantize(weight_bits=16, activation_bits=16, smoothquant_alpha=0.5).run(tiny_onnx.copy(), tiny_calib)
-    assert smoothed.stats["smoothed"] >= 2
-    assert sqnr(smoothed.model, tiny_eval) > 40.0 and sqnr(plain.model, tiny_eval) > 40.0
-
-
-def test_smoothquant_weights_limit_smoothing_to_the_named_linears(tiny_onnx, tiny_calib, tiny_eval):
-    everywhere = Quantize(weight_bits=16, activation_bits=16, smoothquant_alpha=0.5).run(tiny_onnx.copy(), tiny_calib)
-    down_only = Quantize(weight_bits=16, activation_bits=16, smoothquant_alpha=0.5,
-                         smoothquant_weights=("*layers.0.mlp.down_proj*",)).run(tiny_onnx.copy(), tiny_calib)
-    assert down_only.stats["smoothed"] == 1 < everywhere.stats["smoothed"]
-    original = tiny_onnx.graph.tensors()
-    # only the named weight took the factors; the others are as they were (up to 16-bit rounding)
-    for name in ("model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"):
-        dq = next(n for n in down_only.model.graph.nodes if n.op == "DequantizeLinear" and n.inputs[0].name.startswith(name))
-        codes = np.asarray(dq.inputs[0].values, np.float64)
-        scale, zero = np.asarray(dq.inputs[1].values, np.float64), np.asarray(dq.inputs[2].values, np.float64)
-        values = (codes - zero[None, :]) * scale[None, :]
-        moved = not np.allclose(values, original[name].values, atol=1e-3)
-        assert moved == ("layers.0" in name), name
-    assert sqnr(down_only.model, tiny_eval) > 40.0
-
-
-def test_smoothed_ranges_from_one_calibration_run_match_a_second_run(tiny_onnx, tiny_calib, monkeypatch):
-    """MSE ranges and GPTQ Hessians of smoothed points come from recorded values divided by the
-    migration factors; running the smoothed model again (the fallback past RECORDING_LIMIT)
-    must give the same encodings."""
-    import graphopt.passes.quantize as quantize_module
-
-    options = dict(smoothquant_alpha=0.5, observer="mse", weight_rounding="gptq")
-    one_run = Encodings.from_meta(Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model.meta.encodings)
-    monkeypatch.setattr(quantize_module, "RECORDING_LIMIT", 0)
-    two_runs = Encodings.from_meta(Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model.meta.encodings)
-    assert set(one_run.activations) == set(two_runs.activations) and len(one_run.activations) == 9
-    for name, encoding in one_run.activations.items():
-        np.testing.assert_allclose(encoding.scale, two_runs.activations[name].scale, rtol=1e-3, err_msg=name)
-    for name, encoding in one_run.params.items():
-        np.testing.assert_allclose(encoding.scale, two_runs.params[name].scale, rtol=1e-3, err_msg=name)
+    assert worst_error_in_steps(model) <= 0.5 + 1e-3
+    scale_times_four(numerics, "params_for")
+    assert worst_error_in_steps(Quantize(int16_weights=[wide]).run(tiny_onnx.copy(), tiny_calib).model) > 0.5 + 1e-3
 
 
 def test_masked_zeros_stay_zero(tiny_onnx, tiny_calib):
@@ -212,9 +202,11 @@ def _gemm_model() -> Model:
     return Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
 
 
-def test_int32_bias():
-    """Exact QDQ semantics (ORT with graph optimizations off); ORT 1.32's fused kernels get the
-    int32 bias wrong, which is why quantize_bias is off by default."""
+def test_int32_bias(scale_times_four):
+    """Exact QDQ semantics (ORT with graph optimizations off): the int32 bias model is as close to
+    float as the float-bias one (measured max error 0.0116 of outputs up to 3.6); activation
+    scales x4 (the broken variant) are not. ORT 1.32's fused kernels get the int32 bias wrong,
+    which is why quantize_bias is off by default."""
     import onnxruntime as ort
 
     model = _gemm_model()
@@ -224,11 +216,18 @@ def test_int32_bias():
     assert out.parameters()["b_quantized"][1] == "int32"
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(out.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(None, {"x": x})[0], reference, atol=0.05)
+
+    def unfused(model):
+        return ort.InferenceSession(model.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    np.testing.assert_allclose(unfused(out).run(None, {"x": x})[0], reference, atol=0.015)
     plain = Quantize().run(_gemm_model(), PassContext(calib=[{"x": x}], progress=False)).model
     assert "b" in plain.parameters()  # float bias by default
-    np.testing.assert_allclose(plain.run({"x": x})[0], reference, atol=0.05)
+    np.testing.assert_allclose(plain.run({"x": x})[0], reference, atol=0.015)
+    scale_times_four(MinMaxObserver, "params")
+    broken = Quantize(quantize_bias=True).run(_gemm_model(), PassContext(calib=[{"x": x}], progress=False)).model
+    with pytest.raises(AssertionError):
+        np.testing.assert_allclose(unfused(broken).run(None, {"x": x})[0], reference, atol=0.015)
 
 
 def test_errors(tiny_onnx):
@@ -242,8 +241,10 @@ def test_errors(tiny_onnx):
         Quantize(sensitivity="/nonexistent/sens.json")
     with pytest.raises(OptionError, match="needs calibration data"):
         Quantize().run(tiny_onnx.copy(), PassContext(calib=None, progress=False))
-    with pytest.raises(OptionError, match="int16_points.*'nope'"):
-        Quantize(int16_points=["nope"]).run(tiny_onnx.copy(), PassContext(calib=None, progress=False))
+    with pytest.raises(OptionError, match="int16_inputs.*'nope'"):
+        Quantize(int16_inputs=["nope"]).run(tiny_onnx.copy(), PassContext(calib=None, progress=False))
+    with pytest.raises(TypeError, match="int16_points"):  # activation names are not points both forms know
+        Quantize(int16_points=["mul_126"])
     with pytest.raises(OptionError, match="int16_weights.*'model.norm.weight'"):
         Quantize(int16_weights=["model.norm.weight"], activation_bits=0).run(tiny_onnx.copy(), PassContext(progress=False))
     with pytest.raises(UnsupportedGraphError, match="not a multiple of weight_block_size 128"):
@@ -254,17 +255,24 @@ def test_errors(tiny_onnx):
 
 
 @pytest.mark.real
-def test_smollm2_w8a8_int16_budget(smollm2_onnx, smollm2_calib, smollm2_eval):
-    """The real model: 121 points, 15 % at 16 bits by the SQNR proxy; the file is a quarter."""
+def test_smollm2_w8a8_int16_budget(smollm2_onnx, smollm2_calib, smollm2_eval, scale_times_four):
+    """The real model: 121 points, 15 % at 16 bits by the SQNR proxy; the file is a quarter.
+    Measured on these 4 x 64 windows: overlap@1 0.793, perplexity 1.102x fp32 (the recipes'
+    figures, with rotate and a ranking, are bench/RESULTS.md's); activation scales x4 fail both."""
     from graphopt.evaluation.lm import evaluate_causal_lm
 
     reference_row, reference = evaluate_causal_lm(smollm2_onnx, smollm2_eval)
-    result = Quantize(int16_budget=0.15, smoothquant_alpha=0.5).run(
-        smollm2_onnx.copy(), PassContext(calib=smollm2_calib, progress=False))
-    assert result.stats["smoothed"] == 90  # 30 x (q/k/v input, gate/up input, down_proj input)
+    ctx = PassContext(calib=smollm2_calib, progress=False)
+    result = Quantize(int16_budget=0.15).run(smollm2_onnx.copy(), ctx)
     assert result.stats["activations"] == 121 and result.stats["weights"] == 211
     assert result.stats["int16_points"] == 18
     assert result.stats["int16_share"] == {"activations": [18, 121], "points": [18, 332]}
     assert result.model.num_bytes() < 0.27 * smollm2_onnx.num_bytes()
-    row, _ = evaluate_causal_lm(result.model, smollm2_eval, reference)
-    assert row["overlap@1"] > 0.8 and row["ppl"] < 1.15 * reference_row["ppl"]
+
+    def close_to_float(model) -> bool:
+        row, _ = evaluate_causal_lm(model, smollm2_eval, reference)
+        return row["overlap@1"] > 0.78 and row["ppl"] < 1.12 * reference_row["ppl"]
+
+    assert close_to_float(result.model)
+    scale_times_four(MinMaxObserver, "params")
+    assert not close_to_float(Quantize(int16_budget=0.15).run(smollm2_onnx.copy(), ctx).model)
