@@ -1,6 +1,7 @@
 """Shared fixtures: real models are loaded once per test session (SmolLM2 takes seconds only
 after its ONNX form is cached; see graphopt.frontends.samples)."""
 
+import numpy as np
 import pytest
 
 import graphopt
@@ -9,26 +10,40 @@ from graphopt.frontends.corpora import lm_windows
 
 @pytest.fixture(scope="session")
 def tiny_fx():
-    """The tiny random Llama in FX form (treat as read-only; copy() before mutating)."""
+    """The tiny Llama (trained on bytes, see graphopt.frontends.samples) in FX form (treat as
+    read-only; copy() before mutating)."""
     return graphopt.load("sample:tiny-llama")
+
+
+def read_only(model):
+    """Marks every weight array of an ONNX-form model read-only and returns the model.
+
+    Model.copy() shares weight arrays (copy-on-write by contract: a pass assigns a new array,
+    never writes into one), so a write into a session model's array would change it for every
+    later test; with the arrays read-only such a write raises where it happens.
+    """
+    for tensor in model.graph.tensors().values():
+        if isinstance(getattr(tensor, "values", None), np.ndarray):
+            tensor.values.flags.writeable = False
+    return model
 
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_fx):
-    """The tiny random Llama lowered to ONNX (read-only; copy() before mutating)."""
-    return graphopt.lower(tiny_fx)
+    """The tiny Llama lowered to ONNX (weights read-only; copy() before changing the graph)."""
+    return read_only(graphopt.lower(tiny_fx))
 
 
 @pytest.fixture(scope="session")
 def smollm2_onnx():
-    """SmolLM2-135M in ONNX form (read-only; copy() before mutating)."""
-    return graphopt.load("sample:smollm2", form="onnx")
+    """SmolLM2-135M in ONNX form (weights read-only; copy() before changing the graph)."""
+    return read_only(graphopt.load("sample:smollm2", form="onnx"))
 
 
 @pytest.fixture(scope="session")
 def minilm_onnx():
-    """all-MiniLM-L6-v2 in ONNX form (read-only; copy() before mutating)."""
-    return graphopt.load("sample:minilm", form="onnx")
+    """all-MiniLM-L6-v2 in ONNX form (weights read-only; copy() before changing the graph)."""
+    return read_only(graphopt.load("sample:minilm", form="onnx"))
 
 
 @pytest.fixture(scope="session")

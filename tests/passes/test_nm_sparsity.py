@@ -7,10 +7,12 @@ from graphopt import sparsity
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.evaluation import metrics
 from graphopt.evaluation.lm import evaluate_causal_lm
+from graphopt.frontends.corpora import lm_windows
 from graphopt.pipeline import get_pass
 from graphopt.pipeline.passes import PassContext
 from graphopt.quant import numerics
 from graphopt.quant.encodings import Encodings
+from tests.fidelity import Bounds, lm_figures
 
 NMSparsity = get_pass("nm_sparsity")
 LAYER_WEIGHTS = 14  # tiny-llama: 2 layers x (q, k, v, o, gate, up, down); lm_head is skipped
@@ -18,8 +20,7 @@ LAYER_WEIGHTS = 14  # tiny-llama: 2 layers x (q, k, v, o, gate, up, down); lm_he
 
 @pytest.fixture(scope="module")
 def tiny_calib():
-    rng = np.random.default_rng(0)
-    return [{"input_ids": rng.integers(0, 256, (1, 32)).astype(np.int64)} for _ in range(4)]
+    return [{"input_ids": w} for w in lm_windows(None, "calib", 4, 32)]
 
 
 def _weights(model) -> dict[str, np.ndarray]:
@@ -74,12 +75,42 @@ def test_sequential_sparsegpt_reconstructs_better_than_magnitude(form, tiny_fx, 
     model = tiny_fx if form == "fx" else tiny_onnx
     errors = {m: _run(model, tiny_calib, pattern="unstructured", sparsity=0.5, method=m).stats["mean_recon_error"]
               for m in ("magnitude", "sparsegpt")}
-    assert errors["sparsegpt"] < 0.9 * errors["magnitude"], errors
-    # one-shot (dense Hessians) agrees with sequential on the first block, where inputs are the same
+    assert errors["sparsegpt"] < 0.45 * errors["magnitude"], errors  # 0.074 / 0.189 measured (ONNX)
+    # one-shot (dense Hessians) agrees with sequential on the first block, where inputs are the
+    # same; the two capture the Hessian through different runs, so a near tie may pick the other
+    # weight of a group (18 of 4096 entries in the FX form, none in ONNX)
     seq = _run(model, tiny_calib, method="sparsegpt", sequential=True)
     one = _run(model, tiny_calib, method="sparsegpt", sequential=False)
     name = "model.layers.0.self_attn.q_proj.weight"
-    np.testing.assert_allclose(_weights(seq.model)[name], _weights(one.model)[name], atol=1e-4)
+    assert np.mean(~np.isclose(_weights(seq.model)[name], _weights(one.model)[name], rtol=0, atol=1e-4)) < 0.01
+
+
+# the dense tiny Llama against itself pruned 2:4 by SparseGPT (calibration text), on 4 x 64
+# evaluation bytes: 20.2 dB, overlap@1 0.75, ppl 9.07 (dense 8.52); by magnitude: 13.5 dB, ppl 11.2
+SPARSEGPT_2_4 = Bounds(at_least={"sqnr_db": 19.5, "overlap@1": 0.72}, at_most={"ppl": 9.3})
+
+
+def _shifted_masks(dense, pruned):
+    """Broken variant: each weight keeps the dense values one place over inside its groups of 4
+    (still 2:4, and the same count of zeros, but not the weights SparseGPT chose and updated)."""
+    broken = dense.copy()
+    tensors, chosen = broken.graph.tensors(), pruned.graph.tensors()
+    for name in pruned.meta.masks:
+        kept = (np.asarray(chosen[name].values) != 0).reshape(-1, 4, chosen[name].values.shape[1])
+        tensors[name].values = np.asarray(tensors[name].values) * np.roll(kept, 1, axis=1).reshape(-1, kept.shape[2])
+    return broken
+
+
+def test_sparsegpt_2_4_keeps_the_tiny_llama_close(tiny_onnx, tiny_calib):
+    windows = lm_windows(None, "eval", 4, 64)
+    result = _run(tiny_onnx, tiny_calib, pattern="2:4", method="sparsegpt")
+    assert not SPARSEGPT_2_4.misses(lm_figures(tiny_onnx, result.model, windows))
+    magnitude = _run(tiny_onnx, None, pattern="2:4", method="magnitude").model
+    assert SPARSEGPT_2_4.misses(lm_figures(tiny_onnx, magnitude, windows))
+    shifted = _shifted_masks(tiny_onnx, result.model)
+    assert all(sparsity.is_n_m(np.asarray(shifted.graph.tensors()[n].values), 0, 2, 4) for n in result.model.meta.masks)
+    found = lm_figures(tiny_onnx, shifted, windows)
+    assert SPARSEGPT_2_4.misses(found), found  # 6.1 dB, ppl 124
 
 
 @pytest.mark.parametrize("form", ["onnx", "fx"])

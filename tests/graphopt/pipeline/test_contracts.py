@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from graphopt.errors import PipelineError
+from graphopt.ir import Model
 from graphopt.pipeline import Pipeline, available_passes
 from graphopt.pipeline.instruments import Contracts, Timing
 from graphopt.pipeline.passes import Pass, PassResult
@@ -84,7 +85,8 @@ class _Liar(Pass):
 
 
 def test_contract_violations_are_caught(tiny_onnx):
-    model = tiny_onnx.copy()
+    # its own arrays: a copy() would share the session model's, and the liar writes into them
+    model = Model.from_onnx(tiny_onnx.to_onnx(), name=tiny_onnx.name)
     with pytest.raises(PipelineError, match="declares mutates_input False"):
         Pipeline([_Liar()], instruments=[Contracts()]).run(model)
 

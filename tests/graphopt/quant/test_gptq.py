@@ -29,14 +29,26 @@ def _error(x: np.ndarray, w: np.ndarray, w_hat: np.ndarray) -> float:
     return float(np.linalg.norm(x @ w - x @ w_hat))
 
 
+def _beats_rtn(x, w, result, spec, margin: float) -> bool:
+    """GPTQ's output error below `margin` times round-to-nearest's on the same inputs."""
+    return _error(x, w, result.dequantized) < margin * _error(x, w, rtn_quantize(w, spec).dequantized)
+
+
+GPTQ_OVER_RTN = 0.77  # measured 0.743 (int4 blocks of 64) and 0.749 (int8 per channel)
+
+
 def test_gptq_beats_rtn_on_correlated_inputs():
     x = _correlated(512, 128)
     w = np.random.default_rng(1).normal(size=(128, 48)).astype(np.float32)
     h = _hessian(x)
+    shuffled = np.random.default_rng(9).permutation(128)
     for spec in (W4_BLOCK64, W8_CHANNEL):
         gptq, rtn = gptq_quantize(w, h, spec, block_size=32), rtn_quantize(w, spec)
-        assert _error(x, w, gptq.dequantized) < 0.8 * _error(x, w, rtn.dequantized), spec
+        assert _beats_rtn(x, w, gptq, spec, GPTQ_OVER_RTN), spec
         assert gptq.codes.min() >= spec.qmin and gptq.codes.max() <= spec.qmax
+        # broken variant: the Hessian of misaligned input channels (1.31x RTN's error)
+        misaligned = gptq_quantize(w, h[shuffled][:, shuffled], spec, block_size=32)
+        assert not _beats_rtn(x, w, misaligned, spec, GPTQ_OVER_RTN), spec
     assert gptq.scale.shape == (48,) and rtn.scale.shape == (48,)
 
 
@@ -45,7 +57,7 @@ def test_mse_grid_rounds_4_bit_blocks_better():
     w = np.random.default_rng(6).standard_t(3, size=(128, 32)).astype(np.float32)  # heavy tails: clipping pays
     h = _hessian(x)
     minmax, mse = gptq_quantize(w, h, W4_BLOCK64), gptq_quantize(w, h, W4_BLOCK64, grid="mse")
-    assert _error(x, w, mse.dequantized) < 0.95 * _error(x, w, minmax.dequantized)
+    assert _error(x, w, mse.dequantized) < 0.93 * _error(x, w, minmax.dequantized)  # 0.913 measured
     assert np.mean(mse.scale < minmax.scale) > 0.5  # clipped: most groups take a narrower grid
 
 

@@ -43,19 +43,26 @@ def test_percentile_clips_outliers_inside_range():
 
 
 def test_mse_observer_lowers_error_on_heavy_tails():
-    """Laplace-distributed activations at 4 bits: clipping the tails pays off (about 3x here)."""
+    """Laplace-distributed activations at 4 bits: clipping the tails pays off (0.307x min-max's
+    squared error measured; the percentile observer reaches 0.62x)."""
     rng = np.random.default_rng(0)
     batches = [rng.laplace(size=(16, 512)).astype(np.float32) for _ in range(4)]
     everything = np.concatenate([b.ravel() for b in batches])
     spec = QuantSpec("uint4", symmetric=False)
-    errors = {}
+
+    def error(scale, zp) -> float:
+        return float(np.mean((numerics.fake_quant(everything, spec, scale, zp) - everything) ** 2))
+
+    params = {}
     for kind in ("minmax", "mse"):
         obs = make_observer(kind)
         for b in batches:
             obs.update(b)
-        scale, zp = obs.params(spec)
-        errors[kind] = float(np.mean((numerics.fake_quant(everything, spec, scale, zp) - everything) ** 2))
-    assert errors["mse"] < 0.5 * errors["minmax"]
+        params[kind] = obs.params(spec)
+    floor = 0.33 * error(*params["minmax"])
+    assert error(*params["mse"]) < floor
+    scale, zp = params["mse"]
+    assert not error(scale * 2, zp) < floor  # broken variant: the MSE scale doubled (0.83x)
     lo, hi = obs.range()
     assert everything.min() < lo < 0 < hi < everything.max()
 
