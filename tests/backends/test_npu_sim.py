@@ -14,8 +14,10 @@ from graphopt.backends.npu_sim.ort_qdq import ort_qdq
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
+from graphopt.evaluation.metrics import sqnr_db
 from graphopt.frontends.corpora import lm_windows, minilm_batches
 from graphopt.pipeline import export
+from tests.fidelity import Bounds
 
 RNG = np.random.default_rng(0)
 
@@ -156,17 +158,27 @@ def tiny_program(tiny_qdq):
     return NpuSim(seq_len=64).compile(tiny_qdq)
 
 
-def test_tiny_llama_matches_onnxruntime_qdq(tiny_qdq, tiny_program):
+# the simulator against onnxruntime on the same QDQ model (the trained tiny Llama, 64 eval bytes):
+# SQNR 36.9 dB, cosine 0.99994, top-1 agreement 61 of 64 measured
+SIM_VS_ORT = Bounds(at_least={"sqnr_db": 36.0, "cosine": 0.9999, "top1_agreement": 0.92})
+
+
+def _sim_vs_ort(program, qdq, feeds) -> dict:
+    sim, ref = Simulator(program).run(feeds)[0], qdq.session().run(None, feeds)[0]
+    return {**compare_outputs(sim, ref), "sqnr_db": sqnr_db(ref, sim)}
+
+
+def test_tiny_llama_matches_onnxruntime_qdq(tiny_qdq, tiny_program, monkeypatch):
     kinds = {op.kind for op in tiny_program.ops if op.unit == "npu"}
     assert {"matmul", "add", "mul", "lut", "softmax", "norm", "requantize", "concat", "transpose"} <= kinds
-    simulator = Simulator(tiny_program)
-    session = tiny_qdq.session()
     feeds = example_feeds(tiny_qdq, 1, 64, {"input_ids": lm_windows(None, "eval", 3, 64)[2]})
-    sim = simulator.run(feeds)[0]
-    ref = session.run(None, feeds)[0]
-    found = compare_outputs(sim, ref)
-    assert found["top1_agreement"] >= 0.95 and found["cosine"] >= 0.99, found
-    assert np.array_equal(simulator.run(feeds)[0], sim)  # deterministic
+    found = _sim_vs_ort(tiny_program, tiny_qdq, feeds)
+    assert not SIM_VS_ORT.misses(found), found
+    assert np.array_equal(Simulator(tiny_program).run(feeds)[0], Simulator(tiny_program).run(feeds)[0])
+    # broken variant: the matmul kernel shifts one bit too far (half its multiplier): top-1 0.17
+    matmul = kernels.matmul
+    monkeypatch.setattr(kernels, "matmul", lambda *args: matmul(*args[:5], np.asarray(args[5]) + 1, *args[6:]))
+    assert SIM_VS_ORT.misses(_sim_vs_ort(tiny_program, tiny_qdq, feeds))
 
 
 def _graphopt_w8a8(model, calib):
@@ -176,7 +188,7 @@ def _graphopt_w8a8(model, calib):
     return Pipeline(passes, verify=False, progress=False, log=lambda *_: None).run(model, calib=calib).model
 
 
-def test_graphopt_quantize_output_linear_layers_on_npu(tiny_onnx):
+def test_graphopt_quantize_output_linear_layers_on_npu(tiny_onnx, monkeypatch):
     calib = [{"input_ids": w} for w in lm_windows(None, "calib", 2, 32)]
     qdq = _graphopt_w8a8(tiny_onnx, calib)
     program = NpuSim(seq_len=64).compile(qdq)
@@ -185,8 +197,12 @@ def test_graphopt_quantize_output_linear_layers_on_npu(tiny_onnx):
     assert sum(op.kind == "matmul_acc" for op in program.ops) == quantized >= 10
     assert all(program.tensors[op.outputs[0]].dtype == "int32" for op in program.ops if op.kind == "matmul_acc")
     feeds = {"input_ids": lm_windows(None, "eval", 3, 64)[2]}
-    found = compare_outputs(Simulator(program).run(feeds)[0], qdq.session().run(None, feeds)[0])
-    assert found["top1_agreement"] == 1.0 and found["cosine"] > 0.9999, found
+    # int32 accumulation and ORT's dequantized float: the same numbers (0.0 difference measured)
+    assert _sim_vs_ort(program, qdq, feeds)["max_abs_diff"] < 1e-5
+    # broken variant: the accumulator misses the activation's zero point by one
+    accumulate = kernels.matmul_accumulate
+    monkeypatch.setattr(kernels, "matmul_accumulate", lambda a, b, a_zp, b_zp: accumulate(a, b, a_zp + 1, b_zp))
+    assert _sim_vs_ort(program, qdq, feeds)["max_abs_diff"] > 1e-2
 
 
 def test_host_partition_names_op_node_and_reason(tiny_program):
@@ -201,7 +217,7 @@ def test_emit_writes_files_validates_and_round_trips(tiny_qdq, tmp_path):
     names = sorted(p.name for p in artifact.files)
     assert names == ["cost.csv", "cost.md", "host_partition.json", "program.json", "weights.npz"]
     assert all(p.is_file() for p in artifact.files)
-    assert artifact.validation["cosine"] >= 0.99 and artifact.validation["top1_agreement"] >= 0.9
+    assert artifact.validation["cosine"] >= 0.9999 and artifact.validation["top1_agreement"] >= 0.93  # 0.99996, 1.0
     assert json.loads((tmp_path / "npu" / "host_partition.json").read_text())
     assert (tmp_path / "npu" / "cost.csv").read_text().startswith("index,node,kind,unit,macs,cycles")
     program = Program.load(tmp_path / "npu")

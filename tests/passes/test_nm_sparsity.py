@@ -190,10 +190,12 @@ def test_sparsegpt_on_smollm2_first_block(smollm2_onnx, smollm2_calib, smollm2_e
     tensors = result.model.graph.tensors()
     for name in masks:
         assert sparsity.is_n_m(np.asarray(tensors[name].values), 0, 2, 4), name
-    assert max(r["recon_error"] for r in result.stats["layers"]) < 0.5
+    # measured: recon error at most 0.144, cosine 0.9878, ppl 1.142x dense; magnitude 2:4 on the
+    # same layer (no reconstruction) misses all three: cosine 0.971, ppl 1.62x
+    assert max(r["recon_error"] for r in result.stats["layers"]) < 0.16
     dense, _ = evaluate_causal_lm(smollm2_onnx, smollm2_eval[:2])
     pruned = result.model.run({"input_ids": smollm2_eval[0]})[0]
     reference = smollm2_onnx.run({"input_ids": smollm2_eval[0]})[0]
-    assert metrics.cosine(pruned, reference) > 0.95
+    assert metrics.cosine(pruned, reference) > 0.985
     row, _ = evaluate_causal_lm(result.model, smollm2_eval[:2])
-    assert row["ppl"] < 1.3 * dense["ppl"]
+    assert row["ppl"] < 1.16 * dense["ppl"]

@@ -116,4 +116,4 @@ def test_smollm2_down_proj_input_outranks_attention_input(smollm2_onnx, smollm2_
     report = sensitivity.analyze_sensitivity(smollm2_onnx, smollm2_calib[:2], smollm2_calib[2:3],
                                              points=chosen, progress=False)
     assert report.ranking[0]["point"] == points["model.layers.3.mlp.down_proj.weight"], report.markdown()
-    assert report.ranking[0]["kl"] > 3 * report.ranking[-1]["kl"]
+    assert report.ranking[0]["kl"] > 18 * report.ranking[-1]["kl"]  # 21x measured

@@ -130,4 +130,7 @@ def test_gptq_beats_rtn_on_a_smollm2_layer(smollm2_onnx, smollm2_calib):
     rtn = rtn_quantize(w, W4_BLOCK64)
     x = np.concatenate(rows["x"])
     gptq_err, rtn_err = _error(x, w, gptq.dequantized), _error(x, w, rtn.dequantized)
-    assert gptq_err < 0.9 * rtn_err, (gptq_err, rtn_err)
+    assert gptq_err < 0.26 * rtn_err, (gptq_err, rtn_err)  # 0.236 measured
+    shuffled = np.random.default_rng(9).permutation(w.shape[0])  # broken variant: 1.32x RTN's error
+    misaligned = gptq_quantize(w, acc[site.activation].hessian[shuffled][:, shuffled], W4_BLOCK64)
+    assert not _error(x, w, misaligned.dequantized) < 0.26 * rtn_err

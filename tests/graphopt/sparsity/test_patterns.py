@@ -127,4 +127,4 @@ def test_sparsegpt_beats_magnitude_on_a_real_smollm2_layer(smollm2_onnx, smollm2
             new, keep = sparsity.prune(w, sparsity.Pattern(2, 4), method, hessian=h)
             sparsity.check_pattern(new, sparsity.Pattern(2, 4), 1, name, keep)
             errs[method] = sparsity.reconstruction_error(w, new, h)
-        assert errs["sparsegpt"] < 0.75 * errs["magnitude"], (name, errs)
+        assert errs["sparsegpt"] < 0.26 * errs["magnitude"], (name, errs)  # 0.235 (q_proj), 0.171 (down_proj)

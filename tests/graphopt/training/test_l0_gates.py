@@ -34,7 +34,9 @@ def test_closed_gate_removes_its_unit():
     assert ((gate(torch.ones(200, 6)) >= 0) & (gate(torch.ones(200, 6)) <= 1)).all()
 
 
-def test_training_closes_gates_and_scores_drive_the_pass(tiny_fx, tiny_onnx):
+def _gates_trained(tiny_fx, penalty_weight: float):
+    """15 Adam steps on the gates alone: next-byte loss + penalty_weight x the L0 penalty.
+    Returns the gates and their expected open count (the penalty) before training."""
     torch.manual_seed(0)
     model = tiny_fx.copy()
     for p in model.fx.parameters():
@@ -47,11 +49,20 @@ def test_training_closes_gates_and_scores_drive_the_pass(tiny_fx, tiny_onnx):
     for _ in range(15):
         logits = model.fx(ids)
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 256), ids[:, 1:].reshape(-1))
-        (loss + 5.0 * gates.penalty()).backward()
+        (loss + penalty_weight * gates.penalty()).backward()
         optimizer.step()
         optimizer.zero_grad()
     gates.sampling(False)
-    assert float(gates.penalty().detach()) < start - 0.2
+    return gates, start
+
+
+def test_training_closes_gates_and_scores_drive_the_pass(tiny_fx, tiny_onnx):
+    def closed(gates, start) -> bool:  # 0.931 -> 0.639 measured; the byte loss alone: 0.891
+        return float(gates.penalty().detach()) < start - 0.25
+
+    assert not closed(*_gates_trained(tiny_fx, 0.0))  # broken variant: the penalty left out
+    gates, start = _gates_trained(tiny_fx, 5.0)
+    assert closed(gates, start)
     scores = gates.scores()
     assert len(scores["model.layers.0.self_attn.o_proj.weight"]) == 4  # per query head; the pass sums per KV group
     result = get_pass("prune_structure")(heads=1, ffn_ratio=0.25, importance="scores", scores=scores).run(
