@@ -35,6 +35,7 @@ class State:
     """What the rows of one table measured so far, for the rows compared with them."""
 
     reference: str
+    compared: set[str] = field(default_factory=set)  # rows other rows are compared with
     tops: dict[tuple[str, str], list[np.ndarray]] = field(default_factory=dict)  # (row, corpus) -> top-k
     logits: dict[str, np.ndarray] = field(default_factory=dict)  # row -> first windows' logits
     outputs: dict[str, list[np.ndarray]] = field(default_factory=dict)  # row -> embedding outputs per batch
@@ -112,16 +113,18 @@ def measure_lm(table: Table, row: Row, built: Built, ctx: Context, state: State)
             out[f"overlap@1 gap{suffix}"] = out["overlap@1"] - out[f"overlap@1{suffix}"]
     if timings:
         out["sim_s_per_window"] = statistics.median(timings)
+    primary = ctx.evaluation_windows(model, ctx.protocol.corpora[0])
     if "sqnr_db" in table.columns:
-        first = np.concatenate(ctx.evaluation_windows(model, ctx.protocol.corpora[0])[:ev["sqnr_windows"]])
-        state.logits[row.name] = np.asarray(logits_of(first), dtype=np.float32)
+        logits = np.asarray(logits_of(np.concatenate(primary[:ev["sqnr_windows"]])), dtype=np.float32)
         if against:
-            out["sqnr_db"] = metrics.sqnr_db(state.logits[against[0]], state.logits[row.name])
+            out["sqnr_db"] = metrics.sqnr_db(state.logits[against[0]], logits)
+        if row.name in state.compared:  # 25 MB a SmolLM2 window: kept only for the rows others compare with
+            state.logits[row.name] = logits
     if "torch" in built.variants and row.runtime != "torch" and table.options.get("torch_columns"):
-        torch_values, _ = evaluate_causal_lm(built.variants["torch"], ctx.evaluation_windows(model, ctx.protocol.corpora[0]),
-                                             state.tops.get((against[0], ctx.protocol.corpora[0])), k=ev["top_k"])
+        reference = state.tops.get((against[0], ctx.protocol.corpora[0])) if against else None
+        torch_values, _ = evaluate_causal_lm(built.variants["torch"], primary, reference, k=ev["top_k"])
         out.update({f"torch_{key}": value for key, value in torch_values.items()})
-    _paired(table, row, model, state, ctx, out, {name: ctx.evaluation_windows(model, ctx.protocol.corpora[0])[0][:1, :lat["seq"]]})
+    _paired(table, row, model, state, ctx, out, {name: primary[0][:1, :lat["seq"]]})
     return out
 
 

@@ -47,7 +47,8 @@ def run_suite(suite: Suite, protocol: Protocol, *, device: str = "cpu", only: li
 def run_table(table: Table, ctx: Context, only: list[str] | None = None) -> list[dict]:
     """The table's rows, measured in declared order (the reference row first)."""
     builder = Builder(ctx, table)
-    state = State(reference=table.reference.name if table.reference else "")
+    state = State(reference=table.reference.name if table.reference else "",
+                  compared={name for r in table.rows for name in r.against} | {r.name for r in table.rows if r.reference})
     wanted = _needed(table, only)
     values: dict[str, dict] = {}
     for row in sorted(table.rows, key=lambda r: not r.reference):
