@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 
-from graphopt.errors import ModelLoadError, UnsafePathError
+from graphopt.errors import ModelLoadError
+from graphopt.files.onnx_reading import (
+    check_graph,
+    check_tensors,
+    check_text,
+    densify_sparse,
+    read_external,
+    tensor_sites,
+)
+from graphopt.files.reading import check_file, parse_json, shown, want_dict, want_str
 from graphopt.files.writing import OutputSet
 
 __all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "save_onnx", "write_onnx"]
@@ -21,88 +30,72 @@ NUMPY_NATIVE = {getattr(onnx.TensorProto, t) for t in (
     "FLOAT", "FLOAT16", "DOUBLE", "INT8", "UINT8", "INT16", "UINT16", "INT32", "UINT32", "INT64", "UINT64", "BOOL")}
 
 
-def _external_locations(model: onnx.ModelProto) -> dict[str, list[str]]:
-    """Map each external-data location to the tensors that reference it."""
-    locations: dict[str, list[str]] = {}
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                tensors.append(attr.t)
-    for tensor in tensors:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        entry = {e.key: e.value for e in tensor.external_data}
-        locations.setdefault(entry.get("location", ""), []).append(tensor.name)
-    return locations
-
-
 def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
-    """Refuse external-data locations that leave the model's folder or do not exist.
+    """Check every tensor of `model` and its external data (location, size) without reading any."""
+    check_tensors(model, Path(model_path))
 
-    A location must be relative, must not climb with `..`, and must resolve (symlinks followed)
-    to a file inside the folder that holds the model.
-    """
-    folder = model_path.resolve().parent
-    for location, tensors in _external_locations(model).items():
-        example = tensors[0]
-        if not location:
-            raise ModelLoadError(f"{model_path}: tensor '{example}' is external but names no location")
-        if os.path.isabs(location) or ".." in Path(location).parts:
-            raise UnsafePathError(
-                f"{model_path}: tensor '{example}' points its external data at '{location}', which "
-                "leaves the model's folder; graphopt only reads external data stored beside the model"
-            )
-        target = (folder / location).resolve()
-        if folder not in target.parents:
-            raise UnsafePathError(
-                f"{model_path}: external data '{location}' of tensor '{example}' resolves to "
-                f"'{target}', outside the model's folder"
-            )
-        if not target.is_file():
-            raise ModelLoadError(
-                f"{model_path}: external data file '{location}' (tensor '{example}') is missing"
-            )
+
+MAX_META_CHARS = 256 << 20  # the graphopt.meta JSON: encodings and records, never weights
 
 
 def load_onnx(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
-    """Load an ONNX file, with its external data, after checking that the data stays in its folder."""
+    """Load an ONNX file through the reading boundary (`graphopt.files.onnx_reading`).
+
+    In order, before any external byte is read: the file parses; its names are UTF-8; the graph is well formed (no
+    tensor made twice, no input nothing makes, no output nothing makes, no cycle; in subgraphs and
+    functions too); its `graphopt.meta` metadata is valid; every tensor's bytes match its shape
+    and every external reference stays inside the model's folder within its file. Then the
+    external data is read (when `load_weights`) and sparse tensors are made dense. Any failure is
+    a ModelLoadError (UnsafePathError for locations) naming the file and the tensor or node.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: no such ONNX file")
+    check_file(path, max_bytes=PROTOBUF_LIMIT, error=ModelLoadError, what="ONNX file")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeWarning, ValueError, OSError) as exc:
-        raise ModelLoadError(f"{path}: not a readable ONNX model (corrupt or truncated?): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise ModelLoadError(f"{path}: not a readable ONNX model (corrupt or truncated?): "
+                             f"{type(exc).__name__}: {shown(str(exc), 200)}") from exc
     if not model.graph.node and not model.graph.output:
         raise ModelLoadError(f"{path}: the file parsed to an empty graph (corrupt or truncated?)")
-    check_external_data(model, path)
+    check_text(model, path)
+    check_graph(model, path)
+    _check_meta(model, path)
+    ranges = check_tensors(model, path)
     if load_weights:
-        try:
-            onnx.load_external_data_for_model(model, str(path.resolve().parent))
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"{path}: external data could not be read: {exc}") from exc
-        _check_tensor_sizes(model, path)
+        read_external(ranges, path)
+        densify_sparse(model, path)
     return model
 
 
-def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
-    """A truncated file can still parse; tensors whose bytes do not match their shape betray it."""
-    for tensor in model.graph.initializer:
-        if not tensor.HasField("raw_data"):
-            continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        count = 1
-        for dim in tensor.dims:
-            count *= dim
-        expected = count * itemsize
-        if tensor.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
-            expected = (count + 1) // 2
-        if len(tensor.raw_data) != expected:
-            raise ModelLoadError(
-                f"{path}: initializer '{tensor.name}' holds {len(tensor.raw_data)} bytes, its shape "
-                f"{list(tensor.dims)} needs {expected} (file truncated or corrupt)"
-            )
+def _check_meta(model: onnx.ModelProto, path: Path) -> None:
+    """The model's own `graphopt.meta` JSON: strict, bounded, each field of the type Model expects,
+    its encodings valid entries."""
+    from graphopt.ir.model import ENCODINGS_IN_GRAPH, META_KEY, ModelMeta
+    from graphopt.quant.encodings import EncodingError, Encodings
+
+    props = [p for p in model.metadata_props if p.key == META_KEY]
+    if not props:
+        return
+    where = f"{path}: metadata '{META_KEY}'"
+    if len(props) > 1:
+        raise ModelLoadError(f"{where} is given {len(props)} times")
+    if len(props[0].value) > MAX_META_CHARS:
+        raise ModelLoadError(f"{where} is {len(props[0].value):,} characters, more than {MAX_META_CHARS:,}")
+    data = want_dict(parse_json(props[0].value, where=where, error=ModelLoadError), where, ModelLoadError)
+    kinds = {f.name: dict if f.name != "pruning" else list for f in dataclasses.fields(ModelMeta)}
+    kinds[ENCODINGS_IN_GRAPH] = list
+    for key, kind in kinds.items():
+        if key in data and not isinstance(data[key], kind):
+            raise ModelLoadError(f"{where}: '{key}' must be a{'n object' if kind is dict else ' list'}, "
+                                 f"got {shown(data[key])}")
+    for name in data.get(ENCODINGS_IN_GRAPH, []):
+        want_str(name, f"{where}: '{ENCODINGS_IN_GRAPH}' entry", ModelLoadError)
+    for name, made_by in data.get("provenance", {}).items():
+        want_str(made_by, f"{where}: provenance of node {shown(name)}", ModelLoadError)
+    try:
+        Encodings.from_meta(data.get("encodings", {}), f"{where}: encodings")
+    except EncodingError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def referenced_files(path: str | os.PathLike) -> list[Path]:
@@ -125,17 +118,7 @@ def referenced_files(path: str | os.PathLike) -> list[Path]:
 def _all_tensor_protos(proto: onnx.ModelProto):
     """Every TensorProto of a model: initializers and attribute tensors of the graph, its subgraphs and
     its functions, and the values and indices of sparse initializers."""
-    from onnx.external_data_helper import _get_all_tensors
-
-    yield from _get_all_tensors(proto)
-    graphs = [proto.graph]
-    while graphs:
-        graph = graphs.pop()
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        graphs += [a.g for n in graph.node for a in n.attribute if a.HasField("g")]
-        graphs += [g for n in graph.node for a in n.attribute for g in a.graphs]
+    return (tensor for _, tensor in tensor_sites(proto))
 
 
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[Path] = ()) -> Path:
