@@ -26,7 +26,6 @@ resolves it from the graph) and PER_BLOCK refuses to be written as 0.6.1.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
@@ -36,12 +35,26 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError
 from graphopt.files.json_files import write_json
+from graphopt.files.reading import (
+    MAX_ECHO,
+    read_json,
+    shown,
+    want_bool,
+    want_dict,
+    want_int,
+    want_list,
+    want_number,
+    want_str,
+)
 from graphopt.quant.spec import QuantSpec, dtype_for
 
 __all__ = ["Encoding", "Encodings", "EncodingError", "VERSIONS"]
 
 VERSIONS = ("1.0.0", "0.6.1")
 ENC_TYPES = ("PER_TENSOR", "PER_CHANNEL", "PER_BLOCK")
+MAX_ENCODINGS_BYTES = 256 << 20  # per-block scales of an 8B model at 4 bits: tens of MB
+MAX_NAME = 4096  # characters of a tensor name
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _GRANULARITY = {"PER_TENSOR": "tensor", "PER_CHANNEL": "channel", "PER_BLOCK": "block"}
 
 
@@ -171,19 +184,32 @@ class Encoding:
 
     @classmethod
     def from_v1(cls, entry: dict, where: str) -> "Encoding":
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise EncodingError(f"{where}: each entry is an object with a 'name'")
-        where = f"{where}, entry '{entry['name']}'"
+        """One 1.0.0 entry, every field strictly typed: `is_sym` only true/false, `bw` and offsets
+        integers (8.7 and -127.6 are refused, not truncated), scales finite numbers."""
+        want_dict(entry, f"{where}: each entry", EncodingError)
+        name = want_str(entry.get("name"), f"{where}: an entry's 'name'", EncodingError, max_len=MAX_NAME)
+        where = f"{where}, entry {shown(name)}"
+        dtype = want_str(entry.get("dtype", "INT"), f"{where}: 'dtype'", EncodingError).lower()
+        if dtype not in ("int", "float"):
+            raise EncodingError(f"{where}: 'dtype' must be 'INT' or 'FLOAT', got {shown(entry['dtype'])}")
+        if "bw" not in entry:
+            raise EncodingError(f"{where}: missing field 'bw'")
+        bits = _bitwidth(entry["bw"], dtype, f"{where}: 'bw'")
+        enc_type = want_str(entry.get("enc_type", "PER_TENSOR"), f"{where}: 'enc_type'", EncodingError)
+        if dtype == "float":
+            return cls(name, bits, "float", True, enc_type=enc_type)
+        symmetric = want_bool(entry.get("is_sym", False), f"{where}: 'is_sym'", EncodingError)
+        scale = [_scale(v, f"{where}: scale {i}")
+                 for i, v in enumerate(want_list(entry.get("scale", []), f"{where}: 'scale'", EncodingError))]
+        offset = [want_int(v, f"{where}: offset {i}", EncodingError, lo=-(1 << bits) + 1, hi=0)
+                  for i, v in enumerate(want_list(entry.get("offset", []), f"{where}: 'offset'", EncodingError))]
+        axis = entry.get("axis")
+        axis = None if axis is None else want_int(axis, f"{where}: 'axis'", EncodingError, lo=-8, hi=7)
+        block = entry.get("block_size")
+        block = None if block is None else want_int(block, f"{where}: 'block_size'", EncodingError, lo=1, hi=1 << 20)
         try:
-            dtype = str(entry.get("dtype", "INT")).lower()
-            return cls(entry["name"], int(entry["bw"]), dtype, bool(entry.get("is_sym", dtype == "float")),
-                       entry.get("scale", []), entry.get("offset", []), entry.get("axis"),
-                       entry.get("block_size"), entry.get("enc_type", "PER_TENSOR"))
-        except KeyError as exc:
-            raise EncodingError(f"{where}: missing field {exc}") from None
+            return cls(name, bits, "int", symmetric, scale, offset, axis, block, enc_type)
         except EncodingError as exc:
-            raise EncodingError(f"{where}: {exc}") from None
-        except (TypeError, ValueError) as exc:
             raise EncodingError(f"{where}: {exc}") from None
 
     def to_v0(self) -> list[dict]:
@@ -197,31 +223,84 @@ class Encoding:
 
     @classmethod
     def from_v0(cls, name: str, entries, where: str) -> "Encoding":
-        where = f"{where}, entry '{name}'"
+        """One 0.6.1 entry: a list of per-channel objects that must agree on bitwidth, dtype and
+        symmetry. `bitwidth` is checked before any 2^bitwidth is computed; an entry with only
+        min/max gets scale = (max - min) / (2^b - 1) and offset = round(min / scale), refused when
+        min == max (no range to quantize)."""
+        where = f"{where}, entry {shown(name)}"
         if isinstance(entries, dict):
             entries = [entries]
         if not isinstance(entries, list) or not entries:
             raise EncodingError(f"{where}: expected a list of per-channel objects")
+        channels = [want_dict(item, f"{where}: channel {i}", EncodingError) for i, item in enumerate(entries)]
+        kinds = {_v0_kind(item, f"{where}: channel {i}") for i, item in enumerate(channels)}
+        if len(kinds) > 1:
+            described = ", ".join(f"{d} {b}-bit{' symmetric' if s else ''}" for d, b, s in sorted(kinds))
+            raise EncodingError(f"{where}: its channels disagree ({described}); one entry has one bitwidth, "
+                                "dtype and symmetry")
+        ((dtype, bits, symmetric),) = kinds
+        if dtype == "float":
+            return cls(name, bits, "float")
+        scales, offsets = [], []
+        for i, item in enumerate(channels):
+            here = f"{where}: channel {i}"
+            if "scale" in item:
+                scale = _scale(item["scale"], f"{here} 'scale'")
+            else:  # files with only min/max: scale and offset follow from them
+                low = want_number(_field(item, "min", here), f"{here} 'min'", EncodingError)
+                high = want_number(_field(item, "max", here), f"{here} 'max'", EncodingError)
+                if not high > low:
+                    raise EncodingError(f"{here}: min {low} and max {high} leave no range; give scale and offset")
+                scale = _scale((high - low) / ((1 << bits) - 1), f"{here} (max - min) / (2^bitwidth - 1)")
+            if "offset" in item:
+                offset = want_int(item["offset"], f"{here} 'offset'", EncodingError, lo=-(1 << bits) + 1, hi=0)
+            else:
+                offset = round(want_number(_field(item, "min", here), f"{here} 'min'", EncodingError) / scale)
+            scales.append(scale)
+            offsets.append(offset)
         try:
-            first = entries[0]
-            if str(first.get("dtype", "int")).lower() == "float":
-                return cls(name, int(first["bitwidth"]), "float")
-            scales, offsets = [], []
-            for item in entries:
-                scale = item.get("scale")
-                if scale is None:  # files with only min/max: scale and offset follow from them
-                    scale = (float(item["max"]) - float(item["min"])) / ((1 << int(item["bitwidth"])) - 1)
-                scales.append(float(scale))
-                offsets.append(int(item["offset"]) if "offset" in item else round(float(item["min"]) / scale))
-            symmetric = str(first.get("is_symmetric", "False")).lower() == "true"
-            return cls(name, int(first["bitwidth"]), "int", symmetric, scales, offsets,
-                       None, None, "PER_TENSOR" if len(entries) == 1 else "PER_CHANNEL")
-        except KeyError as exc:
-            raise EncodingError(f"{where}: missing field {exc}") from None
+            return cls(name, bits, "int", symmetric, scales, offsets,
+                       None, None, "PER_TENSOR" if len(channels) == 1 else "PER_CHANNEL")
         except EncodingError as exc:
             raise EncodingError(f"{where}: {exc}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise EncodingError(f"{where}: {exc}") from None
+
+
+def _scale(value, where: str) -> float:
+    """A scale: a positive number that float32 holds (1e308 would become inf)."""
+    scale = want_number(value, where, EncodingError)
+    if not 0 < scale <= FLOAT32_MAX:
+        raise EncodingError(f"{where} must be a positive number a float32 holds, got {shown(value)}")
+    return scale
+
+
+def _field(item: dict, key: str, where: str):
+    if key not in item:
+        raise EncodingError(f"{where}: missing field '{key}'")
+    return item[key]
+
+
+def _bitwidth(value, dtype: str, where: str) -> int:
+    """A bitwidth checked before anything computes 2^bitwidth: 4, 8 or 16 (int), 16 or 32 (float)."""
+    allowed = (16, 32) if dtype == "float" else (4, 8, 16)
+    bits = want_int(value, where, EncodingError)
+    if bits not in allowed:
+        raise EncodingError(f"{where}: an {dtype} encoding's bitwidth must be {' or '.join(map(str, allowed))}, "
+                            f"got {shown(bits)}")
+    return bits
+
+
+def _v0_kind(item: dict, where: str) -> tuple[str, int, bool]:
+    """(dtype, bitwidth, symmetric) of one 0.6.1 channel; `is_symmetric` is "True"/"False" (AIMET
+    writes strings) or a JSON bool, nothing else."""
+    dtype = want_str(item.get("dtype", "int"), f"{where} 'dtype'", EncodingError).lower()
+    if dtype not in ("int", "float"):
+        raise EncodingError(f"{where}: 'dtype' must be 'int' or 'float', got {shown(item['dtype'])}")
+    bits = _bitwidth(_field(item, "bitwidth", where), dtype, f"{where} 'bitwidth'")
+    symmetric = item.get("is_symmetric", False)
+    if isinstance(symmetric, str) and symmetric.lower() in ("true", "false"):
+        symmetric = symmetric.lower() == "true"
+    symmetric = want_bool(symmetric, f"{where} 'is_symmetric' (true/false or \"True\"/\"False\")", EncodingError)
+    return dtype, bits, symmetric and dtype == "int"
 
 
 @dataclass
@@ -277,37 +356,36 @@ class Encodings:
 
     @classmethod
     def from_json(cls, data, where: str = "encodings") -> "Encodings":
-        if not isinstance(data, dict):
-            raise EncodingError(f"{where}: the top level must be an object")
-        version = str(data.get("version", "0.6.1"))
+        """Encodings from a parsed file; a tensor named twice (in one section or across both) is refused."""
+        want_dict(data, f"{where}: the top level", EncodingError)
+        version = want_str(data.get("version", "0.6.1"), f"{where}: 'version'", EncodingError, max_len=MAX_ECHO)
+        if not (version.startswith("1.") or version.startswith("0.")):
+            raise EncodingError(f"{where}: unknown version {shown(version)} (readable: {', '.join(VERSIONS)})")
         found = cls()
+        seen: dict[str, str] = {}
         for section, kind in (("activation_encodings", "activation"), ("param_encodings", "param")):
-            body = data.get(section, [] if version.startswith("1") else {})
             here = f"{where}, {section}"
-            if version.startswith("1"):
-                if not isinstance(body, list):
-                    raise EncodingError(f"{here}: version {version} keeps a list of entries")
-                for entry in body:
-                    found.add(Encoding.from_v1(entry, here), kind)
-            elif version.startswith("0."):
-                if not isinstance(body, dict):
-                    raise EncodingError(f"{here}: version {version} maps tensor names to entries")
-                for name, entries in body.items():
-                    found.add(Encoding.from_v0(name, entries, here), kind)
+            if version.startswith("1."):
+                body = want_list(data.get(section, []), f"{here} (version {version} keeps a list of entries)",
+                                 EncodingError)
+                encodings = [Encoding.from_v1(entry, here) for entry in body]
             else:
-                raise EncodingError(f"{where}: unknown version {version!r} (readable: {', '.join(VERSIONS)})")
+                body = want_dict(data.get(section, {}), f"{here} (version {version} maps tensor names to entries)",
+                                 EncodingError)
+                encodings = [Encoding.from_v0(name, entries, here) for name, entries in body.items()]
+            for encoding in encodings:
+                if encoding.name in seen:
+                    raise EncodingError(f"{here}: tensor {shown(encoding.name)} is encoded twice (first in "
+                                        f"{seen[encoding.name]}); one encoding per tensor")
+                seen[encoding.name] = section
+                found.add(encoding, kind)
         return found
 
     @classmethod
     def read(cls, path: str | Path) -> "Encodings":
-        """Read an AIMET/QNN encodings JSON file (1.0.0 lists or 0.6.1 dicts, told by 'version')."""
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise EncodingError(f"{path}: no such encodings file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EncodingError(f"{path}: not valid JSON: {exc}") from None
+        """Read an AIMET/QNN encodings JSON file (1.0.0 lists or 0.6.1 dicts, told by 'version'):
+        size checked before reading (MAX_ENCODINGS_BYTES), strict JSON (no repeated keys), strict fields."""
+        data = read_json(path, max_bytes=MAX_ENCODINGS_BYTES, error=EncodingError, what="encodings file")
         return cls.from_json(data, str(path))
 
     # ----------------------------------------------------------- model metadata
@@ -318,11 +396,16 @@ class Encodings:
         return out
 
     @classmethod
-    def from_meta(cls, meta: dict[str, dict]) -> "Encodings":
+    def from_meta(cls, meta: dict[str, dict], where: str = "model.meta.encodings") -> "Encodings":
+        """The inverse of `to_meta`, as strict as a file: `where` names the model the entries came from."""
         found = cls()
-        for name, entry in meta.items():
-            entry = {**entry, "name": entry.get("name", name)}
-            found.add(Encoding.from_v1(entry, "model.meta.encodings"), entry.get("kind", "activation"))
+        for name, entry in want_dict(meta, where, EncodingError).items():
+            entry = want_dict(entry, f"{where}, entry {shown(name)}", EncodingError)
+            kind = entry.get("kind", "activation")
+            if kind not in ("activation", "param"):
+                raise EncodingError(f"{where}, entry {shown(name)}: 'kind' must be 'activation' or 'param', "
+                                    f"got {shown(kind)}")
+            found.add(Encoding.from_v1({**entry, "name": entry.get("name", name)}, where), kind)
         return found
 
     @classmethod
