@@ -24,12 +24,14 @@ import numpy as np
 import yaml
 
 from graphopt.errors import GraphoptError, RecipeError
+from graphopt.files.reading import YamlDocument, capped, confined_path, read_bytes, shown, usable_path
 from graphopt.pipeline.passes import Pass
 
-__all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe"]
+__all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe", "resolve_file_option", "MAX_RECIPE_BYTES"]
 
 _TOP_KEYS = ("passes", "backend", "calibration")
 _SOURCES = ("sample:pydoc-topics",)
+MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred lines
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,7 @@ class Recipe:
             return None
         from graphopt.frontends.corpora import lm_windows, minilm_batches
 
-        where = f"{self.path or 'recipe'}, line {cal.line}"
+        where = f"{self.path}, line {cal.line}" if self.path else "calibration"
         try:
             if model.task == "causal-lm":
                 vocab = model.outputs[0].shape[-1] if model.outputs and model.outputs[0].shape else None
@@ -96,18 +98,22 @@ def _line(node: yaml.Node) -> int:
 
 
 class _Reader:
-    """Walks the composed YAML tree so every error can name the line it is about."""
+    """Walks the composed YAML tree so every error can name the line it is about.
 
-    def __init__(self, path: str, loader: yaml.SafeLoader):
+    `trusted` are files the user named on the command line: file options may point at them
+    wherever they are; every other file option must stay inside the recipe's folder."""
+
+    def __init__(self, path: str, document: YamlDocument, trusted: frozenset[Path] = frozenset()):
         self.path = path
-        self.loader = loader
+        self.document = document
+        self.trusted = trusted
 
     def error(self, node: yaml.Node | None, message: str) -> RecipeError:
         line = f", line {_line(node)}" if node is not None else ""
-        return RecipeError(f"{self.path}{line}: {message}")
+        return RecipeError(capped(f"{self.path}{line}: {message}"))
 
     def value(self, node: yaml.Node) -> Any:
-        return self.loader.construct_object(node, deep=True)
+        return self.document.value(node)
 
     def mapping(self, node: yaml.Node, what: str) -> list[tuple[str, yaml.Node, yaml.Node]]:
         """(key, key node, value node) of a mapping, refusing non-mappings and repeated keys."""
@@ -118,7 +124,7 @@ class _Reader:
         for key_node, value_node in node.value:
             key = self.value(key_node)
             if not isinstance(key, str):
-                raise self.error(key_node, f"{what}: keys must be names, got {key!r}")
+                raise self.error(key_node, f"{what}: keys must be names, got {shown(key)}")
             if key in seen:
                 raise self.error(key_node, f"{what}: '{key}' is given twice (first on line {seen[key]})")
             seen[key] = _line(key_node)
@@ -131,7 +137,7 @@ def _kind(node: yaml.Node) -> str:
         return "a list"
     if isinstance(node, yaml.MappingNode):
         return "a mapping"
-    return f"'{node.value}'" if node.value != "" else "nothing"
+    return shown(node.value) if node.value != "" else "nothing"
 
 
 def _option_node(reader: _Reader, options_node: yaml.Node | None, message: str) -> yaml.Node | None:
@@ -155,18 +161,22 @@ def _build_pass(reader: _Reader, entry: yaml.Node, index: int) -> Pass:
         raise reader.error(entry, f"pass #{index} must be a name or '{{name: {{options}}}}' with one name, "
                                   f"got {_kind(entry)}")
     if not isinstance(name, str) or not name:
-        raise reader.error(name_node, f"pass #{index}: expected a pass name, got {name!r}")
+        raise reader.error(name_node, f"pass #{index}: expected a pass name, got {shown(name)}")
     options: dict = {}
+    value_nodes: dict[str, yaml.Node] = {}
     if options_node is not None and not (isinstance(options_node, yaml.ScalarNode) and options_node.value in ("", "~", "null")):
-        options = {key: reader.value(value) for key, _, value in reader.mapping(options_node, f"pass '{name}' options")}
+        for key, _, value in reader.mapping(options_node, f"pass '{name}' options"):
+            options[key], value_nodes[key] = reader.value(value), value
     try:
         cls = get_pass(name)
     except GraphoptError as exc:
         raise reader.error(name_node, str(exc)) from exc
-    for option in dataclasses.fields(cls):  # file options are relative to the recipe's folder
+    for option in dataclasses.fields(cls):
         value = options.get(option.name)
-        if option.metadata.get("file") and isinstance(value, str) and value and not Path(value).is_absolute():
-            options[option.name] = str(Path(reader.path).parent / value)
+        if option.metadata.get("file") and isinstance(value, str) and value:
+            where = f"pass '{name}': option '{option.name}'"
+            options[option.name] = resolve_file_option(value, reader.path, where, reader.trusted,
+                                                       lambda m: reader.error(value_nodes[option.name], m))
     try:
         return cls.from_options(options)
     except GraphoptError as exc:
@@ -191,7 +201,7 @@ def _read_backend(reader: _Reader, node: yaml.Node) -> tuple[str, dict, yaml.Nod
     if isinstance(node, yaml.ScalarNode):
         name = reader.value(node)
         if not isinstance(name, str) or not name:
-            raise reader.error(node, f"backend must be a name or a mapping with 'name', got {name!r}")
+            raise reader.error(node, f"backend must be a name or a mapping with 'name', got {shown(name)}")
         return name, {}, node
     entries = reader.mapping(node, "backend")
     values = {key: (key_node, value_node) for key, key_node, value_node in entries}
@@ -199,7 +209,7 @@ def _read_backend(reader: _Reader, node: yaml.Node) -> tuple[str, dict, yaml.Nod
         raise reader.error(node, "backend: the mapping needs 'name' (e.g. 'name: qnn')")
     name = reader.value(values["name"][1])
     if not isinstance(name, str):
-        raise reader.error(values["name"][1], f"backend: 'name' must be a string, got {name!r}")
+        raise reader.error(values["name"][1], f"backend: 'name' must be a string, got {shown(name)}")
     options = {key: reader.value(v) for key, (_, v) in values.items() if key != "name"}
     return name, options, values["name"][1]
 
@@ -209,7 +219,7 @@ def _check_backend(reader: _Reader, name: str, options: dict, name_node: yaml.No
 
     backends = available_backends()
     if name not in backends:
-        raise reader.error(name_node, f"unknown backend '{name}' (known: {', '.join(backends) or 'none'})")
+        raise reader.error(name_node, f"unknown backend {shown(name)} (known: {', '.join(backends) or 'none'})")
     try:
         backends[name].from_options(options)
     except GraphoptError as exc:
@@ -224,38 +234,56 @@ def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> C
         value = reader.value(value_node)
         if key == "source":
             if value not in _SOURCES:
-                raise reader.error(value_node, f"calibration: option 'source' must be one of {', '.join(_SOURCES)}, got {value!r}")
+                raise reader.error(value_node, f"calibration: option 'source' must be one of {', '.join(_SOURCES)}, got {shown(value)}")
         elif key in ("windows", "length", "batch"):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise reader.error(value_node, f"calibration: option '{key}' must be a positive integer, got {value!r}")
+                raise reader.error(value_node, f"calibration: option '{key}' must be a positive integer, got {shown(value)}")
         elif key == "split":
             if value not in ("calib", "eval"):
-                raise reader.error(value_node, f"calibration: option 'split' must be 'calib' or 'eval', got {value!r}")
+                raise reader.error(value_node, f"calibration: option 'split' must be 'calib' or 'eval', got {shown(value)}")
         else:
-            raise reader.error(key_node, f"calibration: unknown option '{key}' (options: batch, length, source, split, windows)")
+            raise reader.error(key_node, f"calibration: unknown option {shown(key)} (options: batch, length, source, split, windows)")
         values[key] = value
     return Calibration(**values, line=_line(section))
 
 
-def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
-    """Validate recipe text; every error is a RecipeError naming `path`, the line and the option."""
-    loader = yaml.SafeLoader(text)
-    reader = _Reader(str(path), loader)
+def resolve_file_option(value: str, recipe: str | Path, where: str, trusted: frozenset[Path] = frozenset(),
+                        error=RecipeError) -> str:
+    """The path a recipe's file option (sensitivity, encodings, scores, adapters) names, resolved.
+
+    A relative path is read from the recipe's folder, never the working directory. A path that
+    leaves that folder (`..`, absolute, a symlink pointing out) is refused, unless it is one of
+    `trusted`: files the user named on the command line. Whether the file exists and what it
+    holds is its reader's business.
+    """
+    folder = Path(recipe).parent
+    if not usable_path(value):
+        raise error(f"{where}: {shown(value)} is not a usable path")
+    given = Path(value)
+    candidate = (given if given.is_absolute() else folder / given).resolve()
+    if candidate in trusted:
+        return str(candidate)
+    return str(confined_path(folder, value, who=where, must_exist=False, label="the recipe's folder",
+                             error=lambda m: error(f"{m}; files outside the recipe's folder are read only when "
+                                                   "named on the command line")))
+
+
+def parse_recipe(text: str, path: str | Path = "<recipe>", *, trusted_files=()) -> Recipe:
+    """Validate recipe text; every error is a RecipeError naming `path`, the line and the option.
+
+    File options resolve against `path`'s folder (see `resolve_file_option`); `trusted_files`
+    are paths the user gave on the command line, readable wherever they are."""
+    trusted = frozenset(Path(f).expanduser().resolve() for f in trusted_files)
+    document = YamlDocument(text, str(path), RecipeError)
+    reader = _Reader(str(path), document, trusted)
     try:
-        try:
-            root = loader.get_single_node()
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = f", line {mark.line + 1}" if mark else ""
-            raise RecipeError(f"{path}{line}: not valid YAML: {exc.problem or exc}") from exc
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path}: not valid YAML: {exc}") from exc
+        root = document.root
         if root is None:
             raise RecipeError(f"{path}: the recipe is empty; it needs a 'passes:' list")
         sections = {key: (key_node, value_node) for key, key_node, value_node in reader.mapping(root, "the recipe")}
         for key, (key_node, _) in sections.items():
             if key not in _TOP_KEYS:
-                raise reader.error(key_node, f"unknown section '{key}' (sections: {', '.join(_TOP_KEYS)})")
+                raise reader.error(key_node, f"unknown section {shown(key)} (sections: {', '.join(_TOP_KEYS)})")
         if "passes" not in sections:
             raise reader.error(root, "the recipe needs a 'passes:' list")
         passes_node = sections["passes"][1]
@@ -272,16 +300,15 @@ def parse_recipe(text: str, path: str | Path = "<recipe>") -> Recipe:
             recipe.calibration = _read_calibration(reader, sections["calibration"][1], sections["calibration"][0])
         return recipe
     finally:
-        loader.dispose()
+        document.close()
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file."""
+def load_recipe(path: str | Path, *, trusted_files=()) -> Recipe:
+    """Read and validate a recipe file (at most MAX_RECIPE_BYTES, UTF-8); see `parse_recipe`."""
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such recipe file")
+    data = read_bytes(path, max_bytes=MAX_RECIPE_BYTES, error=RecipeError, what="recipe file")
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc}") from exc
-    return parse_recipe(text, path)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return parse_recipe(text, path, trusted_files=trusted_files)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -14,6 +12,7 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.capture import ChannelMoments, capture
 from graphopt.analysis.pruning_graph import AttentionGroup, ConvGroup, FFNGroup, StructureMap, find_structures
 from graphopt.errors import OptionError, UnsupportedGraphError
+from graphopt.files.reading import read_json, want_dict, want_list, want_number
 from graphopt.ir import Model
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
@@ -216,7 +215,7 @@ class PruneStructure(Pass):
     importance: Literal["l1", "l2", "activation", "fluctuation", "scores"] = field(
         default="l2", metadata={"help": "how units are ranked (activation/fluctuation need calibration)"})
     scores: str | dict[str, list[float]] = field(
-        default="", metadata={"help": "JSON file or mapping: next-layer weight name -> one score per unit"})
+        default="", metadata={"file": True, "help": "JSON file or mapping: next-layer weight name -> one score per unit"})
     schedule: Literal["uniform", "global"] = field(default="uniform", metadata={"help": "per-layer or global ranking"})
     layer_ratios: dict[str, float] = field(default_factory=dict, metadata={"help": "group name -> ratio override"})
     bias_compensation: bool = field(default=False, metadata={"help": "keep removed units' mean contribution as a bias"})
@@ -235,6 +234,8 @@ class PruneStructure(Pass):
                 raise OptionError(f"'prune_structure': layer_ratios['{key}'] must be in [0, 1), got {value}")
         if self.importance == "scores" and not self.scores:
             raise OptionError("'prune_structure': importance 'scores' needs option 'scores' (a JSON file or mapping)")
+        if isinstance(self.scores, dict):
+            _checked_scores(self.scores, "'prune_structure': option 'scores'")
 
     # ---------------------------------------------------------------- planning
     def _count(self, group: Group) -> int:
@@ -358,14 +359,25 @@ def _compensation(group: Group, tensors: dict, removed: np.ndarray, moments) -> 
     return [(nxt, moments.mean[channels] @ tensors[nxt.weight].values[channels].astype(np.float64))]
 
 
+MAX_SCORES_BYTES = 64 << 20  # one score per head / channel of every layer: a few MB at most
+
+
 def _read_scores(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise OptionError(f"'prune_structure': cannot read scores file '{path}': {exc}") from exc
-    if not isinstance(data, dict):
-        raise OptionError(f"'prune_structure': scores file '{path}' must hold a mapping of weight name -> scores")
-    return data
+    """A scores JSON file (resolved by the recipe against its folder), size-bounded and checked."""
+    def error(message: str) -> OptionError:
+        return OptionError(f"'prune_structure': option 'scores': {message}")
+
+    data = read_json(path, max_bytes=MAX_SCORES_BYTES, error=error, what="scores file")
+    return _checked_scores(data, f"'prune_structure': option 'scores': {path}")
+
+
+def _checked_scores(table, where: str) -> dict:
+    """`table` if it maps weight names to lists of finite numbers; OptionError naming the entry if not."""
+    want_dict(table, f"{where} (weight name -> scores)", OptionError)
+    for name, values in table.items():
+        for i, value in enumerate(want_list(values, f"{where}, entry '{name}'", OptionError)):
+            want_number(value, f"{where}, entry '{name}', score {i}", OptionError)
+    return table
 
 
 def _capture_moments(model: Model, groups: list[Group], calib, progress: bool) -> dict:

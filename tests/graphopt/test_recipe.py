@@ -1,6 +1,9 @@
 """graphopt.recipe: passes built from YAML, errors that name the file, the line and the option."""
 
-from dataclasses import dataclass
+import os
+import time
+import tracemalloc
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -48,9 +51,20 @@ class _Trainable(Pass):
         return PassResult(model, False)
 
 
+@dataclass(frozen=True)
+class _Reads(Pass):
+    """Test pass with a file option (resolved against the recipe's folder)."""
+
+    name: ClassVar[str] = "test_recipe_reads"
+    table: str = field(default="", metadata={"file": True})
+
+    def run_onnx(self, model: Model, ctx) -> PassResult:
+        return PassResult(model, False)
+
+
 @pytest.fixture(autouse=True)
 def test_passes(monkeypatch):
-    for cls in (_Scale, _Needs, _Trainable):
+    for cls in (_Scale, _Needs, _Trainable, _Reads):
         monkeypatch.setitem(PASSES, cls.name, cls)
 
 
@@ -170,11 +184,16 @@ def test_smollm2_w8a8_recipe_end_to_end(smollm2_onnx, smollm2_eval):
         smollm2_onnx, calib=recipe.calibration_feeds(smollm2_onnx))
     stats = {r.name: r.stats for r in result.report.steps}
     assert stats["rotate"]["gamma_matmuls"] == 1 and stats["quantize"]["int16_points"] == 18
-    assert result.model.num_bytes() < 0.26 * smollm2_onnx.num_bytes()
+    assert result.model.num_bytes() < 0.255 * smollm2_onnx.num_bytes()  # 0.2533 measured
     reference_row, reference = evaluate_causal_lm(smollm2_onnx, smollm2_eval)
     row, _ = evaluate_causal_lm(result.model, smollm2_eval, reference)
-    # 0.906 here (4 windows x 64 tokens); 0.932 on the bench's 24 x 128 (bench/RESULTS.md)
-    assert row["overlap@1"] > 0.88 and row["ppl"] < 1.05 * reference_row["ppl"]
+    # This protocol (4 evaluation windows x 64 tokens: 256 predictions) measures overlap@1 0.9062
+    # (232 of 256) and ppl 1.028x; the bench's 24 x 128 measures 0.9323 and 1.010x
+    # (bench/RESULTS.md). Its windows alone range 0.83-0.95, so it cannot assert the bench figure.
+    # Run to run it does not move (the pipeline writes the same bytes; 1 or 2 onnxruntime threads
+    # give the same figure); onnxruntime releases move W8A8 overlap@1 by ~0.008 (pyproject.toml),
+    # two predictions of 256: that is the margin.
+    assert row["overlap@1"] >= 0.898 and row["ppl"] < 1.035 * reference_row["ppl"], (row, reference_row)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "samples" / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -182,3 +201,100 @@ def test_every_shipped_recipe_loads(path):
     """Each recipe under samples/recipes parses, names real passes with valid options and files."""
     recipe = load_recipe(path)
     assert recipe.passes
+
+
+# ------------------------------------------------------------------ the reading boundary (issue 18)
+def _recipe_refused(path, *words, **kwargs):
+    """load_recipe refuses `path` with a short RecipeError naming it and every word; nothing is written."""
+    before = sorted(os.listdir(path.parent))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path, **kwargs)
+    message = str(info.value)
+    assert message.startswith(str(path)) and len(message) <= 600, message[:300]
+    for word in words:
+        assert word in message, message
+    assert sorted(os.listdir(path.parent)) == before
+    return message
+
+
+def test_alias_bomb_is_refused_quickly_with_a_short_message(tmp_path):
+    bomb = "passes:\n  - test_recipe_scale:\n      factor: *i\n"
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{n}: &{n} [{','.join(['*' + p] * 9)}]" for p, n in zip("abcdefgh", "bcdefghi")]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("x:\n" + "\n".join("  " + line for line in lines) + "\n" + bomb)
+    start = time.perf_counter()
+    tracemalloc.start()
+    _recipe_refused(path, "expands")
+    assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    tracemalloc.stop()
+    assert time.perf_counter() - start < 2
+
+
+@pytest.mark.parametrize("text, line, words", [
+    ("passes:\n  - test_recipe_scale: {factor: 2}\n  - \0\n", 3, ["'\\x00' is not allowed"]),
+    ("passes:\n  - test_recipe_scale:\n      factor: !!python/object/apply:os.system [id]\n", 3,
+     ["python/object/apply:os.system"]),
+    ("passes:\n  - test_recipe_scale:\n      mode: " + "x" * 100000 + "\n", 3, ["option 'mode'", "characters"]),
+])
+def test_yaml_errors_are_one_line_naming_the_file_and_line(tmp_path, text, line, words):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    message = _recipe_refused(path, *words)
+    assert message.startswith(f"{path}, line {line}: "), message[:200]
+
+
+def test_a_recipe_over_a_mebibyte_is_refused_before_reading(tmp_path):
+    path = tmp_path / "big.yaml"
+    with open(path, "wb") as fh:
+        fh.truncate(1 << 31)
+    _recipe_refused(path, "more than")
+
+
+def test_file_options_resolve_against_the_recipe_folder_not_the_working_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "table.json").write_text("{}")
+    path = folder / "r.yaml"
+    path.write_text("passes:\n  - test_recipe_reads:\n      table: table.json\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(path).passes[0].table == str((folder / "table.json").resolve())
+    path.write_text("passes:\n  - prune_structure:\n      importance: scores\n      scores: s.json\n      ffn_ratio: 0.5\n")
+    assert load_recipe(path).passes[0].scores == str((folder / "s.json").resolve())
+
+
+@pytest.mark.parametrize("value, words", [
+    ("../secret.json", ["leaves the recipe's folder"]),
+    ("{outside}", ["leaves the recipe's folder"]),
+    ("link.json", ["outside the recipe's folder"]),
+    ("sub/../../secret.json", ["leaves"]),
+])
+def test_file_options_leaving_the_recipe_folder_are_refused(tmp_path, value, words):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (tmp_path / "secret.json").write_text("{}")
+    (folder / "link.json").symlink_to(tmp_path / "secret.json")
+    value = value.format(outside=tmp_path / "secret.json")
+    for pass_text in (f"test_recipe_reads:\n      table: {value}",
+                      f"prune_structure:\n      importance: scores\n      ffn_ratio: 0.5\n      scores: {value}"):
+        path = folder / "r.yaml"
+        path.write_text(f"passes:\n  - {pass_text}\n")
+        message = _recipe_refused(path, *words, "named on the command line")
+        assert "option 'table'" in message or "option 'scores'" in message
+
+
+def test_a_path_named_on_the_command_line_may_be_anywhere(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (tmp_path / "secret.json").write_text("{}")
+    path = folder / "r.yaml"
+    path.write_text(f"passes:\n  - test_recipe_reads:\n      table: {tmp_path / 'secret.json'}\n")
+    recipe = load_recipe(path, trusted_files=[tmp_path / "secret.json"])
+    assert recipe.passes[0].table == str((tmp_path / "secret.json").resolve())
+
+
+def test_calibration_errors_without_a_recipe_do_not_say_recipe_line_0(tiny_onnx):
+    recipe = Recipe(passes=[], calibration=Calibration(windows=100000, length=512))
+    with pytest.raises(RecipeError) as info:
+        recipe.calibration_feeds(tiny_onnx)
+    assert str(info.value).startswith("calibration: ") and "line 0" not in str(info.value)
