@@ -27,6 +27,8 @@ from graphopt.pipeline.backends import Artifact, Backend, register_backend
 __all__ = ["NpuSim", "example_feeds", "compare_outputs"]
 
 DEFAULT_SEQ = 128
+MAX_BATCH = 1024  # a simulated NPU runs one batch at a time; these bound what compile allocates
+MAX_SEQ_LEN = 1 << 15
 MIN_VALID_COSINE = 0.99  # validate fails below this mean cosine against onnxruntime on the QDQ model
 
 
@@ -80,10 +82,11 @@ class NpuSim(Backend):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.batch < 1:
-            raise OptionError(f"backend 'npu-sim': option 'batch' must be >= 1, got {self.batch}")
-        if self.seq_len < 0:
-            raise OptionError(f"backend 'npu-sim': option 'seq_len' must be >= 0 (0: sample length), got {self.seq_len}")
+        if not 1 <= self.batch <= MAX_BATCH:
+            raise OptionError(f"backend 'npu-sim': option 'batch' must be in [1, {MAX_BATCH}], got {self.batch}")
+        if not 0 <= self.seq_len <= MAX_SEQ_LEN:
+            raise OptionError(f"backend 'npu-sim': option 'seq_len' must be in [0, {MAX_SEQ_LEN}] (0: sample "
+                              f"length), got {self.seq_len}")
         load_profile(self.profile)
 
     def compile(self, model: Model) -> Program:

@@ -16,8 +16,9 @@ import onnx
 from graphopt.backends.npu_sim import kernels
 from graphopt.backends.npu_sim.program import Op, Program
 from graphopt.errors import BackendError
+from graphopt.files.reading import shown
 
-__all__ = ["Simulator", "run_op", "MOVE_KINDS"]
+__all__ = ["Simulator", "run_op", "check_feeds", "MOVE_KINDS"]
 
 MOVE_KINDS = {"reshape", "transpose", "slice", "gather", "concat", "expand", "where"}
 
@@ -127,6 +128,39 @@ def run_op(op: Op, env: dict[str, np.ndarray], constants: dict[str, np.ndarray],
         env[name] = value
 
 
+def check_feeds(program: Program, feeds) -> dict[str, np.ndarray]:
+    """`feeds` as the program's input arrays: every input given, no unknown name, the compiled
+    shape, numbers that the input's dtype holds exactly (a float 2.5 or 300 for int8 is refused,
+    never truncated or wrapped)."""
+    if not isinstance(feeds, dict):
+        raise BackendError(f"npu-sim: feeds must map input names to arrays, got {type(feeds).__name__}")
+    unknown = sorted(set(feeds) - set(program.inputs))
+    if unknown:
+        raise BackendError(f"npu-sim: no program input {shown(unknown[0])} (inputs: {', '.join(program.inputs)})")
+    out = {}
+    for name in program.inputs:
+        if name not in feeds:
+            raise BackendError(f"npu-sim: input '{name}' missing (program inputs: {', '.join(program.inputs)})")
+        try:
+            value = np.asarray(feeds[name])
+        except (ValueError, TypeError):
+            raise BackendError(f"npu-sim: input '{name}' is not a rectangular array of numbers") from None
+        info = program.tensors[name]
+        if value.shape != tuple(info.shape):
+            raise BackendError(
+                f"npu-sim: input '{name}' has shape {list(value.shape)}, the program was compiled for "
+                f"{list(info.shape)} (recompile with the backend's batch/seq_len options)")
+        if value.dtype.kind not in "biuf":
+            raise BackendError(f"npu-sim: input '{name}' holds {value.dtype.name}, not numbers")
+        target = np.dtype(info.dtype)
+        converted = value.astype(target)
+        if value.size and target.kind in "biu" and not np.array_equal(converted, value):
+            raise BackendError(f"npu-sim: input '{name}' holds values {info.dtype} cannot represent exactly "
+                               "(fractions, or outside its range)")
+        out[name] = converted
+    return out
+
+
 class Simulator:
     """Runs a Program on feeds; `run` returns the outputs in the program's output order.
 
@@ -148,21 +182,20 @@ class Simulator:
         self.timings: dict[int, float] = {}
 
     def run(self, feeds: dict[str, np.ndarray], *, profile: bool = False) -> list[np.ndarray]:
+        """Outputs for `feeds` (checked by `check_feeds`); an op that fails on a malformed program
+        is a BackendError naming the op."""
         program = self.program
         env: dict[str, np.ndarray] = dict(program.constants)
-        for name in program.inputs:
-            if name not in feeds:
-                raise BackendError(f"npu-sim: input '{name}' missing (program inputs: {', '.join(program.inputs)})")
-            value = np.asarray(feeds[name])
-            expected = tuple(program.tensors[name].shape)
-            if value.shape != expected:
-                raise BackendError(
-                    f"npu-sim: input '{name}' has shape {list(value.shape)}, the program was compiled for "
-                    f"{list(expected)} (recompile with the backend's batch/seq_len options)")
-            env[name] = value.astype(program.tensors[name].dtype)
+        env.update(check_feeds(program, feeds))
         for i, op in enumerate(program.ops):
             start = time.perf_counter() if profile else 0.0
-            run_op(op, env, program.constants, self.host.get(i))
+            try:
+                run_op(op, env, program.constants, self.host.get(i))
+            except BackendError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a kernel fed a malformed program: name the op
+                raise BackendError(f"npu-sim: op #{i} {shown(op.node)} ({op.kind}) failed: {type(exc).__name__}: "
+                                   f"{shown(str(exc), 200)}") from exc
             if profile:
                 self.timings[i] = time.perf_counter() - start
             for name in self.free_after.get(i, ()):
