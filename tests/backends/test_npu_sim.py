@@ -293,4 +293,4 @@ def test_minilm_embedding_cosine(minilm_onnx):
     assert sum(op.kind == "matmul_acc" for op in program.ops) == 36  # 6 layers x (q, k, v, o, up, down)
     sim = Simulator(program).run(feeds)[0]
     ref = qdq.session().run(None, feeds)[0]
-    assert compare_outputs(sim, ref)["cosine"] >= 0.999
+    assert compare_outputs(sim, ref)["cosine"] >= 0.9992  # 0.99938 measured

@@ -177,7 +177,8 @@ def test_tiny_llama_outputs_unchanged(tiny_onnx):
     assert result.changed and result.stats.get("folded_shapes", 0) >= 2
     assert result.model.num_nodes() == n_before - sum(
         v for k, v in result.stats.items() if k in ("dead_nodes", "identities", "noop_casts", "folded_shapes", "folded_constants"))
-    np.testing.assert_allclose(result.model.run(feeds_)[0], before, rtol=0, atol=1e-6)
+    # only shape arithmetic is folded: onnxruntime computes the same floats, bit for bit
+    np.testing.assert_array_equal(result.model.run(feeds_)[0], before)
     assert Cleanup().run(result.model, PassContext()).changed is False  # idempotent
 
 

@@ -127,4 +127,4 @@ def test_minilm_w8a8_round_trip(minilm_onnx, tmp_path):
     folded = FoldEncodings(encodings=str(path)).run(minilm_onnx.copy(), PassContext()).model
     assert folded.to_onnx().SerializeToString() == quantized.to_onnx().SerializeToString()
     feeds = minilm_batches(minilm_onnx.tokenizer, "eval", 1)[0]
-    assert metrics.cosine(minilm_onnx.run(feeds)[0], folded.run(feeds)[0]) > 0.98
+    assert metrics.cosine(minilm_onnx.run(feeds)[0], folded.run(feeds)[0]) > 0.985  # 0.9884 measured
