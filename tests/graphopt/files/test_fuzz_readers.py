@@ -40,6 +40,7 @@ import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
@@ -54,6 +55,8 @@ from graphopt.ir.onnx_files import load_onnx
 from graphopt.quant.encodings import Encodings
 from graphopt.recipe import parse_recipe
 
+# hypothesis keeps caches (unicode tables) in a folder of its own: keep it out of the repository
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "graphopt-hypothesis"))
 PROFILE = os.environ.get("GRAPHOPT_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"GRAPHOPT_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
@@ -587,6 +590,8 @@ def test_fuzz_budget_and_peak_memory():
         pytest.skip(f"runs after the fuzz tests of this module (examples so far: {counted})")
     assert sum(counted.values()) >= 10_000 * SCALE, counted
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"fuzz ({PROFILE}): {sum(counted.values()):,} inputs {counted}, sensitivity {COUNTS['sensitivity']}; "
+          f"peak RSS {peak >> 20} MiB")
     assert peak - START_RSS < 1 << 30, f"peak RSS grew by {(peak - START_RSS) >> 20} MiB while fuzzing"
     if START_RSS < 512 << 20:
         assert peak < 1 << 30, f"peak RSS {peak >> 20} MiB"
