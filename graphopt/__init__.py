@@ -12,7 +12,7 @@ light; the submodules hold the implementations.
 import importlib
 
 __all__ = ["load", "Model", "ModelMeta", "TensorSpec", "Pipeline", "PipelineResult", "GraphoptError", "diff",
-           "export", "lower", "passes", "backends"]
+           "export", "lower", "generate", "passes", "backends"]
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -25,6 +25,7 @@ _LAZY = {
     "GraphoptError": ("graphopt.errors", "GraphoptError"),
     "export": ("graphopt.pipeline", "export"),
     "lower": ("graphopt.lowering", "lower"),
+    "generate": ("graphopt.evaluation.generation", "generate"),
     "passes": ("graphopt.passes", None),
     "backends": ("graphopt.backends", None),
 }

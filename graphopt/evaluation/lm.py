@@ -19,6 +19,7 @@ from graphopt.evaluation.latency import ort_latency
 from graphopt.evaluation.metrics import nll_sum
 from graphopt.evaluation.sizes import disk_bytes
 from graphopt.ir import Model
+from graphopt.ir.decoder import DecoderSpec, prefill_feeds
 from graphopt.ir.runtime import ort_session
 
 __all__ = ["top_k_indices", "evaluate_causal_lm", "benchmark_causal_lm"]
@@ -68,7 +69,8 @@ def evaluate_causal_lm(
     """Perplexity over `windows` and, given a reference, overlap@1 and overlap@k against it.
 
     `model` is a causal-LM `Model` (FX runs in torch, ONNX in onnxruntime with one session for all
-    windows, `threads` of its own; 0: one per core) or any callable `input_ids -> logits`. `windows` are token-id arrays ([seq] or
+    windows, `threads` of its own; 0: one per core; a decoder runs each window as a prefill from
+    an empty cache) or any callable `input_ids -> logits`. `windows` are token-id arrays ([seq] or
     [batch, seq]). `reference_logits` (one entry per window) are full logits or the top-k indices
     this function returns. Returns the row {"ppl", "overlap@1", "overlap@k"} and this model's
     top-k indices per window, to serve as the reference of later runs.
@@ -100,8 +102,11 @@ def _logits_fn(model, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
         return model
     if model.task != "causal-lm":
         raise GraphoptError(f"'{model.name}' is a {model.task} model; evaluate_causal_lm needs logits")
-    name = model.inputs[0].name
     runner = model.runner(threads)
+    spec = DecoderSpec.of(model)
+    if spec is not None:  # a decoder: the logits of a prefill from an empty cache, a sequence at a time
+        return lambda ids: np.concatenate([runner(prefill_feeds(spec, row[None]))[0] for row in ids])
+    name = model.inputs[0].name
     return lambda ids: runner({name: ids})[0]
 
 

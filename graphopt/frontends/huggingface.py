@@ -23,7 +23,8 @@ from graphopt.files.safetensors_files import read_safetensors_header
 from graphopt.frontends.torch_module import from_module
 from graphopt.ir import Model
 
-__all__ = ["from_hf", "check_hf_folder", "check_gguf", "ModelDims", "CausalLMLogits", "SentenceEmbedding"]
+__all__ = ["from_hf", "load_transformers", "check_hf_folder", "check_tokenizer_files", "check_gguf", "ModelDims",
+           "CausalLMLogits", "SentenceEmbedding"]
 
 MAX_CONFIG_BYTES = 4 << 20
 MAX_INDEX_BYTES = 64 << 20
@@ -135,11 +136,16 @@ def check_hf_folder(folder: Path) -> dict:
         entries, _, _ = read_safetensors_header(shard)
         tensors.update({name: entry.shape for name, entry in entries.items()})
     ModelDims.read(config, HF_KEYS, str(config_path)).check(tensors, str(config_path), hidden_axis=1)
+    check_tokenizer_files(folder)
+    return config
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's JSON files in `folder`: each inside it, bounded and valid JSON."""
     for name in TOKENIZER_FILES:
         if (folder / name).exists():
             read_json(confined_path(folder, name, who=str(folder), missing=ModelLoadError),
                       max_bytes=MAX_TOKENIZER_BYTES, error=ModelLoadError, what=name)
-    return config
 
 
 def check_gguf(path: Path) -> GGUFHeader:
@@ -192,13 +198,9 @@ class SentenceEmbedding:
         return _Embed(hf_encoder).eval()
 
 
-def from_hf(folder: Path, *, gguf_file: str | None = None, log=print, name: str | None = None,
-            sample_inputs: list[dict[str, np.ndarray]] | None = None) -> Model:
-    """A Hugging Face folder (safetensors only) or a GGUF file, traced to the FX form.
-
-    Causal LMs become `input_ids -> logits`; encoders become sentence-embedding models.
-    """
-    folder = Path(folder)
+def load_transformers(folder: Path, *, gguf_file: str | None = None, log=print, name: str | None = None):
+    """(transformers model in eval mode, its tokenizer, whether it is a causal LM) from a Hugging
+    Face folder (safetensors only) or a GGUF file, checked before transformers reads anything."""
     if gguf_file is None:
         config = check_hf_folder(folder)
         architectures = config.get("architectures") or []
@@ -229,7 +231,17 @@ def from_hf(folder: Path, *, gguf_file: str | None = None, log=print, name: str 
         raise ModelLoadError(f"{folder / (gguf_file or '')}: transformers could not load it: "
                              f"{type(exc).__name__}: {shown(str(exc), 300)}") from exc
     log(f"load: {name or folder.name} weights in {time.perf_counter() - start:.1f} s")
-    hf.eval()
+    return hf.eval(), tokenizer, causal
+
+
+def from_hf(folder: Path, *, gguf_file: str | None = None, log=print, name: str | None = None,
+            sample_inputs: list[dict[str, np.ndarray]] | None = None) -> Model:
+    """A Hugging Face folder (safetensors only) or a GGUF file, traced to the FX form.
+
+    Causal LMs become `input_ids -> logits`; encoders become sentence-embedding models.
+    """
+    folder = Path(folder)
+    hf, tokenizer, causal = load_transformers(folder, gguf_file=gguf_file, log=log, name=name)
     start = time.perf_counter()
     if causal:
         if sample_inputs is None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from graphopt.errors import UnsupportedGraphError
 from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD, NUMPY_NATIVE
 
 __all__ = ["ort_session"]
 
 
 def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), threads: int = 0,
-                optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None):
+                optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None,
+                shared: dict | None = None):
     """An onnxruntime session for an in-memory model.
 
     The weights reach onnxruntime as external initializers (numpy views of the message's bytes),
@@ -49,9 +51,15 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             tensor.external_data.add(key="location", value="graphopt-in-memory")
-        if moved:
-            options.add_external_initializers([t.name for t, _ in moved], values)
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        values += list((shared or {}).values())
+        if values:
+            options.add_external_initializers([t.name for t, _ in moved] + list(shared or {}), values)
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types
+            text = " ".join(str(exc).split())
+            raise UnsupportedGraphError(
+                f"onnxruntime cannot run the model '{model.graph.name}': {text[:600]}") from exc
     finally:
         for tensor, raw in ([] if consume else moved):
             tensor.ClearField("external_data")

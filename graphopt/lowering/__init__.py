@@ -1,8 +1,14 @@
-"""Lowering FX -> ONNX with the dynamo exporter, cached on disk by content hash."""
+"""Lowering FX -> ONNX with the dynamo exporter, cached on disk by content hash.
+
+Decoders (models with a `graphopt.ir.decoder.DecoderSpec`) lower the same way: their attention op
+becomes onnxruntime's GroupQueryAttention (`graphopt.lowering.attention`), their cache inputs and
+outputs keep their names, and `graphopt.lowering.decoder` makes the graphs a decoder is saved as.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -14,6 +20,7 @@ import onnx
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import MIN_OPSET, Model
+from graphopt.ir.decoder import DecoderSpec, example_feeds
 from graphopt.ir.onnx_files import load_onnx, save_onnx
 
 __all__ = ["lower", "cache_dir", "content_hash"]
@@ -32,7 +39,8 @@ def content_hash(model: Model, opset: int) -> str:
     import torch
 
     digest = hashlib.sha256()
-    for part in (_LOWERING_VERSION, torch.__version__, onnx.__version__, str(opset), model.fx.code):
+    for part in (_LOWERING_VERSION, torch.__version__, onnx.__version__, str(opset), model.fx.code,
+                 *_decoder_parts(model)):
         digest.update(part.encode())
     for spec in model.inputs + model.outputs:
         digest.update(repr(spec).encode())
@@ -45,22 +53,48 @@ def content_hash(model: Model, opset: int) -> str:
     return digest.hexdigest()[:32]
 
 
+def _decoder_parts(model: Model) -> list[str]:
+    """What a decoder's export depends on beyond its code: its spec and the attention translation."""
+    spec = model.meta.extra.get("decoder")
+    if spec is None:
+        return []
+    from graphopt.lowering.attention import LOWERING_VERSION
+
+    return [json.dumps(spec, sort_keys=True), LOWERING_VERSION]
+
+
 def _dynamic_shapes(model: Model):
+    """One {axis: DYNAMIC} per input, in order (the FX module takes its inputs positionally)."""
     import torch
 
-    shapes = {}
-    for spec in model.inputs:
-        shapes[spec.name] = {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(spec.shape) if isinstance(size, str)}
-    return shapes
+    return tuple({axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(spec.shape) if isinstance(size, str)}
+                 for spec in model.inputs)
 
 
 def _example_args(model: Model):
+    """Inputs to export with: a decoder's example feeds (no axis of size 0 or 1, which the exporter
+    would fix), else the first sample input."""
     import torch
 
-    if not model.sample_inputs:
+    spec = DecoderSpec.of(model)
+    if spec is not None:
+        feeds = example_feeds(spec)
+    elif model.sample_inputs:
+        feeds = model.sample_inputs[0]
+    else:
         raise GraphoptError(f"cannot lower '{model.name}': it has no sample inputs to trace with")
-    feeds = model.sample_inputs[0]
     return tuple(torch.from_numpy(np.ascontiguousarray(feeds[spec.name])) for spec in model.inputs)
+
+
+def _translation_table(model: Model) -> dict | None:
+    """The exporter's translations of graphopt's own ops, when the FX graph holds one."""
+    from graphopt.ir.attention import ATTENTION_OP
+
+    if not any(node.op == "call_function" and node.target is ATTENTION_OP for node in model.fx.graph.nodes):
+        return None
+    from graphopt.lowering.attention import translation_table
+
+    return translation_table()
 
 
 def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=print) -> Model:
@@ -93,6 +127,7 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
                 dynamo=True,
                 optimize=False,
                 verbose=False,
+                custom_translation_table=_translation_table(model),
             )
             proto = _fold_weight_transposes(program.model_proto)
             proto = _optimize(proto)

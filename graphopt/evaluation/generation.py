@@ -1,0 +1,319 @@
+"""Text generation with a decoder in onnxruntime: prefill, decode steps carrying the KV cache, streaming.
+
+    result = graphopt.generate("out/", "Write a haiku about phones.", max_new_tokens=64, chat=True)
+    print(result.text, result.tokens_per_s, result.ttft_s)
+
+`Generator` holds a decoder's sessions and tokenizer (from a decoder folder or a decoder Model);
+`Generator.start()` opens a cache, and `Decoding.feed(ids)` runs tokens through it (a prompt in
+chunks of the spec's prefill_chunk, then one token per step), returning their logits. The cache:
+- ort form (`SharedBufferCache`): one buffer of fixed length per cache tensor, bound through
+  IOBinding as both past and present, as onnxruntime-genai binds them: GroupQueryAttention writes
+  the new rows in place, so a step copies no cache and memory stays flat.
+- portable form (`StaticCache`): the host holds the capacity's slots, chooses the slots new rows
+  go to, writes the graph's present rows into them and builds the additive mask. This class is
+  where KV eviction (which slots, which mask) and KV quantization (how rows are stored) plug in.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, OptionError
+from graphopt.ir import Model
+from graphopt.ir.decoder import DecoderSpec, smart_mask
+
+__all__ = ["generate", "Generator", "GenerationResult", "Decoding", "StaticCache", "SharedBufferCache",
+           "TextStream", "sample_next", "check_sampling"]
+
+
+@dataclass
+class GenerationResult:
+    """What one generation made and how fast: new token ids (an end-of-sequence token included),
+    their text, why it stopped ("eos", "length": max_new_tokens, "capacity": the cache is full),
+    time to first token (prefill + first pick), decode tokens/s (tokens after the first over their
+    time) and the process's peak resident memory."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    stop: str
+    ttft_s: float
+    tokens_per_s: float
+    peak_rss_mib: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------ caches
+class StaticCache:
+    """The portable form's KV cache on the host: `capacity` slots per cache tensor.
+
+    `inputs(seq)` gives a step's cache feeds (positions, additive mask, the cache arrays); after
+    the step, `write(presents, count)` stores the first `count` new rows of each present output
+    in the slots `slots(count)` chooses (the first free ones) and marks them visible. A key is
+    stored after rotary, so a slot's place does not matter, only the mask: an eviction policy
+    overrides `slots` (and frees slots in `used`), KV quantization overrides how `write` stores rows.
+    """
+
+    def __init__(self, spec: DecoderSpec):
+        self.spec = spec
+        shape = (1, spec.kv_heads, spec.capacity, spec.head_dim)
+        self.past = {name: np.zeros(shape, np.float32) for name in spec.past_names}
+        self.used = np.zeros(spec.capacity, dtype=bool)
+        self.position = 0  # position of the next token
+
+    @property
+    def room(self) -> int:
+        return int(self.spec.capacity - self.used.sum())
+
+    def slots(self, count: int) -> np.ndarray:
+        free = np.flatnonzero(~self.used)
+        if free.size < count:
+            raise GraphoptError(f"the cache holds {self.spec.capacity} tokens; {count} more do not fit")
+        return free[:count]
+
+    def inputs(self, seq: int) -> dict[str, np.ndarray]:
+        # a padded prefill chunk's rows past the last real token are never seen; keep their
+        # positions inside the rotary table
+        positions = np.minimum(self.position + np.arange(seq, dtype=np.int64), self.spec.capacity - 1)[None]
+        mask = smart_mask(self.used, seq, self.spec.mask_value)
+        return {"position_ids": positions, "attention_mask": mask, **self.past}
+
+    def write(self, presents: list[np.ndarray], count: int) -> None:
+        slots = self.slots(count)
+        for name, rows in zip(self.spec.past_names, presents):
+            self.past[name][:, :, slots] = rows[:, :, :count]
+        self.used[slots] = True
+        self.position += count
+
+
+class SharedBufferCache:
+    """The ort form's KV cache: one [1, kv_heads, length, head_dim] buffer per cache tensor, bound
+    as both past and present, so GroupQueryAttention appends the new rows in place."""
+
+    def __init__(self, spec: DecoderSpec, length: int):
+        import onnxruntime as ort
+
+        self.spec = spec
+        self.length = length
+        shape = (1, spec.kv_heads, length, spec.head_dim)
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in spec.past_names]
+        self.tokens = 0
+
+    @property
+    def room(self) -> int:
+        return self.length - self.tokens
+
+    def bind(self, io, seq: int) -> None:
+        """Bind the cache and the mask of `seq` new tokens; the tokens count as held from now."""
+        self.tokens += seq
+        io.bind_cpu_input("attention_mask", np.ones((1, self.tokens), np.int64))
+        for past, present, buffer in zip(self.spec.past_names, self.spec.present_names, self.buffers):
+            io.bind_ortvalue_input(past, buffer)
+            io.bind_ortvalue_output(present, buffer)
+
+
+class Decoding:
+    """One sequence through a decoder: `feed(ids)` runs tokens (in prefill chunks) and returns
+    their logits [len(ids), vocab]; `room` is how many more tokens the cache takes."""
+
+    def __init__(self, spec: DecoderSpec, sessions: dict[str, Any], length: int):
+        self.spec = spec
+        self.sessions = sessions
+        if spec.form == "ort":
+            self.cache = SharedBufferCache(spec, length)
+        else:
+            self.cache = StaticCache(spec)
+
+    @property
+    def room(self) -> int:
+        return self.cache.room
+
+    def feed(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size > self.room:
+            raise GraphoptError(f"{ids.size} tokens do not fit the cache: room for {self.room} more "
+                                f"(capacity {self.spec.capacity})")
+        chunk = self.spec.prefill_chunk
+        step = self._ort_step if self.spec.form == "ort" else self._portable_step
+        return np.concatenate([step(ids[i:i + chunk]) for i in range(0, ids.size, chunk)])
+
+    def _ort_step(self, ids: np.ndarray) -> np.ndarray:
+        session = self.sessions["model.onnx"]
+        io = session.io_binding()
+        io.bind_cpu_input("input_ids", ids[None])
+        io.bind_output("logits")  # first: outputs come back in the order they were bound
+        self.cache.bind(io, ids.size)
+        session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()[0]
+
+    def _portable_step(self, ids: np.ndarray) -> np.ndarray:
+        file, seq = ("decode.onnx", 1) if ids.size == 1 else ("prefill.onnx", self.spec.prefill_chunk)
+        padded = np.zeros((1, seq), np.int64)
+        padded[0, :ids.size] = ids
+        outputs = self.sessions[file].run(None, {"input_ids": padded, **self.cache.inputs(seq)})
+        self.cache.write(outputs[1:], ids.size)
+        return outputs[0][0, :ids.size]
+
+
+# ------------------------------------------------------------------------------ sampling
+def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
+    """The next token: argmax when `temperature` is 0 (the first index among ties, as torch does),
+    else a draw from softmax(logits / temperature) cut to the smallest set of tokens whose
+    probability reaches `top_p`."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = order[:int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+    return int(rng.choice(keep, p=probs[keep] / probs[keep].sum()))
+
+
+class TextStream:
+    """Text of a growing token list, handed out piece by piece: a piece is held back while it ends
+    inside a multi-byte character (the decoder shows it as U+FFFD)."""
+
+    def __init__(self, decode: Callable[[list[int]], str]):
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.shown = text[self.shown:], len(text)
+        return piece
+
+
+# ---------------------------------------------------------------------------- generator
+class Generator:
+    """A decoder's sessions and tokenizer, ready to generate (see the module docstring)."""
+
+    def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0):
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.sessions = graphs.sessions(threads)
+
+    @classmethod
+    def load(cls, source: "str | Path | Model | Generator", *, threads: int = 0, log=print) -> "Generator":
+        """A generator for a decoder folder, a decoder Model (FX form: lowered) or a Generator itself."""
+        if isinstance(source, Generator):
+            return source
+        from graphopt.lowering.decoder import DecoderGraphs
+
+        if isinstance(source, Model):
+            graphs = DecoderGraphs.of(source, log=log)
+            return cls(graphs.spec, graphs, source.tokenizer, threads=threads)
+        from graphopt.frontends.decoder_folder import is_decoder_folder, read_decoder_folder
+
+        path = Path(source)
+        if not is_decoder_folder(path):
+            raise GraphoptError(f"{path}: not a decoder folder (no decoder.json); write one with `graphopt convert "
+                                "MODEL --recipe R -o OUT` and a recipe with a decoder: section")
+        folder = read_decoder_folder(path)
+        return cls(folder.spec, folder.graphs, folder.tokenizer, threads=threads)
+
+    def start(self, length: int | None = None) -> Decoding:
+        """A new sequence whose cache takes `length` tokens (at most, and by default, the capacity)."""
+        length = min(length or self.spec.capacity, self.spec.capacity)
+        return Decoding(self.spec, self.sessions, length)
+
+    def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
+        """Token ids of `prompt`; with `chat`, of the tokenizer's chat template around it as a user turn."""
+        if self.tokenizer is None:
+            if chat:
+                raise GraphoptError("--chat: this model reads bytes and has no chat template")
+            return list(prompt.encode("utf-8"))
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise GraphoptError("--chat: this model's tokenizer has no chat template")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, tokens: list[int]) -> str:
+        if self.tokenizer is None:
+            return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+                 stream: Callable[[int, str], None] | None = None) -> GenerationResult:
+        """Generate up to `max_new_tokens` after `prompt` (text, or token ids as they are) and stop at
+        an end-of-sequence token or a full cache; `stream(token, text_piece)` sees each token as it
+        comes. Greedy when `temperature` is 0, else sampled (top_p, seeded by `seed`)."""
+        check_sampling(max_new_tokens, temperature, top_p)
+        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise GraphoptError("the prompt has no tokens")
+        if len(ids) > self.spec.capacity:
+            raise GraphoptError(f"the prompt has {len(ids)} tokens, more than the decoder's capacity of "
+                                f"{self.spec.capacity}; shorten it or build the decoder with a larger capacity")
+        rng = np.random.default_rng(seed) if temperature else None
+        text = TextStream(self.decode)
+        decoding = self.start(len(ids) + max_new_tokens)
+        start = time.perf_counter()
+        logits = decoding.feed(ids)[-1]
+        tokens, stop, first = [], "length", 0.0
+        while True:
+            token = sample_next(logits, temperature, top_p, rng)
+            tokens.append(token)
+            if len(tokens) == 1:
+                first = time.perf_counter()
+            piece = text.push(token)
+            if stream is not None:
+                stream(token, piece)
+            if token in self.spec.eos_token_ids:
+                stop = "eos"
+                break
+            if len(tokens) == max_new_tokens:
+                break
+            if decoding.room == 0:
+                stop = "capacity"
+                break
+            logits = decoding.feed([token])[-1]
+        end = time.perf_counter()
+        rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else 0.0
+        return GenerationResult(prompt_tokens=ids, tokens=tokens, text=self.decode(tokens), stop=stop,
+                                ttft_s=first - start, tokens_per_s=rate, peak_rss_mib=peak_rss_mib())
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """OptionError unless max_new_tokens >= 1, temperature >= 0 (finite) and 0 < top_p <= 1."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise OptionError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise OptionError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise OptionError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def generate(model: "str | Path | Model | Generator", prompt: str | list[int], *, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
+             stream: Callable[[int, str], None] | None = None, threads: int = 0, log=print) -> GenerationResult:
+    """Generate text with a decoder folder, a decoder Model or a Generator (see `Generator.generate`).
+
+    Building the sessions takes seconds for a real model: for many prompts, make a
+    `Generator.load(...)` once and pass it here (or call its `generate`).
+    """
+    generator = Generator.load(model, threads=threads, log=log)
+    return generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, chat=chat, stream=stream)

@@ -1,0 +1,225 @@
+"""What a decoder Model is: its spec (forms, names, sizes, cache), and the feeds it takes.
+
+A decoder is an ordinary causal-LM `Model` whose signature carries a KV cache; its spec lives,
+JSON-able, in `model.meta.extra["decoder"]` (`DecoderSpec.of(model)` reads it back). Two forms:
+
+- "ort": one graph for prefill and decode. Inputs `input_ids` [batch, S], `attention_mask` int64
+  [batch, past + S] (ones over the tokens so far), `past_key_values.N.key/value`
+  [batch, kv_heads, past, head_dim]; outputs `logits` [batch, S, vocab] and `present.N.key/value`
+  (past with the new rows appended). Attention is `graphopt::group_query_attention`, lowered to
+  onnxruntime's GroupQueryAttention, which also runs past as a buffer of fixed capacity shared
+  with present.
+- "portable": standard ops and a static cache of `capacity` slots ("smart mask"). Inputs
+  `input_ids` [1, S], `position_ids` [1, S], `attention_mask` float [1, 1, S, capacity + S]
+  (additive: 0 where a query sees a cache slot or a new row, `mask_value` elsewhere),
+  `past_key_values.N.key/value` [1, kv_heads, capacity, head_dim], read only; outputs `logits`
+  and `present.N.key/value` [1, kv_heads, S, head_dim], the new rows only, which the host writes
+  into the slots it chose. Saved as two static graphs: prefill (S = prefill_chunk) and decode
+  (S = 1).
+
+`prefill_feeds` turns token ids into the feeds of a prefill from an empty cache: what
+calibration, evaluation and the pass manager's fidelity checks run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import GraphoptError, ModelLoadError
+from graphopt.files.reading import shown, want_bool, want_dict, want_int, want_list, want_number, want_str
+
+__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "MAX_CAPACITY"]
+
+FORMS = ("ort", "portable")
+MAX_CAPACITY = 1 << 20  # tokens; no on-device context comes near
+_LIMITS = {"layers": 512, "heads": 1024, "kv_heads": 1024, "head_dim": 4096, "hidden": 1 << 16, "vocab": 1 << 22}
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """A decoder's shape and contract, JSON-able (`to_json` / `from_json`).
+
+    capacity: the longest context (prompt + generated tokens) the model serves: the static
+    cache's slots (portable) or the rotary table's positions and the cache buffer's limit (ort).
+    prefill_chunk: tokens per prefill step (portable: the prefill graph's static S).
+    rope: how the rotary tables were made ({"type", "theta", ...}); the tables themselves are the
+    model's `rotary_cos` / `rotary_sin` weights [capacity, head_dim / 2].
+    tokenizer: "hf" (tokenizer files beside the graphs) or "bytes" (ids are UTF-8 bytes).
+    """
+
+    form: str
+    architecture: str
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    capacity: int
+    prefill_chunk: int
+    rope: dict = dataclasses.field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    pad_token_id: int | None = None
+    chat_template: bool = False
+    tokenizer: str = "hf"
+    mask_value: float = -1e4  # portable: additive mask of an invisible slot (fp16-safe, quantizes well)
+
+    # ------------------------------------------------------------------ names
+    def cache_names(self, prefix: str) -> list[str]:
+        """`prefix`.N.key, `prefix`.N.value for every layer, in the graph's order."""
+        return [f"{prefix}.{i}.{kind}" for i in range(self.layers) for kind in ("key", "value")]
+
+    @property
+    def past_names(self) -> list[str]:
+        return self.cache_names("past_key_values")
+
+    @property
+    def present_names(self) -> list[str]:
+        return self.cache_names("present")
+
+    @property
+    def input_names(self) -> list[str]:
+        head = ["input_ids", "attention_mask"] if self.form == "ort" else ["input_ids", "position_ids", "attention_mask"]
+        return head + self.past_names
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits"] + self.present_names
+
+    def input_shapes(self, seq: int | str = "sequence_length") -> dict[str, tuple[int | str, ...]]:
+        """Input name -> shape (str entries are dynamic axes)."""
+        kv = (self.kv_heads, self.head_dim)
+        if self.form == "ort":
+            past = ("batch_size", kv[0], "past_sequence_length", kv[1])
+            shapes = {"input_ids": ("batch_size", seq), "attention_mask": ("batch_size", "total_sequence_length")}
+        else:
+            past = (1, kv[0], self.capacity, kv[1])
+            width = self.capacity + seq if isinstance(seq, int) else f"{self.capacity} + {seq}"
+            shapes = {"input_ids": (1, seq), "position_ids": (1, seq), "attention_mask": (1, 1, seq, width)}
+        return {**shapes, **{name: past for name in self.past_names}}
+
+    def output_shapes(self, seq: int | str = "sequence_length") -> dict[str, tuple[int | str, ...]]:
+        batch = "batch_size" if self.form == "ort" else 1
+        rows = "total_sequence_length" if self.form == "ort" else seq
+        present = (batch, self.kv_heads, rows, self.head_dim)
+        return {"logits": (batch, seq, self.vocab), **{name: present for name in self.present_names}}
+
+    def input_dtypes(self) -> dict[str, str]:
+        ints = {"input_ids", "position_ids"} | ({"attention_mask"} if self.form == "ort" else set())
+        return {name: "int64" if name in ints else "float32" for name in self.input_names}
+
+    # ------------------------------------------------------------------- JSON
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["eos_token_ids"] = list(self.eos_token_ids)
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, where: str = "decoder spec", error=ModelLoadError) -> "DecoderSpec":
+        """A spec from JSON (a model's metadata or a decoder folder's config), every field checked."""
+        data = want_dict(data, where, error)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise error(f"{where}: unknown field {shown(unknown[0])}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                         and f.name not in data)
+        if missing:
+            raise error(f"{where}: missing field '{missing[0]}'")
+        field = f"{where}: field"
+        form = want_str(data["form"], f"{field} 'form'", error)
+        if form not in FORMS:
+            raise error(f"{field} 'form' must be one of {', '.join(FORMS)}, got {shown(form)}")
+        sizes = {name: want_int(data[name], f"{field} '{name}'", error, lo=1, hi=hi) for name, hi in _LIMITS.items()}
+        capacity = want_int(data["capacity"], f"{field} 'capacity'", error, lo=1, hi=MAX_CAPACITY)
+        chunk = want_int(data["prefill_chunk"], f"{field} 'prefill_chunk'", error, lo=1, hi=capacity)
+        eos = tuple(want_int(v, f"{field} 'eos_token_ids'", error, lo=0, hi=sizes["vocab"] - 1)
+                    for v in want_list(data.get("eos_token_ids", []), f"{field} 'eos_token_ids'", error, max_len=64))
+        optional_ids = {}
+        for name in ("bos_token_id", "pad_token_id"):
+            value = data.get(name)
+            optional_ids[name] = None if value is None else want_int(value, f"{field} '{name}'", error, lo=0,
+                                                                     hi=sizes["vocab"] - 1)
+        tokenizer = want_str(data.get("tokenizer", "hf"), f"{field} 'tokenizer'", error)
+        if tokenizer not in ("hf", "bytes"):
+            raise error(f"{field} 'tokenizer' must be 'hf' or 'bytes', got {shown(tokenizer)}")
+        spec = cls(form=form, architecture=want_str(data["architecture"], f"{field} 'architecture'", error, max_len=64),
+                   capacity=capacity, prefill_chunk=chunk, eos_token_ids=eos, tokenizer=tokenizer,
+                   rope=want_dict(data.get("rope", {}), f"{field} 'rope'", error),
+                   chat_template=want_bool(data.get("chat_template", False), f"{field} 'chat_template'", error),
+                   mask_value=want_number(data.get("mask_value", -1e4), f"{field} 'mask_value'", error),
+                   **sizes, **optional_ids)
+        spec.check(where, error)
+        return spec
+
+    def check(self, where: str, error=GraphoptError) -> None:
+        """Refuse sizes that contradict each other."""
+        if self.heads % self.kv_heads:
+            raise error(f"{where}: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
+        if self.head_dim % 2:
+            raise error(f"{where}: head_dim {self.head_dim} is odd; rotary needs pairs of channels")
+        if self.prefill_chunk > self.capacity:
+            raise error(f"{where}: prefill_chunk {self.prefill_chunk} is larger than the capacity {self.capacity}")
+
+    @classmethod
+    def of(cls, model) -> "DecoderSpec | None":
+        """The spec of a decoder Model (None for any other model)."""
+        data = model.meta.extra.get("decoder")
+        return None if data is None else cls.from_json(data, f"model '{model.name}': decoder spec", GraphoptError)
+
+
+def smart_mask(visible_slots: np.ndarray, seq: int, value: float) -> np.ndarray:
+    """The portable form's additive mask [1, 1, seq, capacity + seq] for `seq` new rows.
+
+    Every new row sees the cache slots where `visible_slots` (bool [capacity]) is true, and the new
+    rows up to its own (causal); 0 where visible, `value` elsewhere.
+    """
+    capacity = visible_slots.shape[0]
+    mask = np.full((1, 1, seq, capacity + seq), value, dtype=np.float32)
+    mask[..., :capacity][..., visible_slots] = 0.0
+    mask[0, 0, :, capacity:][np.tril(np.ones((seq, seq), dtype=bool))] = 0.0
+    return mask
+
+
+def prefill_feeds(spec: DecoderSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds that run `ids` ([seq] or [batch, seq]) as a prefill from an empty cache.
+
+    The ort form takes any batch; the portable form one sequence at a time. A sequence longer
+    than the capacity is refused: the model could never hold it.
+    """
+    ids = np.atleast_2d(np.asarray(ids)).astype(np.int64)
+    batch, seq = ids.shape
+    if seq > spec.capacity:
+        raise GraphoptError(f"a prefill of {seq} tokens does not fit the decoder's capacity of {spec.capacity} "
+                            "tokens; build the decoder with a larger capacity or use shorter windows")
+    past_shape = (batch, spec.kv_heads, 0 if spec.form == "ort" else spec.capacity, spec.head_dim)
+    if spec.form == "ort":
+        feeds = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int64)}
+    else:
+        if batch != 1:
+            raise GraphoptError(f"the portable decoder runs one sequence at a time, got a batch of {batch}; "
+                                "feed the windows one by one")
+        empty = np.zeros(spec.capacity, dtype=bool)
+        feeds = {"input_ids": ids, "position_ids": np.arange(seq, dtype=np.int64)[None],
+                 "attention_mask": smart_mask(empty, seq, spec.mask_value)}
+    past = np.zeros(past_shape, np.float32)
+    return {**feeds, **{name: past for name in spec.past_names}}
+
+
+def example_feeds(spec: DecoderSpec) -> dict[str, np.ndarray]:
+    """Feeds to trace and export with: sizes of 2 or more on every dynamic axis (torch.export
+    fixes an axis seen at size 0 or 1), a cache holding two tokens for the ort form."""
+    rng = np.random.default_rng(0)
+    seq, batch, past = 3, 2, 2
+    if spec.form == "portable":
+        return prefill_feeds(spec, rng.integers(0, spec.vocab, (1, seq)))
+    feeds = {"input_ids": rng.integers(0, spec.vocab, (batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, past + seq), np.int64)}
+    cache = np.zeros((batch, spec.kv_heads, past, spec.head_dim), np.float32)
+    return {**feeds, **{name: cache for name in spec.past_names}}
