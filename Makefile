@@ -23,8 +23,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) samples/demo.py
 
+FUZZ := tests/graphopt/files/test_fuzz_readers.py
+
 test: $(STAMP)
-	$(PY) -m pytest -q -x --durations=15
+	# the fuzz tests in a process of their own: their peak-RSS bound needs a process no large model ran in
+	$(PY) -m pytest -q -x -p no:cacheprovider $(FUZZ)
+	$(PY) -m pytest -q -x --durations=15 --ignore=$(FUZZ)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from graphopt.backends.npu_sim.program import Program
 from graphopt.errors import BackendError, OptionError
+from graphopt.files.reading import read_yaml, want_dict, want_number
 
 __all__ = ["Profile", "load_profile", "estimate", "CostReport", "PROFILE_DIR"]
 
@@ -54,13 +54,12 @@ def load_profile(spec: str | Path = "default") -> Profile:
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
         raise OptionError(f"npu-sim option 'profile': no profile '{spec}' (built in: {known}; or a YAML path)")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise OptionError(f"{path}: not valid YAML ({exc})") from exc
-    missing = [k for k in REQUIRED if not isinstance(data.get(k), (int, float))]
-    if missing:
-        raise OptionError(f"{path}: profile key '{missing[0]}' is missing or not a number")
+    data = read_yaml(path, max_bytes=1 << 20, error=OptionError, what="npu-sim profile") or {}
+    data = want_dict(data, f"{path}", OptionError)
+    for key in REQUIRED:
+        if key not in data:
+            raise OptionError(f"{path}: profile key '{key}' is missing")
+        data[key] = want_number(data[key], f"{path}: profile key '{key}'", OptionError)
     return Profile(data.get("name", path.stem), data)
 
 

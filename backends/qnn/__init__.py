@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from graphopt.backends.qnn.schema import check_encodings_v1
 from graphopt.backends.qnn.tables import QNN_DATATYPES, QNN_OPS
 from graphopt.errors import BackendError
 from graphopt.files.json_files import write_json
+from graphopt.files.reading import read_json, want_dict
 from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
 from graphopt.ir.onnx_files import load_onnx, write_onnx
@@ -31,6 +31,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+MAX_NET_BYTES = 1 << 30  # model_net.json / model.encodings of a package: a few MB for a 135M model
+
 
 def load_package(folder: Path) -> tuple[Model, Encodings, dict[str, str], bool]:
     """What `rebuild_qdq` needs, read from a package's files alone: the float model, its
@@ -39,10 +41,13 @@ def load_package(folder: Path) -> tuple[Model, Encodings, dict[str, str], bool]:
     folder = Path(folder)
     float_model = Model.from_onnx(load_onnx(folder / "model.onnx"), name=f"{folder.name}-float")
     encodings = Encodings.read(folder / "model.encodings")
-    net = json.loads((folder / "model_net.json").read_text())
+    net = read_json(folder / "model_net.json", max_bytes=MAX_NET_BYTES, error=BackendError, what="QNN graph file")
+    tensors = want_dict(want_dict(want_dict(net, "model_net.json", BackendError).get("graph"), "model_net.json 'graph'",
+                                  BackendError).get("tensors"), "model_net.json 'graph.tensors'", BackendError)
     code_types, biases = {}, False
-    for name, tensor in net["graph"]["tensors"].items():
-        kind = datatype_code_type(tensor.get("data_type_name", ""))
+    for name, tensor in tensors.items():
+        tensor = want_dict(tensor, f"{folder / 'model_net.json'}: tensor {name!r}", BackendError)
+        kind = datatype_code_type(str(tensor.get("data_type_name", "")))
         if name in encodings and kind:
             code_types[name] = kind
         biases = biases or (kind == "int32" and name not in encodings)
@@ -115,8 +120,9 @@ class Qnn(Backend):
     def validate(self, artifact: Artifact, model: Model) -> dict:
         feeds_list, feeds_source = validation_feeds(model)
         folder = artifact.out_dir
-        data = json.loads((folder / "model.encodings").read_text())
-        if data.get("version") == "1.0.0":
+        data = read_json(folder / "model.encodings", max_bytes=MAX_NET_BYTES, error=BackendError,
+                         what="encodings file")
+        if isinstance(data, dict) and data.get("version") == "1.0.0":
             problems = check_encodings_v1(data)
             if problems:
                 raise BackendError(f"{folder / 'model.encodings'}: not valid 1.0.0: {problems[0]}")

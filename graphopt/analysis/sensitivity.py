@@ -26,6 +26,7 @@ from graphopt.analysis.capture import capture, progress_bar
 from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import GraphoptError, OptionError
 from graphopt.evaluation.metrics import nll_sum
+from graphopt.files.reading import read_json, shown, want_dict, want_list, want_number, want_str
 from graphopt.ir import Model
 from graphopt.quant import numerics
 from graphopt.quant.observers import MinMaxObserver
@@ -134,36 +135,29 @@ MAX_SENSITIVITY_BYTES = 64 << 20  # a ranking of every point of a large model is
 
 def read_sensitivity(path: str, who: str) -> list[dict]:
     """The ranking of a `graphopt sensitivity` JSON file, most sensitive first:
-    [{"point", "kind", "drop", "feeds"}, ...]. Checks the size before reading and every entry's
-    fields and types; any problem is an OptionError that names the file, the entry and `who` (a pass)."""
-    file = Path(path)
+    [{"point", "kind", "drop", "feeds"}, ...]. Read through the reading boundary (size, depth, strict
+    types); any problem is an OptionError that names the file, the entry and `who` (a pass)."""
+    prefix = f"'{who}': option 'sensitivity': "
 
-    def bad(problem: str) -> OptionError:
-        return OptionError(f"'{who}': option 'sensitivity': '{path}' {problem}")
+    def error(message: str) -> OptionError:
+        return OptionError(prefix + message)
 
-    try:
-        if file.stat().st_size > MAX_SENSITIVITY_BYTES:
-            raise bad(f"is larger than {MAX_SENSITIVITY_BYTES >> 20} MiB; it is not a sensitivity ranking")
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise OptionError(f"'{who}': option 'sensitivity': no such file '{path}'") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise bad(f"cannot be read as JSON ({exc})") from None
+    data = read_json(path, max_bytes=MAX_SENSITIVITY_BYTES, error=error, what="sensitivity file")
     ranking = data.get("ranking") if isinstance(data, dict) else None
     if not isinstance(ranking, list):
-        raise bad("is not a sensitivity JSON: it needs a 'ranking' list of {point, kind, drop, feeds} entries")
+        raise error(f"{path}: not a sensitivity JSON: it needs a 'ranking' list of {{point, kind, drop, feeds}} entries")
     rows = []
     for index, row in enumerate(ranking):
-        if not isinstance(row, dict) or not isinstance(row.get("point"), str):
-            raise bad(f"ranking entry {index} has no 'point' name")
-        kind, drop, feeds = row.get("kind", "activation"), row.get("drop", 0.0), row.get("feeds", [])
+        where = f"{path}: ranking entry {index}"
+        row = want_dict(row, where, error)
+        point = want_str(row.get("point"), f"{where} 'point'", error)
+        kind = row.get("kind", "activation")
         if kind not in ("activation", "weight"):
-            raise bad(f"ranking entry {index} ('{row['point']}'): 'kind' must be 'activation' or 'weight', got {kind!r}")
-        if isinstance(drop, bool) or not isinstance(drop, (int, float)):
-            raise bad(f"ranking entry {index} ('{row['point']}'): 'drop' must be a number, got {drop!r}")
-        if not isinstance(feeds, list) or not all(isinstance(f, str) for f in feeds):
-            raise bad(f"ranking entry {index} ('{row['point']}'): 'feeds' must be a list of weight names")
-        rows.append({"point": row["point"], "kind": kind, "drop": float(drop), "feeds": list(feeds)})
+            raise error(f"{where} ({shown(point)}): 'kind' must be 'activation' or 'weight', got {shown(kind)}")
+        drop = want_number(row.get("drop", 0.0), f"{where} ({shown(point)}) 'drop'", error)
+        feeds = want_list(row.get("feeds", []), f"{where} ({shown(point)}) 'feeds'", error)
+        rows.append({"point": point, "kind": kind, "drop": drop,
+                     "feeds": [want_str(f, f"{where} ({shown(point)}) 'feeds'", error) for f in feeds]})
     return rows
 
 

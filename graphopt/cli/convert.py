@@ -16,8 +16,19 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for model.onnx, report.json/.md")
     parser.add_argument("--backend", metavar="NAME", help="emit with this backend (overrides the recipe's)")
     parser.add_argument("--no-verify", action="store_true", help="skip per-pass fidelity checks on sample inputs")
+    parser.add_argument("--allow-file", action="append", default=[], metavar="PATH",
+                        help="a file the recipe may name outside its own folder (repeatable); recipe file options "
+                             "(sensitivity, encodings, scores) are otherwise confined to the recipe's folder")
     parser.add_argument("--force", action="store_true",
                         help="write into a folder that holds files graphopt did not write (inputs are never replaced)")
+    parser.add_argument("--calibration", action="append", metavar="SOURCE",
+                        help="calibrate from SOURCE instead of the recipe's sources (repeat to mix): a .txt, .jsonl, "
+                             ".npz or .npy file, a folder of .txt files or images, or sample:pydoc-topics / sample:lee-news")
+    parser.add_argument("--calibration-windows", type=int, metavar="N", help="feeds in all (windows, batches, images)")
+    parser.add_argument("--calibration-length", type=int, metavar="L", help="tokens per text window")
+    parser.add_argument("--calibration-field", metavar="NAME", help="the text field of JSONL sources (default: text)")
+    parser.add_argument("--calibration-image-spec", metavar="SPEC.yaml",
+                        help="image preprocessing: size, resize, layout, colors, scale, mean, std, dtype, input")
     parser.add_argument("--check-every-step", action="store_true",
                         help="check the model with onnx.checker and onnxruntime after every changed step, not only "
                              "at the end (finds the step that made an invalid model)")
@@ -35,12 +46,16 @@ def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None) -> Non
 
 def _convert_run(args) -> int:
     import graphopt
+    from graphopt.frontends.calibration import command_line_spec
+    from graphopt.ir import MIN_OPSET, graph_opset
     from graphopt.ir.onnx_files import write_onnx
-    from graphopt.pipeline import Pipeline, available_backends, export
+    from graphopt.pipeline import Pipeline, available_backends, export, get_pass
     from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, trusted_files=args.allow_file)
+    calibration = command_line_spec(recipe.calibration, args.calibration, args.calibration_windows,
+                                    args.calibration_length, args.calibration_field, args.calibration_image_spec)
     backend = args.backend or recipe.backend
     options = recipe.backend_options if backend == recipe.backend else {}
     if args.backend and args.backend not in available_backends():
@@ -58,13 +73,19 @@ def _convert_run(args) -> int:
 
     # A recipe without FX passes would lower at once: load samples in their cached ONNX form.
     model = load_model(args.model, onnx=not any("fx" in p.forms() for p in recipe.passes))
-    calib = recipe.calibration_feeds(model)
+    calib = calibration.feeds(model) if calibration else None
     if calib:
-        log(f"calibration: {len(calib)} feeds from {recipe.calibration.source} ({recipe.calibration.split})")
+        log(f"calibration: {len(calib)} feeds from {calibration.source}")
+    passes = recipe.passes
+    if model.form == "onnx" and graph_opset(model.graph) < MIN_OPSET and passes and passes[0].name != "upgrade_opset":
+        log(f"{model.name} has opset {graph_opset(model.graph)}: upgrade_opset runs first")
+        passes = [get_pass("upgrade_opset")(), *passes]
+    if calib and not model.sample_inputs:  # the per-step fidelity check runs on the first calibration feed
+        model.sample_inputs = calib[:1]
     instruments = default_instruments(verify=not args.no_verify, log=log)
     if args.check_every_step:
         instruments = [Checker(every_step=True) if isinstance(i, Checker) else i for i in instruments]
-    result = Pipeline(recipe.passes, instruments=instruments, log=log).run(model, calib=calib)
+    result = Pipeline(passes, instruments=instruments, log=log).run(model, calib=calib)
     final = result.model
     if final.form == "fx":
         final = graphopt.lower(final, log=log)

@@ -32,8 +32,8 @@ def _run(args: argparse.Namespace) -> int:
     from graphopt.files.writing import refuse_overwrite
     from graphopt.recipe import Calibration, Recipe
 
-    if args.windows < 1 or args.calib_windows < 1 or args.length < 2:
-        raise OptionError("sensitivity: --windows and --calib-windows must be >= 1, --length >= 2")
+    if args.windows < 1 or args.calib_windows < 1 or args.length < 2 or args.top < 1:
+        raise OptionError("sensitivity: --windows, --calib-windows and --top must be >= 1, --length >= 2")
     inputs = source_files(args.model)
     for target in (args.json, args.plot):  # refused before the sweep, not after it
         if target:

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.cli.command import log, register_command
-from graphopt.errors import GraphoptError
+
+MAX_INPUTS_BYTES = 4 << 30  # an --inputs .npz of feeds
 
 
 def _args(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,8 @@ def _args(parser: argparse.ArgumentParser) -> None:
 
 def _run(args) -> int:
     from graphopt.cli.command import write_output_file
+    from graphopt.errors import BackendError
+    from graphopt.files.reading import read_npz
     from graphopt.files.writing import refuse_overwrite
     from graphopt.pipeline import available_backends
 
@@ -35,10 +38,7 @@ def _run(args) -> int:
     simulator = available_backends()["npu-sim"].from_options({"profile": args.profile})
     feeds = None
     if args.inputs:
-        if not Path(args.inputs).is_file():
-            raise GraphoptError(f"{args.inputs}: no such inputs file")
-        with np.load(args.inputs) as data:
-            feeds = {k: data[k] for k in data.files}
+        feeds = read_npz(args.inputs, max_bytes=MAX_INPUTS_BYTES, error=BackendError, what="inputs file")
     result = simulator.simulate(args.program, feeds)
     program, outputs, cost = result.pop("program"), result.pop("outputs"), result["cost"]
     log(f"simulate: {program.name}, {result['npu_ops']} NPU ops, {result['host_ops']} host ops")

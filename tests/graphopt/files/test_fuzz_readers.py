@@ -10,8 +10,9 @@ YAML aliases and tags), and asserts for every input:
 - nothing is written: the folder holding the input and the working directory (an empty temporary
   folder during the run) are unchanged.
 
-The last test checks the process's peak RSS: under 1 GiB when this module runs on its own, and
-grown by less than 1 GiB over the module otherwise.
+The last test checks the process's peak RSS: under 1 GiB over the fuzz tests. A process's peak
+only grows, so it is measurable only where no earlier test ran a large model; `make test` runs this
+module in a process of its own for that reason, and a run after heavy tests skips the memory check.
 
 Budgets are hypothesis settings profiles chosen by the environment variable GRAPHOPT_FUZZ:
 
@@ -62,13 +63,24 @@ if PROFILE not in ("ci", "long"):
     raise ValueError(f"GRAPHOPT_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
 EXAMPLES = {"onnx": 2200, "safetensors": 1200, "gguf": 1400, "recipe": 1400, "encodings_v1": 1000,
             "encodings_v0": 1000, "npu_program": 1000, "hf_config": 1000, "sensitivity": 600}
+MEASURABLE_START = 512 << 20  # a process whose peak RSS is already above this cannot measure the fuzz tests' own
 _COMMON = dict(deadline=None, database=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 settings.register_profile("ci", derandomize=True, **_COMMON)
 settings.register_profile("long", **_COMMON)
 SCALE = 50 if PROFILE == "long" else 1
 COUNTS: Counter = Counter()
-START_RSS = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+START_RSS: list[int] = []  # the process's peak RSS when the first fuzz test started
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _rss_at_start():
+    START_RSS.append(_peak_rss())
+    yield
 
 
 def budget(reader: str):
@@ -508,9 +520,6 @@ def _read_sensitivity(path: Path) -> None:
     read_sensitivity(str(path), "quantize")
 
 
-@pytest.mark.xfail(strict=True, reason="read_sensitivity (graphopt/analysis/sensitivity.py, owned by the quantize "
-                                       "rewrite) lets RecursionError through on deeply nested JSON; it must read with "
-                                       "graphopt.files.reading.read_json. Remove this mark when it does.")
 @budget("sensitivity")
 @given(data=json_text(SENSITIVITY_SEED))
 def test_fuzz_sensitivity_json(data):
@@ -582,16 +591,14 @@ def test_fuzz_hf_config(config, index):
 
 # ------------------------------------------------------------------------------ the budget
 def test_fuzz_budget_and_peak_memory():
-    """Runs last: every reader got its examples, 10,000+ without an unexpected exception (the
-    sensitivity reader, which stops at its first failure until fixed, not counted), and the peak
-    RSS stayed bounded."""
-    counted = {name: COUNTS[name] for name in EXAMPLES if name != "sensitivity"}
-    if any(counted[name] < EXAMPLES[name] * SCALE for name in counted):
-        pytest.skip(f"runs after the fuzz tests of this module (examples so far: {counted})")
-    assert sum(counted.values()) >= 10_000 * SCALE, counted
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"fuzz ({PROFILE}): {sum(counted.values()):,} inputs {counted}, sensitivity {COUNTS['sensitivity']}; "
-          f"peak RSS {peak >> 20} MiB")
-    assert peak - START_RSS < 1 << 30, f"peak RSS grew by {(peak - START_RSS) >> 20} MiB while fuzzing"
-    if START_RSS < 512 << 20:
-        assert peak < 1 << 30, f"peak RSS {peak >> 20} MiB"
+    """Runs last: every reader got its examples, 10,000+ without an unexpected exception, and the
+    peak RSS of the fuzz tests stayed under 1 GiB."""
+    if any(COUNTS[name] < EXAMPLES[name] * SCALE for name in EXAMPLES):
+        pytest.skip(f"runs after the fuzz tests of this module (examples so far: {dict(COUNTS)})")
+    assert sum(COUNTS.values()) >= 10_000 * SCALE, COUNTS
+    peak = _peak_rss()
+    print(f"fuzz ({PROFILE}): {sum(COUNTS.values()):,} inputs {dict(COUNTS)}; peak RSS {peak >> 20} MiB")
+    if START_RSS[0] >= MEASURABLE_START:
+        pytest.skip(f"peak RSS not measurable here: earlier tests in this process reached {START_RSS[0] >> 20} MiB "
+                    "before fuzzing (make test runs this module in a process of its own)")
+    assert peak < 1 << 30, f"peak RSS {peak >> 20} MiB while fuzzing"

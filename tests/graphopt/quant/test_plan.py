@@ -82,16 +82,16 @@ def test_plan_errors_name_the_option(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (b"{not json", "cannot be read as JSON"),
-    (b"\xff\xfe\x00binary", "cannot be read as JSON"),
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe\x00binary", "not UTF-8 text"),
     (b"[1, 2]", "needs a 'ranking' list"),
     (b'{"ranking": {"point": "a"}}', "needs a 'ranking' list"),
-    (b'{"ranking": ["a"]}', "entry 0 has no 'point'"),
-    (b'{"ranking": [{"kind": "activation"}]}', "entry 0 has no 'point'"),
+    (b'{"ranking": ["a"]}', "entry 0 must be an object"),
+    (b'{"ranking": [{"kind": "activation"}]}', "entry 0 'point' must be a string"),
     (b'{"ranking": [{"point": "a", "kind": "bias"}]}', "'kind' must be"),
     (b'{"ranking": [{"point": "a", "drop": "high"}]}', "'drop' must be a number"),
     (b'{"ranking": [{"point": "a", "feeds": "l0.q"}]}', "'feeds' must be a list"),
-    (b'{"ranking": [{"point": "a", "feeds": [1]}]}', "'feeds' must be a list"),
+    (b'{"ranking": [{"point": "a", "feeds": [1]}]}', "'feeds' must be a string"),
 ])
 def test_a_malformed_ranking_is_refused_when_the_options_are_read(tmp_path, content, problem):
     path = tmp_path / "sensitivity.json"
@@ -107,7 +107,7 @@ def test_a_ranking_file_too_large_or_not_a_file_is_refused(tmp_path, monkeypatch
     path.write_text(json.dumps({"ranking": [{"point": "a", "feeds": ["l0.q"]}]}))
     get_pass("fake_quantize")(sensitivity=str(path))
     monkeypatch.setattr(sensitivity, "MAX_SENSITIVITY_BYTES", 16)
-    with pytest.raises(OptionError, match="larger than"):
+    with pytest.raises(OptionError, match="more than the 16 a sensitivity file may have"):
         get_pass("fake_quantize")(sensitivity=str(path))
     with pytest.raises(OptionError, match="no such file"):
         get_pass("fake_quantize")(sensitivity=str(tmp_path))
