@@ -212,6 +212,8 @@ def fingerprint(model: Model) -> str:
         digest.update(name.encode())
         digest.update(np.ascontiguousarray(view.values(name)).tobytes())
     digest.update(repr((view.inputs, view.outputs)).encode())
+    if model.form == "onnx":  # the same nodes at another opset are another model (upgrade_opset)
+        digest.update(repr(model.graph.opset).encode())
     return digest.hexdigest()
 
 
