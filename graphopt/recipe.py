@@ -6,11 +6,14 @@ passes:
   - quantize: {bits: 8}         # name: {options}
 backend: qnn                    # or {name: qnn, <backend options>}
 calibration:                    # optional; feeds for passes that calibrate
-  source: sample:pydoc-topics
-  windows: 8                    # number of token windows (or sentence batches)
+  source: sample:pydoc-topics   # or a .txt / .jsonl / .npz / .npy file, a folder of .txt or images
+  windows: 8                    # number of token windows (or sentence batches, images, feeds)
   length: 128                   # tokens per window
-  split: calib                  # calib (default) or eval
+  split: calib                  # calib (default) or eval, of sample corpora
 ```
+
+`sources:` (a list, each a path or {path, count, weight, field, split}) mixes several; `image:`
+preprocesses image folders. graphopt.frontends.calibration reads them (CalibrationSpec).
 """
 
 from __future__ import annotations
@@ -25,25 +28,14 @@ import yaml
 
 from graphopt.errors import GraphoptError, RecipeError
 from graphopt.files.reading import YamlDocument, capped, confined_path, read_bytes, shown, usable_path
+from graphopt.frontends.calibration import CalibrationError, CalibrationSpec, section_option
 from graphopt.pipeline.passes import Pass
 
 __all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe", "resolve_file_option", "MAX_RECIPE_BYTES"]
 
 _TOP_KEYS = ("passes", "backend", "calibration")
-_SOURCES = ("sample:pydoc-topics",)
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred lines
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Where calibration feeds come from and how many; `line` is where the section starts."""
-
-    source: str = "sample:pydoc-topics"
-    windows: int = 8
-    length: int = 128
-    split: str = "calib"
-    batch: int = 8  # sentences per batch, for embedding models
-    line: int = 0
+Calibration = CalibrationSpec  # a recipe's calibration section (graphopt.frontends.calibration)
 
 
 @dataclass
@@ -53,43 +45,18 @@ class Recipe:
     passes: list[Pass]
     backend: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
-    calibration: Calibration | None = None
+    calibration: CalibrationSpec | None = None
     path: Path | None = None
 
     def calibration_feeds(self, model) -> list[dict[str, np.ndarray]] | None:
-        """Calibration feeds for `model` (input name -> array), or None without a calibration section.
-
-        Causal LMs get token windows [1, length] (byte tokens for the tiny model, which has no
-        tokenizer); embedding models get padded sentence batches.
-        """
-        cal = self.calibration
-        if cal is None:
+        """Calibration feeds for `model` (input name -> array), or None without a calibration section;
+        see `CalibrationSpec.feeds`. Errors are RecipeErrors naming the recipe and the section's line."""
+        if self.calibration is None:
             return None
-        from graphopt.frontends.corpora import lm_windows, minilm_batches
-
-        where = f"{self.path}, line {cal.line}" if self.path else "calibration"
         try:
-            if model.task == "causal-lm":
-                vocab = model.outputs[0].shape[-1] if model.outputs and model.outputs[0].shape else None
-                if model.tokenizer is None and vocab != 256:
-                    raise RecipeError(
-                        f"{where}: calibration needs the tokenizer of '{model.name}', which this model "
-                        "does not carry; load it as a sample (sample:smollm2) or from its Hugging Face folder"
-                    )
-                windows = lm_windows(model.tokenizer, cal.split, cal.windows, cal.length)
-                return [{model.inputs[0].name: w} for w in windows]
-            if model.task == "embedding":
-                if model.tokenizer is None:
-                    raise RecipeError(f"{where}: calibration needs the tokenizer of '{model.name}'; "
-                                      "load it as sample:minilm or from its Hugging Face folder")
-                return minilm_batches(model.tokenizer, cal.split, cal.windows, batch=cal.batch,
-                                              max_length=cal.length)
-        except ValueError as exc:  # more windows than the text holds
-            raise RecipeError(f"{where}: calibration: {exc}") from exc
-        raise RecipeError(
-            f"{where}: calibration source '{cal.source}' is text, but '{model.name}' is a "
-            f"'{model.task}' model; calibrate it from Python with Pipeline.run(calib=...)"
-        )
+            return self.calibration.feeds(model)
+        except CalibrationError as exc:
+            raise RecipeError(f"{self.path}, line {self.calibration.line}: {exc}" if self.path else str(exc)) from exc
 
 
 # ------------------------------------------------------------------------------------ parsing
@@ -228,23 +195,20 @@ def _check_backend(reader: _Reader, name: str, options: dict, name_node: yaml.No
         raise reader.error(name_node, f"backend '{name}': {exc}") from exc
 
 
-def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> Calibration:
+def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> CalibrationSpec:
     values: dict[str, Any] = {}
     for key, key_node, value_node in reader.mapping(node, "calibration"):
-        value = reader.value(value_node)
-        if key == "source":
-            if value not in _SOURCES:
-                raise reader.error(value_node, f"calibration: option 'source' must be one of {', '.join(_SOURCES)}, got {shown(value)}")
-        elif key in ("windows", "length", "batch"):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise reader.error(value_node, f"calibration: option '{key}' must be a positive integer, got {shown(value)}")
-        elif key == "split":
-            if value not in ("calib", "eval"):
-                raise reader.error(value_node, f"calibration: option 'split' must be 'calib' or 'eval', got {shown(value)}")
-        else:
-            raise reader.error(key_node, f"calibration: unknown option {shown(key)} (options: batch, length, source, split, windows)")
-        values[key] = value
-    return Calibration(**values, line=_line(section))
+        resolve = lambda path: resolve_file_option(path, reader.path, "calibration: a source", reader.trusted,  # noqa: E731
+                                                   lambda m: reader.error(value_node, m))
+        try:
+            name, value = section_option(key, reader.value(value_node), resolve)
+        except CalibrationError as exc:
+            where = key_node if str(exc).startswith("unknown option") else value_node
+            raise reader.error(where, f"calibration: {exc}") from exc
+        if name in values:
+            raise reader.error(key_node, "calibration: give 'source' or 'sources', not both")
+        values[name] = value
+    return CalibrationSpec(**values, line=_line(section))
 
 
 def resolve_file_option(value: str, recipe: str | Path, where: str, trusted: frozenset[Path] = frozenset(),

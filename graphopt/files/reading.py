@@ -29,7 +29,7 @@ from graphopt.errors import GraphoptError, UnsafePathError
 __all__ = [
     "MAX_ECHO", "MAX_JSON_DEPTH", "shown", "capped", "check_file", "read_bytes", "parse_json", "read_json",
     "want_int", "want_bool", "want_number", "want_str", "want_list", "want_dict", "YamlDocument", "read_yaml",
-    "confined_path", "usable_path", "read_npz",
+    "confined_path", "usable_path", "read_npz", "read_npy",
 ]
 
 ErrorType = Callable[[str], GraphoptError]
@@ -395,6 +395,17 @@ def read_npz(path: str | os.PathLike, *, max_bytes: int, error: ErrorType, what:
             RuntimeError) as exc:  # RuntimeError: an encrypted member
         raise error(f"{path}: not a readable .npz file ({shown(str(exc))})") from None
     return arrays
+
+
+def read_npy(path: str | os.PathLike, *, max_bytes: int, error: ErrorType, what: str = "array file") -> np.ndarray:
+    """The array of an .npy file, its header (dtype, shape) checked against the file's size before
+    the data is read; pickles and object or record dtypes refused."""
+    size = check_file(path, max_bytes=max_bytes, error=error, what=what)
+    try:
+        with open(path, "rb") as fh:
+            return _read_npy(fh, size, str(path), error)
+    except OSError as exc:
+        raise error(f"{path}: cannot read the {what}: {exc.strerror or exc}") from None
 
 
 def _read_npy(fh, stored: int, where: str, error: ErrorType) -> np.ndarray:

@@ -30,7 +30,7 @@ import numpy as np
 from graphopt.errors import GraphoptError
 
 __all__ = ["CORPORA", "Corpus", "CorpusError", "corpus_named", "documents", "text_split", "token_windows",
-           "lm_windows", "minilm_batches"]
+           "lm_windows", "minilm_batches", "paragraphs", "sentence_batches"]
 
 Split = Literal["calib", "eval"]
 
@@ -140,10 +140,24 @@ def minilm_batches(tokenizer, split: Split, count: int, batch: int = 8, max_leng
                    corpus: str = "pydoc-topics") -> list[dict[str, np.ndarray]]:
     """Batches of sentences (paragraphs of the split longer than 40 characters) tokenized for
     MiniLM, padded per batch."""
-    paragraphs = [p.strip() for p in text_split(split, corpus).split("\n\n") if len(p.strip()) > 40]
+    return sentence_batches(tokenizer, paragraphs(text_split(split, corpus)), count, batch, max_length)
+
+
+def paragraphs(text: str) -> list[str]:
+    """The blank-line separated paragraphs of `text` longer than 40 characters, stripped."""
+    return [p.strip() for p in text.split("\n\n") if len(p.strip()) > 40]
+
+
+def sentence_batches(tokenizer, sentences: list[str], count: int, batch: int = 8,
+                     max_length: int = 64) -> list[dict[str, np.ndarray]]:
+    """`count` batches of `batch` sentences in order, tokenized for an encoder (input_ids and
+    attention_mask), padded per batch and cut at `max_length` tokens. Fewer sentences than
+    count x batch is a ValueError saying how many batches they make."""
+    if count * batch > len(sentences):
+        raise ValueError(f"asked for {count} batches of {batch} sentences, the text holds {len(sentences) // batch}")
     feeds = []
     for i in range(count):
-        chunk = paragraphs[i * batch:(i + 1) * batch]
+        chunk = sentences[i * batch:(i + 1) * batch]
         enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="np")
         feeds.append({"input_ids": enc["input_ids"].astype(np.int64),
                       "attention_mask": enc["attention_mask"].astype(np.int64)})
