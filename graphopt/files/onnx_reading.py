@@ -8,7 +8,7 @@
   `..`, inside the folder with symlinks followed, a regular file with one hard link) and byte
   range (inside the file) BEFORE anything is read; a file whose tensors claim far more bytes than
   it has on disk (a sparse file) is refused rather than read as zeros.
-- `read_external` then reads exactly the checked ranges; `densify_sparse` turns sparse
+- `read_external` then reads exactly the checked ranges (`map_external` maps the large ones instead); `densify_sparse` turns sparse
   initializers and Constant `sparse_value`s into dense tensors (their dense size bounded).
 - `check_text` refuses string fields that are not UTF-8 (names, op types, metadata).
 - `check_graph` refuses graphs no runtime accepts: a tensor made twice, a node input nothing
@@ -35,8 +35,8 @@ from onnx import TensorProto
 from graphopt.errors import ModelLoadError, UnsafePathError
 from graphopt.files.reading import confined_path, shown
 
-__all__ = ["tensor_sites", "check_tensors", "read_external", "densify_sparse", "check_text", "check_graph",
-           "ExternalRange"]
+__all__ = ["tensor_sites", "check_tensors", "read_external", "map_external", "densify_sparse", "check_text",
+           "check_graph", "ExternalRange"]
 
 T = TensorProto
 _BITS = {T.FLOAT: 32, T.UINT8: 8, T.INT8: 8, T.UINT16: 16, T.INT16: 16, T.INT32: 32, T.INT64: 64, T.STRING: 0,
@@ -204,14 +204,8 @@ def read_external(ranges: list[ExternalRange], path: Path) -> None:
     for r in ranges:
         by_file[r.file].append(r)
     for file, items in by_file.items():
+        fd = _open_checked(file, path)
         try:
-            fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except OSError as exc:
-            raise ModelLoadError(f"{path}: external data '{file.name}' cannot be opened: {exc.strerror}") from None
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
-                raise UnsafePathError(f"{path}: external data '{file.name}' changed while loading")
             for r in items:
                 data = os.pread(fd, r.length, r.offset)
                 if len(data) != r.length:
@@ -222,6 +216,54 @@ def read_external(ranges: list[ExternalRange], path: Path) -> None:
                 del r.tensor.external_data[:]
         finally:
             os.close(fd)
+
+
+def map_external(ranges: list[ExternalRange], path: Path, names: set[str]) -> dict[str, np.ndarray]:
+    """Memory-map the checked ranges of the tensors named in `names` (those of a numpy dtype) read-only
+    instead of reading them: their pages are read when first touched, the file is never written
+    through them, and the tensors stay external in the message. Returns name -> array; every other
+    range is read into its tensor as `read_external` does. Each file is opened once, without
+    following a symlink swapped in since the check."""
+    import mmap
+
+    mapped: dict[str, np.ndarray] = {}
+    by_file: dict[Path, list[ExternalRange]] = defaultdict(list)
+    rest = []
+    for r in ranges:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(r.tensor.data_type) if r.tensor.data_type in _MAPPABLE else None
+        (by_file[r.file] if r.tensor.name in names and dtype is not None else rest).append(r)
+    for file, items in by_file.items():
+        fd = _open_checked(file, path)
+        try:
+            view = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{path}: external data '{file.name}' cannot be mapped: {exc}") from None
+        finally:
+            os.close(fd)
+        for r in items:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(r.tensor.data_type))
+            if r.offset + r.length > len(view):
+                raise ModelLoadError(f"{path}: {r.where}: external data '{file.name}' ended early")
+            array = np.frombuffer(view, dtype=dtype, count=r.length // dtype.itemsize, offset=r.offset)
+            mapped[r.tensor.name] = array.reshape(tuple(r.tensor.dims))
+    read_external(rest, path)
+    return mapped
+
+
+_MAPPABLE = {T.FLOAT, T.FLOAT16, T.DOUBLE, T.INT8, T.UINT8, T.INT16, T.UINT16, T.INT32, T.UINT32, T.INT64, T.UINT64,
+             T.BOOL}
+
+
+def _open_checked(file: Path, path: Path) -> int:
+    try:
+        fd = os.open(file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: external data '{file.name}' cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        os.close(fd)
+        raise UnsafePathError(f"{path}: external data '{file.name}' changed while loading")
+    return fd
 
 
 # -------------------------------------------------------------------------------- sparse

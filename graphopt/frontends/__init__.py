@@ -15,7 +15,8 @@ from graphopt.frontends.huggingface import from_hf, load_transformers
 from graphopt.frontends.torch_module import from_module
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec
-from graphopt.ir.onnx_files import load_onnx
+from graphopt.ir.model import synthesized_feeds
+from graphopt.ir.onnx_files import load_onnx_mapped
 
 __all__ = ["load", "from_module", "from_hf"]
 
@@ -57,9 +58,12 @@ def load(source: Any, example_inputs: dict[str, np.ndarray] | None = None, *,
         return from_hf(path, log=log, name=name)
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        proto = load_onnx(path)
-        model = Model.from_onnx(proto, source=path, name=name or path.stem)
+        proto, weights = load_onnx_mapped(path)  # external weights are mapped, not read
+        model = Model.from_onnx(proto, weights=weights, source=path, name=name or path.stem)
         model.task = task or _guess_task([o.name for o in model.outputs])
+        # an ONNX file brings no inputs: fidelity and backends' checks run on a seeded synthetic batch
+        model.sample_inputs = [synthesized_feeds(model.inputs)]
+        model.meta.extra["sample_inputs"] = "synthesized"
         return model
     if suffix == ".gguf":
         return from_hf(path.parent, gguf_file=path.name, log=log, name=name or path.stem)

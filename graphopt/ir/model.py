@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -16,10 +17,11 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import GraphoptError, UnsupportedGraphError
 from graphopt.files.json_files import jsonable
 from graphopt.ir import onnx_files
-from graphopt.ir.runtime import ort_session
+from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD
+from graphopt.ir.runtime import IN_MEMORY, NUMPY_TO_ONNX, ort_session
 from graphopt.quant.encodings import Encodings
 
-__all__ = ["TensorSpec", "ModelMeta", "Model", "Form", "MIN_OPSET", "is_parameter_dtype"]
+__all__ = ["TensorSpec", "ModelMeta", "Model", "Form", "MIN_OPSET", "is_parameter_dtype", "synthesized_feeds"]
 
 Form = Literal["fx", "onnx"]
 MIN_OPSET = 21  # int4 / uint16 QDQ and blocked quantization need opset 21
@@ -149,8 +151,14 @@ class Model:
 
     # ----------------------------------------------------------- ONNX form
     @classmethod
-    def from_onnx(cls, proto: onnx.ModelProto, **kwargs) -> "Model":
+    def from_onnx(cls, proto: onnx.ModelProto, *, weights: dict[str, np.ndarray] | None = None, **kwargs) -> "Model":
+        """The ONNX form of `proto`. `weights` gives the values of initializers the message keeps
+        external (memory-mapped by `onnx_files.load_onnx_mapped`); they are used as they are."""
         graph = gs.import_onnx(proto)
+        if weights:
+            tensors = graph.tensors()
+            for name, array in weights.items():
+                tensors[name].values = array
         meta = ModelMeta()
         for prop in proto.metadata_props:
             if prop.key == META_KEY:
@@ -169,11 +177,18 @@ class Model:
         kwargs.setdefault("meta", meta)
         return cls(graph=graph, inputs=inputs, outputs=outputs, ir_version=proto.ir_version, **kwargs)
 
-    def to_onnx(self) -> onnx.ModelProto:
-        """Serialise the ONNX form to a ModelProto, with metadata and node provenance attached."""
+    def to_onnx(self, *, externals: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """Serialise the ONNX form to a ModelProto, with metadata and node provenance attached.
+
+        With `externals` (a dict this fills), every constant of a numpy type of at least
+        EXTERNAL_THRESHOLD bytes stays out of the message: it is an external reference to
+        "graphopt-in-memory" and its array goes into `externals` by name, uncopied. Sessions
+        (`runtime.ort_session(proto, externals=...)`) and writers (`onnx_files.write_onnx`) take both.
+        """
         self.require("onnx", "to_onnx")
         _pack_4bit_constants(self.graph)
-        proto = gs.export_onnx(self.graph, do_type_check=False)
+        with _external_constants(self.graph, externals):
+            proto = gs.export_onnx(self.graph, do_type_check=False)
         if self.ir_version:
             proto.ir_version = max(proto.ir_version, self.ir_version)
         meta = {k: v for k, v in self.meta.to_json().items() if k != "provenance"}
@@ -192,14 +207,20 @@ class Model:
         return proto
 
     def save(self, path: str | Path) -> Path:
-        """Write the ONNX form atomically (external data beside it when large); never over the source."""
+        """Write the ONNX form atomically (external data beside it when large, streamed from the
+        weights without a second copy in memory); never over the source."""
         inputs = [self.source] if self.source else []
-        return onnx_files.save_onnx(self.to_onnx(), path, inputs=inputs)
+        externals: dict[str, np.ndarray] = {}
+        proto = self.to_onnx(externals=externals)
+        return onnx_files.save_onnx(proto, path, inputs=inputs, externals=externals)
 
     # ------------------------------------------------------------ running
-    def session(self, threads: int = 0):
-        """An onnxruntime session for the ONNX form (`threads` 0: one per core)."""
-        return ort_session(self.to_onnx(), threads=threads, consume=True)
+    def session(self, threads: int = 0, **options):
+        """An onnxruntime session for the ONNX form (`threads` 0: one per core); the weights reach
+        onnxruntime as the arrays the graph holds, uncopied. `options` go to `runtime.ort_session`."""
+        externals: dict[str, np.ndarray] = {}
+        proto = self.to_onnx(externals=externals)
+        return ort_session(proto, threads=threads, consume=True, externals=externals, **options)
 
     def run(self, feeds: dict[str, np.ndarray], session=None) -> list[np.ndarray]:
         """Run one batch: torch for the FX form, onnxruntime for the ONNX form; outputs as numpy."""
@@ -230,9 +251,8 @@ class Model:
                 out[name] = (tuple(t.shape), str(t.dtype).replace("torch.", ""), t.numel() * t.element_size())
             return out
         for name, tensor in self.graph.tensors().items():
-            if isinstance(tensor, gs.Constant):
-                values = tensor.values
-                out[name] = (tuple(values.shape), _dtype_name(tensor), _nbytes(tensor))
+            if isinstance(tensor, gs.Constant):  # shape and type only: a lazy or mapped weight is not read
+                out[name] = (tuple(tensor.shape), _dtype_name(tensor), _nbytes(tensor))
         return out
 
     def num_nodes(self) -> int:
@@ -250,6 +270,21 @@ class Model:
 
     def __repr__(self) -> str:
         return f"Model({self.name!r}, form={self.form}, nodes={self.num_nodes()}, task={self.task})"
+
+
+def synthesized_feeds(specs: list[TensorSpec], *, dynamic_dim: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    """One batch for inputs described by `specs`: dynamic dims of `dynamic_dim`, floats from a
+    seeded normal, integers and booleans zero (a valid token id or index), masks one."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in specs:
+        shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in spec.shape)
+        dtype = np.dtype(spec.dtype)
+        if dtype.kind == "f":
+            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
+        else:  # a mask of zeros would hide every position; other integers are ids or indices
+            feeds[spec.name] = (np.ones if "mask" in spec.name.lower() else np.zeros)(shape, dtype=dtype)
+    return feeds
 
 
 def is_parameter_dtype(dtype: str) -> bool:
@@ -271,7 +306,7 @@ def _nbytes(tensor: gs.Constant) -> int:
     # onnx >= 1.20 holds int4 as ml_dtypes arrays, one byte per value in memory
     if export_dtype in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) or _dtype_name(tensor) in ("int4", "uint4"):
         return (int(np.prod(tensor.shape)) + 1) // 2
-    return int(tensor.values.nbytes)
+    return int(tensor._values.nbytes)  # LazyValues and arrays both know their size without loading
 
 
 def _dequantized_constants(graph: gs.Graph) -> set[str]:
@@ -289,6 +324,36 @@ def _pack_4bit_constants(graph: gs.Graph) -> None:
         values = getattr(tensor, "_values", None)
         if isinstance(values, np.ndarray) and values.dtype.name in ("int4", "uint4"):
             tensor._values = LazyValues(onnx.numpy_helper.from_array(values, tensor.name))
+
+
+@contextlib.contextmanager
+def _external_constants(graph: gs.Graph, externals: dict[str, np.ndarray] | None):
+    """While exporting: large constants of a numpy type appear as external references to
+    "graphopt-in-memory" (their arrays collected in `externals`), so the message holds no copy."""
+    if externals is None:
+        yield
+        return
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    swapped = []
+    for tensor in graph.tensors().values():
+        values = getattr(tensor, "_values", None)
+        if not isinstance(values, np.ndarray) or values.nbytes < EXTERNAL_THRESHOLD:
+            continue
+        elem = NUMPY_TO_ONNX.get(values.dtype.name)
+        if elem is None:
+            continue
+        stub = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=elem,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=IN_MEMORY)
+        externals[tensor.name] = values
+        swapped.append((tensor, values))
+        tensor._values = LazyValues(stub)
+    try:
+        yield
+    finally:
+        for tensor, values in swapped:
+            tensor._values = values
 
 
 def _spec_of(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from graphopt.errors import ModelLoadError
@@ -14,13 +15,15 @@ from graphopt.files.onnx_reading import (
     check_tensors,
     check_text,
     densify_sparse,
+    map_external,
     read_external,
     tensor_sites,
 )
 from graphopt.files.reading import check_file, parse_json, shown, want_dict, want_str
 from graphopt.files.writing import OutputSet
 
-__all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "save_onnx", "write_onnx"]
+__all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "load_onnx_mapped", "save_onnx",
+           "write_onnx"]
 
 # Protobuf cannot serialise a message of 2 GiB or more; larger models keep weights beside them.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -65,6 +68,19 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mod
         read_external(ranges, path)
         densify_sparse(model, path)
     return model
+
+
+def load_onnx_mapped(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """`load_onnx`, with the main graph's external initializers memory-mapped instead of read:
+    (the message, whose mapped tensors stay external; name -> read-only array). A 2.7 GB model
+    then costs its pages as they are touched, once, instead of a copy in the message and another
+    in numpy. `Model.from_onnx(proto, weights=arrays)` takes both."""
+    path = Path(path)
+    model = load_onnx(path, load_weights=False)
+    ranges = check_tensors(model, path)
+    mapped = map_external(ranges, path, {t.name for t in model.graph.initializer})
+    densify_sparse(model, path)
+    return model, mapped
 
 
 def _check_meta(model: onnx.ModelProto, path: Path) -> None:
@@ -121,7 +137,8 @@ def _all_tensor_protos(proto: onnx.ModelProto):
     return (tensor for _, tensor in tensor_sites(proto))
 
 
-def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[Path] = ()) -> Path:
+def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[Path] = (),
+              externals: dict[str, np.ndarray] | None = None) -> Path:
     """Write `model` to `path` as one output set; weights go to `<name>.data` beside it when large.
 
     Both files are staged and renamed into place together (`graphopt.files.writing.OutputSet`), so a
@@ -131,22 +148,68 @@ def save_onnx(model: onnx.ModelProto, path: str | os.PathLike, *, inputs: list[P
     """
     path = Path(path)
     with OutputSet(path.parent, inputs=inputs, force=True, manifest=False) as out:
-        write_onnx(model, out.path(path.name))
+        write_onnx(model, out.path(path.name), externals)
     return path
 
 
-def write_onnx(model: onnx.ModelProto, target: Path) -> list[Path]:
-    """Serialise `model` to `target` (a fresh path), weights in `target.name + ".data"` beside it
-    when the model is too large for one protobuf; returns the files written. `model` is unchanged."""
-    data_name = target.name + ".data"
-    if tensor_bytes(model) <= PROTOBUF_LIMIT // 4:
+def write_onnx(model: onnx.ModelProto, target: Path, externals: dict[str, np.ndarray] | None = None) -> list[Path]:
+    """Serialise `model` to `target` (a fresh path); returns the files written. `model` is unchanged.
+
+    `externals` holds the arrays of tensors the message references as in-memory external data
+    (`Model.to_onnx(externals=...)`). A model whose weights fit one protobuf comfortably is written
+    as one file; a larger one keeps every weight of EXTERNAL_THRESHOLD bytes or more in
+    `target.name + ".data"` beside it, streamed from the arrays one at a time (no second copy of
+    the weights in memory), each at an offset aligned to 4096 bytes so runtimes can map it.
+    """
+    externals = externals or {}
+    if tensor_bytes(model) + sum(a.nbytes for a in externals.values()) <= PROTOBUF_LIMIT // 4:
+        if externals:
+            model = _with_raw_data(model, externals)
         onnx.save_model(model, str(target))
         return [target]
-    onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data_name, size_threshold=EXTERNAL_THRESHOLD)
-    # save_model converted the tensors in place; bring the weights back into memory
-    onnx.load_external_data_for_model(model, str(target.parent))
-    return [target, target.parent / data_name]
+    data = target.parent / (target.name + ".data")
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    with open(data, "wb") as fh:
+        for tensor in light.graph.initializer:
+            array = externals.get(tensor.name) if tensor.data_location == onnx.TensorProto.EXTERNAL else None
+            raw = None if array is not None else (tensor.raw_data if len(tensor.raw_data) >= EXTERNAL_THRESHOLD else None)
+            if array is None and raw is None:
+                continue
+            offset = -fh.tell() % 4096
+            fh.write(b"\0" * offset)
+            offset = fh.tell()
+            if array is not None:
+                _write_array(fh, array)
+            else:
+                fh.write(raw)
+            length = fh.tell() - offset
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(length))):
+                tensor.external_data.add(key=key, value=value)
+    onnx.save_model(light, str(target))
+    return [target, data]
+
+
+def _write_array(fh, array: np.ndarray, chunk: int = 64 << 20) -> None:
+    """Write `array`'s bytes (C order) in chunks: a memory-mapped weight is read once, not copied."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    for start in range(0, flat.size, chunk):
+        fh.write(memoryview(flat[start:start + chunk]))
+
+
+def _with_raw_data(model: onnx.ModelProto, externals: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `model` whose in-memory external tensors hold their bytes (for a small model)."""
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    for tensor in full.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and tensor.name in externals:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = np.ascontiguousarray(externals[tensor.name]).tobytes()
+    return full
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -11,9 +11,14 @@ from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD, NUMPY_NATIVE
 __all__ = ["ort_session"]
 
 
+IN_MEMORY = "graphopt-in-memory"  # the location of a tensor whose bytes are handed to onnxruntime as an array
+NUMPY_TO_ONNX = {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).name: t for t in NUMPY_NATIVE}
+
+
 def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), threads: int = 0,
                 optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None,
-                shared: dict | None = None):
+                shared: dict | None = None, externals: dict[str, np.ndarray] | None = None,
+                low_memory: bool = False):
     """An onnxruntime session for an in-memory model.
 
     The weights reach onnxruntime as external initializers (numpy views of the message's bytes),
@@ -23,7 +28,10 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
     `optimization` "basic" keeps QDQ semantics (no fused integer kernels); "none" runs the graph as is.
     `config`: session config entries, e.g. {"session.qdq_matmulnbits_accuracy_level": "1"} (at
     onnxruntime's default, 4, a DQ -> MatMul it fuses into MatMulNBits quantizes its float or
-    16-bit activation to int8 on the fly).
+    16-bit activation to int8 on the fly). `externals`: arrays of tensors `model` references as
+    IN_MEMORY external data (`Model.to_onnx(externals=...)`), handed over uncopied; `shared`:
+    OrtValues by initializer name. `low_memory` turns off weight prepacking (a packed copy of every
+    MatMul weight): for verification runs of large models, not for timing.
     """
     import onnxruntime as ort
 
@@ -31,7 +39,7 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    for key, value in (config or {}).items():
+    for key, value in {**({"session.disable_prepacking": "1"} if low_memory else {}), **(config or {})}.items():
         options.add_session_config_entry(key, str(value))
     options.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -50,10 +58,12 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
             moved.append((tensor, raw))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
-            tensor.external_data.add(key="location", value="graphopt-in-memory")
-        values += list((shared or {}).values())
+            tensor.external_data.add(key="location", value=IN_MEMORY)
+        given = {**{n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in (externals or {}).items()},
+                 **(shared or {})}
+        values += list(given.values())
         if values:
-            options.add_external_initializers([t.name for t, _ in moved] + list(shared or {}), values)
+            options.add_external_initializers([t.name for t, _ in moved] + list(given), values)
         try:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / RuntimeError types

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, Iterator
 import numpy as np
 
 from graphopt.ir import Model
+from graphopt.ir.model import synthesized_feeds
 from graphopt.pipeline.options import Options
 
 __all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs"]
@@ -58,20 +59,12 @@ class Backend(Options):
 def validation_feeds(model: Model, *, dynamic_dim: int = 8) -> tuple[list[dict[str, np.ndarray]], str]:
     """Feeds a backend validates its artifact on, and where they came from.
 
-    The model's sample inputs when it has them ("sample_inputs"); otherwise one batch built from
-    the input specs ("synthesized"): dynamic dims of `dynamic_dim`, floats from a fixed-seed
-    normal, integers zero (a valid token id, index and mask value).
+    The model's sample inputs when it has them ("sample_inputs", or "synthesized" when the loader
+    made them); otherwise one batch built from the input specs (`graphopt.ir.model.synthesized_feeds`).
     """
     if model.sample_inputs:
-        return list(model.sample_inputs), "sample_inputs"
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for spec in model.inputs:
-        shape = tuple(d if isinstance(d, int) and d > 0 else dynamic_dim for d in spec.shape)
-        dtype = np.dtype(spec.dtype)
-        feeds[spec.name] = (rng.standard_normal(shape).astype(dtype) if dtype.kind == "f"
-                            else np.zeros(shape, dtype=dtype))
-    return [feeds], "synthesized"
+        return list(model.sample_inputs), model.meta.extra.get("sample_inputs", "sample_inputs")
+    return [synthesized_feeds(model.inputs, dynamic_dim=dynamic_dim)], "synthesized"
 
 
 def paired_outputs(reference, candidate, feeds_list: list[dict[str, np.ndarray]],

@@ -122,13 +122,18 @@ class Fidelity(Instrument):
         outputs = _outputs(after)
         record.fidelity = _compare(self._reference, outputs, after.task)
         self._reference = outputs
+        if after.meta.extra.get("sample_inputs") == "synthesized":
+            record.notes.append("fidelity measured on synthesized inputs (seeded normal floats, zero integers)")
 
 
 def _outputs(model: Model) -> list[list[np.ndarray]] | None:
     if not model.sample_inputs:
         return None
-    run = model.runner()
-    return [run(feeds) for feeds in model.sample_inputs]
+    if model.form == "fx":
+        run = model.runner()
+        return [run(feeds) for feeds in model.sample_inputs]
+    session = model.session(low_memory=model.num_bytes() > LARGE_MODEL_BYTES)
+    return [model.run(feeds, session=session) for feeds in model.sample_inputs]
 
 
 def _compare(reference, outputs, task: str) -> dict:
@@ -163,36 +168,36 @@ class Checker(Instrument):
                                "check every step to find the one that broke it)")
 
 
+LARGE_MODEL_BYTES = 1 << 30  # weights past this are checked from a file and run without packed copies
+
+
 def check_model(model: Model, what: str) -> None:
-    """Raise PipelineError unless `model` passes onnx.checker's full check and loads in onnxruntime."""
+    """Raise PipelineError unless `model` passes onnx.checker's full check and loads in onnxruntime.
+
+    The weights are never copied: a model whose weights fit a protobuf comfortably is checked in
+    memory; a larger one is written to a temporary folder (streamed) and checked there, since the
+    checker reads external data only from files."""
+    import tempfile
+
     import onnx
 
-    proto = model.to_onnx()
-    try:
-        from graphopt.ir.onnx_files import PROTOBUF_LIMIT, tensor_bytes
+    from graphopt.ir.onnx_files import write_onnx
+    from graphopt.ir.runtime import ort_session
 
-        if tensor_bytes(proto) < PROTOBUF_LIMIT // 2:
-            onnx.checker.check_model(proto, full_check=True)
-        else:  # the checker serialises the message; past 2 GB it reads only the graph
-            onnx.checker.check_model(_graph_only(proto), full_check=False)
+    externals: dict = {}
+    proto = model.to_onnx(externals=externals)
+    large = sum(a.nbytes for a in externals.values()) > LARGE_MODEL_BYTES
+    try:
+        with tempfile.TemporaryDirectory(prefix="graphopt-check-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            write_onnx(proto, path, externals)
+            onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise PipelineError(f"{what} is not a valid ONNX model: {_first_line(exc)}") from exc
     try:
-        from graphopt.ir.runtime import ort_session
-
-        ort_session(proto, consume=True, optimization="basic")
+        ort_session(proto, consume=True, optimization="basic", externals=externals, low_memory=large)
     except Exception as exc:  # onnxruntime raises its own exception types
         raise PipelineError(f"{what} does not load in onnxruntime: {_first_line(exc)}") from exc
-
-
-def _graph_only(proto):
-    import onnx
-
-    light = onnx.ModelProto()
-    light.CopyFrom(proto)
-    for tensor in light.graph.initializer:
-        tensor.ClearField("raw_data")
-    return light
 
 
 def _first_line(exc: Exception) -> str:

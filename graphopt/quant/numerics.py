@@ -97,21 +97,67 @@ def params_for(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     return scale_zero_point(lo, hi, spec)
 
 
+CHUNK_BYTES = 32 << 20  # rows of a large tensor handled at a time: temporaries stay this small
+
+
+def _param_views(x_shape: tuple[int, ...], scale, zero_point, spec: QuantSpec):
+    """(x reshaped so the parameters broadcast against it, scale, zero point, shape to restore):
+    per block, x is viewed as [..., blocks, block_size, ...] and the parameters as [..., blocks, 1, ...],
+    so no parameter is ever expanded to x's full size."""
+    s = np.asarray(scale, dtype=np.float32)
+    z = np.asarray(zero_point)
+    if spec.granularity != "block":
+        return x_shape, expand_param(s, x_shape, spec), expand_param(z, x_shape, spec)
+    axis = _axis(spec, len(x_shape))
+    blocked = x_shape[:axis] + (x_shape[axis] // spec.block_size, spec.block_size) + x_shape[axis + 1:]
+    return blocked, np.expand_dims(s, axis + 1), np.expand_dims(z, axis + 1)
+
+
+def _by_rows(shape: tuple[int, ...], itemsize: int, *params):
+    """Row slices of a tensor of `shape` (axis 0) of at most CHUNK_BYTES each, and each parameter's
+    matching part (a parameter without that axis is used whole)."""
+    rows = max(1, CHUNK_BYTES // max(1, itemsize * int(np.prod(shape[1:], dtype=np.int64))))
+    for start in range(0, max(shape[0], 1) if shape else 1, rows):
+        part = slice(start, start + rows)
+        yield part, [p[part] if p.ndim == len(shape) and p.shape[0] > 1 else p for p in params]
+
+
 def quantize(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
-    """Integer codes of x in the spec's numpy type (ml_dtypes int4/uint4 for 4 bits)."""
+    """Integer codes of x in the spec's numpy type (ml_dtypes int4/uint4 for 4 bits). A large x is
+    done a block of rows at a time, so the temporaries never approach x's own size."""
     x = np.asarray(x, dtype=np.float32)
-    s = expand_param(np.asarray(scale, dtype=np.float32), x.shape, spec)
-    z = expand_param(np.asarray(zero_point), x.shape, spec)
-    q = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax)
-    return q.astype(np.int32).astype(spec.np_dtype)
+    if x.ndim == 0:
+        x = x.reshape(1)
+        return quantize(x, scale, zero_point, spec).reshape(())
+    shape, s, z = _param_views(x.shape, scale, zero_point, spec)
+    x = x.reshape(shape)
+    codes = np.empty(shape, dtype=spec.np_dtype)
+    for part, (sp, zp) in _by_rows(shape, 4, s, z):
+        q = np.rint(x[part] / sp)
+        q += zp
+        np.clip(q, spec.qmin, spec.qmax, out=q)
+        codes[part] = q.astype(np.int32).astype(spec.np_dtype)
+    return codes.reshape(shape if spec.granularity != "block" else _unblocked(shape, spec))
 
 
 def dequantize(q: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
-    """Float32 values of codes q: (q − zero_point) · scale, as ONNX DequantizeLinear computes them."""
-    q = np.asarray(q).astype(np.int32)
-    s = expand_param(np.asarray(scale, dtype=np.float32), q.shape, spec)
-    z = expand_param(np.asarray(zero_point).astype(np.int32), q.shape, spec)
-    return ((q - z).astype(np.float32) * s).astype(np.float32)
+    """Float32 values of codes q: (q − zero_point) · scale, as ONNX DequantizeLinear computes them
+    (a block of rows at a time for a large q)."""
+    q = np.asarray(q)
+    if q.ndim == 0:
+        return dequantize(q.reshape(1), scale, zero_point, spec).reshape(())
+    shape, s, z = _param_views(q.shape, scale, zero_point, spec)
+    q = q.reshape(shape)
+    z = np.asarray(z).astype(np.int32)
+    out = np.empty(shape, dtype=np.float32)
+    for part, (sp, zp) in _by_rows(shape, 4, s, z):
+        out[part] = (q[part].astype(np.int32) - zp).astype(np.float32) * sp
+    return out.reshape(shape if spec.granularity != "block" else _unblocked(shape, spec))
+
+
+def _unblocked(blocked: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
+    axis = _axis(spec, len(blocked) - 1)
+    return blocked[:axis] + (blocked[axis] * blocked[axis + 1],) + blocked[axis + 2:]
 
 
 def fake_quant(x: np.ndarray, spec: QuantSpec, scale=None, zero_point=None) -> np.ndarray:

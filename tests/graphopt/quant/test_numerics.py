@@ -93,3 +93,24 @@ def test_blocks_round_trip_and_errors():
         numerics.to_blocks(x, 0, 4)
     with pytest.raises(OptionError, match="out of range"):
         numerics.params_for(x, QuantSpec("int8", "channel", axis=5))
+
+
+@pytest.mark.parametrize("spec", [
+    QuantSpec("uint8", "channel", axis=1, symmetric=False),
+    QuantSpec("int8", "channel", axis=0, symmetric=True),
+    QuantSpec("int4", "block", axis=0, block_size=16, symmetric=True),
+    QuantSpec("uint8", "tensor", symmetric=False),
+])
+def test_large_tensors_are_quantized_in_row_blocks_with_the_same_codes(spec, monkeypatch):
+    """Quantizing a block of rows at a time (bounded temporaries for multi-GB weights) gives the
+    codes and values of the one-shot formula; a block seam that mixes up parameters would not."""
+    x = np.random.default_rng(3).standard_normal((96, 40)).astype(np.float32)
+    scale, zp = numerics.params_for(x, spec)
+    s = numerics.expand_param(np.asarray(scale, np.float32), x.shape, spec)
+    z = numerics.expand_param(np.asarray(zp), x.shape, spec)
+    expected = np.clip(np.round(x / s) + z, spec.qmin, spec.qmax).astype(np.int32)
+    monkeypatch.setattr(numerics, "CHUNK_BYTES", 7 * 40 * 4)  # 7 rows (or blocks) at a time
+    codes = numerics.quantize(x, scale, zp, spec)
+    np.testing.assert_array_equal(codes.astype(np.int32), expected)
+    back = numerics.dequantize(codes, scale, zp, spec)
+    np.testing.assert_array_equal(back, ((expected - z.astype(np.int32)).astype(np.float32) * s).astype(np.float32))
