@@ -12,7 +12,7 @@ calibration:                    # optional; feeds for passes that calibrate
   split: calib                  # calib (default) or eval, of sample corpora
 ```
 
-`sources:` (a list, each a path or {path, count, weight, field, split}) mixes several; `image:`
+`sources:` (a list, each a path or {path, count, weight, field, split, skip, pattern}) mixes several; `image:`
 preprocesses image folders. graphopt.frontends.calibration reads them (CalibrationSpec).
 """
 

@@ -18,12 +18,14 @@ bounded readers of `graphopt.files.reading` and returns feeds (input name -> arr
   `ImageSpec` (size, resize or cover-and-crop, layout, colour order, scale, mean / std, dtype).
 
 Several sources are mixed: a source with `count` gives that many feeds, the others share the rest
-of `windows` by `weight`; feeds are interleaved so every prefix of the list mixes the sources.
+of `windows` by `weight`; feeds are interleaved so every prefix of the list mixes the sources. A
+source's `skip` passes over its first feeds (a held-out evaluation set reads those a calibration did not).
 Every failure is a `CalibrationError` naming the file (and the line, array or image) at fault.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import os
 import warnings
@@ -50,8 +52,8 @@ from graphopt.files.reading import (
 )
 from graphopt.frontends import corpora
 
-__all__ = ["CalibrationError", "Source", "ImageSpec", "CalibrationSpec", "parse_source", "parse_image_spec", "section_option", "command_line_spec",
-           "read_image_spec", "MAX_FEEDS"]
+__all__ = ["CalibrationError", "Source", "ImageSpec", "CalibrationSpec", "parse_source", "parse_image_spec",
+           "read_image_spec", "section_option", "command_line_spec", "MAX_FEEDS"]
 
 MAX_FEEDS = 10_000  # feeds one calibration may make (a recipe calibrates on tens)
 MAX_TEXT_BYTES = 256 << 20  # one text or JSONL file, and all files of a text folder together
@@ -96,13 +98,16 @@ class ImageSpec:
 class Source:
     """One calibration source: `sample:NAME` or a path; `count` feeds from it (None: a `weight`
     share of the spec's windows); `field` of JSONL objects; `split` of a sample corpus (None: the
-    spec's)."""
+    spec's); `skip` feeds (windows, images, entries) passed over first, e.g. those held out;
+    `pattern` the file names read from a folder."""
 
     path: str
     count: int | None = None
     weight: float = 1.0
     field: str = "text"
     split: str | None = None
+    skip: int = 0
+    pattern: str = "*"  # the names a folder's files must match (fnmatch), e.g. "*.png"
 
     @property
     def is_sample(self) -> bool:
@@ -148,7 +153,8 @@ class CalibrationSpec:
                          "'source:' in the recipe")
         sources = sources or (_DEFAULT,)
         counts = _allocate(self.windows, sources)
-        parts = [_source_feeds(source, count, self, model) for source, count in zip(sources, counts) if count]
+        parts = [_source_feeds(source, count + source.skip, self, model)[source.skip:]
+                 for source, count in zip(sources, counts) if count]
         return _interleave(parts)
 
 
@@ -184,12 +190,12 @@ def _interleave(parts: list[list[dict]]) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------- parsing
-_SOURCE_KEYS = ("path", "count", "weight", "field", "split")
+_SOURCE_KEYS = ("path", "count", "weight", "field", "split", "skip", "pattern")
 
 
 def parse_source(value: Any, where: str = "source", resolve: Callable[[str], str] | None = None) -> Source:
     """A source from a string ("sample:lee-news", "notes.txt") or a mapping with `path` and any of
-    count, weight, field, split. `resolve` turns a file path into the one to read (a recipe's folder)."""
+    count, weight, field, split, skip, pattern. `resolve` turns a file path into the one to read (a recipe's folder)."""
     if isinstance(value, str):
         value = {"path": value}
     want_dict(value, where, _error)
@@ -219,7 +225,9 @@ def parse_source(value: Any, where: str = "source", resolve: Callable[[str], str
     if split is not None and split not in ("calib", "eval"):
         raise _error(f"{where}: option 'split' must be 'calib' or 'eval', got {shown(split)}")
     field_name = want_str(value.get("field", "text"), f"{where}: option 'field'", _error, max_len=256)
-    return Source(path, count, weight, field_name, split)
+    skip = want_int(value.get("skip", 0), f"{where}: option 'skip'", _error, lo=0, hi=MAX_FEEDS)
+    pattern = want_str(value.get("pattern", "*"), f"{where}: option 'pattern'", _error, max_len=256)
+    return Source(path, count, weight, field_name, split, skip, pattern)
 
 
 _IMAGE_KEYS = ("size", "resize", "layout", "colors", "scale", "mean", "std", "dtype", "input")
@@ -272,10 +280,10 @@ def _source_feeds(source: Source, count: int, spec: CalibrationSpec, model) -> l
         raise _error(f"{path}: no such calibration file or folder")
     suffix = path.suffix.lower()
     if path.is_dir():
-        kind = _folder_kind(path)
+        kind = _folder_kind(path, source.pattern)
         if kind == "images":
-            return _image_feeds(path, count, spec.image or ImageSpec(), model)
-        return _text_feeds(_folder_text(path), source, count, spec, model)
+            return _image_feeds(path, source.pattern, count, spec.image or ImageSpec(), model)
+        return _text_feeds(_folder_text(path, source.pattern), source, count, spec, model)
     if suffix in (".txt", ".text", ".md"):
         return _text_feeds(_text_file(path), source, count, spec, model)
     if suffix == ".jsonl":
@@ -288,24 +296,26 @@ def _source_feeds(source: Source, count: int, spec: CalibrationSpec, model) -> l
                  ".txt files or images, or sample:NAME)")
 
 
-def _folder_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+def _folder_files(folder: Path, suffixes: tuple[str, ...], pattern: str = "*") -> list[Path]:
     found = []
     with os.scandir(folder) as entries:
         for index, entry in enumerate(entries):
             if index >= MAX_FOLDER_FILES:
                 raise _error(f"{folder}: more than {MAX_FOLDER_FILES:,} entries; calibrate from a smaller folder")
-            if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in suffixes:
+            if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in suffixes \
+                    and fnmatch.fnmatch(entry.name, pattern):
                 found.append(Path(entry.path))
     return sorted(found)
 
 
-def _folder_kind(folder: Path) -> str:
-    images, texts = _folder_files(folder, IMAGE_SUFFIXES), _folder_files(folder, (".txt",))
+def _folder_kind(folder: Path, pattern: str) -> str:
+    images, texts = _folder_files(folder, IMAGE_SUFFIXES, pattern), _folder_files(folder, (".txt",), pattern)
     if images and texts:
         raise _error(f"{folder}: holds both images ('{images[0].name}') and text ('{texts[0].name}'); "
-                     "calibrate from a folder of one kind")
+                     "calibrate from a folder of one kind, or choose the files with a source's 'pattern'")
     if not images and not texts:
-        raise _error(f"{folder}: holds no .txt file and no image ({', '.join(IMAGE_SUFFIXES)})")
+        raise _error(f"{folder}: holds no .txt file and no image ({', '.join(IMAGE_SUFFIXES)})"
+                     + (f" matching {shown(pattern)}" if pattern != "*" else ""))
     return "images" if images else "text"
 
 
@@ -320,9 +330,9 @@ def _text_file(path: Path) -> str:
     return _decode(read_bytes(path, max_bytes=MAX_TEXT_BYTES, error=_error, what="calibration text file"), str(path))
 
 
-def _folder_text(folder: Path) -> str:
+def _folder_text(folder: Path, pattern: str) -> str:
     texts, total = [], 0
-    for path in _folder_files(folder, (".txt",)):
+    for path in _folder_files(folder, (".txt",), pattern):
         total += check_file(path, max_bytes=MAX_TEXT_BYTES, error=_error, what="calibration text file")
         if total > MAX_TEXT_BYTES:
             raise _error(f"{folder}: its .txt files hold more than {MAX_TEXT_BYTES:,} bytes (at '{path.name}')")
@@ -530,11 +540,11 @@ def _preprocess(image, spec: ImageSpec, layout: str, height: int, width: int, dt
     return np.ascontiguousarray(x[None].astype(dtype))
 
 
-def _image_feeds(folder: Path, count: int, spec: ImageSpec, model) -> list[dict[str, np.ndarray]]:
+def _image_feeds(folder: Path, pattern: str, count: int, spec: ImageSpec, model) -> list[dict[str, np.ndarray]]:
     target = _image_input(model, spec)
     layout, channels, height, width = _image_geometry(spec, tuple(target.shape), target.name)
     dtype = np.dtype(spec.dtype or target.dtype)
-    files = _folder_files(folder, IMAGE_SUFFIXES)
+    files = _folder_files(folder, IMAGE_SUFFIXES, pattern)
     first = target.shape[0]
     batch = first if isinstance(first, int) and first > 0 else 1
     if count * batch > len(files):

@@ -118,6 +118,8 @@ def test_npz_and_npy_feeds_cut_along_the_first_axis(tmp_path, vision):
     np.save(tmp_path / "f.npy", x[:, None])  # rank + 1: one feed per index of axis 0
     feeds = CalibrationSpec(sources=(Source(str(tmp_path / "f.npy")),), windows=4).feeds(vision)
     assert len(feeds) == 4 and np.array_equal(feeds[3]["x"], x[3:4])
+    held_out = CalibrationSpec(sources=(Source(str(tmp_path / "f.npz"), skip=3),), windows=2).feeds(vision)
+    assert [f["x"].tolist() for f in held_out] == [x[3:4].tolist(), x[4:5].tolist()]
     with pytest.raises(CalibrationError, match=r"f.npy: holds 5 feeds, asked for 6"):
         CalibrationSpec(sources=(Source(str(tmp_path / "f.npy")),), windows=6).feeds(vision)
 
