@@ -15,7 +15,6 @@ import numpy as np
 from graphopt.errors import BackendError
 from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
-from graphopt.ir.onnx_files import write_onnx
 from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 
 __all__ = ["OrtMobile", "XNNPACK_OPS"]
@@ -220,7 +219,7 @@ class OrtMobile(Backend):
             work = staging / "work"
             work.mkdir()
             onnx_path = work / "model.onnx"
-            write_onnx(model.to_onnx(), onnx_path)
+            model.write(onnx_path)
             converter_log = io.StringIO()
             try:
                 with contextlib.redirect_stdout(converter_log), _quiet("ort_format_model.utils"):

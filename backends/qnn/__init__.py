@@ -20,7 +20,7 @@ from graphopt.files.json_files import write_json
 from graphopt.files.reading import read_json, want_dict
 from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
-from graphopt.ir.onnx_files import load_onnx, write_onnx
+from graphopt.ir.onnx_files import load_onnx
 from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
 from graphopt.quant.encodings import Encodings
 
@@ -107,7 +107,7 @@ class Qnn(Backend):
         inputs = [model.source] if model.source else []
         with OutputSet(out_dir, inputs=inputs, force=force) as out:
             staging = out.staging
-            write_onnx(float_model.to_onnx(), staging / "model.onnx")
+            float_model.write(staging / "model.onnx")
             write_json(staging / "model.encodings", data)
             write_json(staging / "model_net.json", net)
             write_json(staging / "htp_compatibility.json", findings)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import UnsupportedGraphError
+from graphopt.files.mapping import row_blocks
 from graphopt.ir import Model, is_parameter_dtype
 
 __all__ = ["GraphDiff", "WeightChange", "diff_models", "GraphView", "view_of", "distinct_params"]
@@ -319,14 +320,17 @@ def _spec_text(item) -> str:
 
 # ------------------------------------------------------------------------------- comparison
 def _digest(array: np.ndarray) -> bytes:
-    data = np.ascontiguousarray(array)
-    return hashlib.blake2b(data.view(np.uint8).reshape(-1) if data.size else b"", digest_size=16).digest()
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr((array.shape, array.dtype.str)).encode())
+    for block in row_blocks(array):  # a memory-mapped weight is read a block at a time
+        digest.update(np.ascontiguousarray(block).view(np.uint8).reshape(-1))
+    return digest.digest()
 
 
 def _zeros(array: np.ndarray) -> float | None:
     if array.size == 0 or array.dtype.kind in "OSU":  # ml_dtypes (int4, float8) count fine
         return None
-    return 1.0 - np.count_nonzero(array) / array.size
+    return 1.0 - sum(int(np.count_nonzero(block)) for block in row_blocks(array)) / array.size
 
 
 def _same_memory(a, b) -> bool:

@@ -48,7 +48,6 @@ def _convert_run(args) -> int:
     import graphopt
     from graphopt.frontends.calibration import command_line_spec
     from graphopt.ir import MIN_OPSET, graph_opset
-    from graphopt.ir.onnx_files import write_onnx
     from graphopt.pipeline import Pipeline, available_backends, export, get_pass
     from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
@@ -90,7 +89,7 @@ def _convert_run(args) -> int:
     if final.form == "fx":
         final = graphopt.lower(final, log=log)
     with OutputSet(out, inputs=inputs, force=args.force) as output:  # model and reports as one set
-        written = write_onnx(final.to_onnx(), output.path("model.onnx"))
+        written = final.write(output.path("model.onnx"))
         result.report.save(output.staging)
     print(f"model:  {out / 'model.onnx'}" + (" (+ model.onnx.data)" if len(written) > 1 else ""))
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")

@@ -9,7 +9,6 @@ import numpy as np
 
 from graphopt.errors import GraphoptError
 from graphopt.ir import Model
-from graphopt.ir.runtime import ort_session
 
 __all__ = ["ort_latency"]
 
@@ -24,7 +23,7 @@ def ort_latency(model: Model, feeds: dict[str, np.ndarray], repeats: int = 10, *
     model.require("onnx", "ort_latency")
     if repeats < 1:
         raise GraphoptError(f"ort_latency: repeats must be >= 1, got {repeats}")
-    session = session or ort_session(model.to_onnx(), threads=threads, consume=True)
+    session = session or model.session(threads)
     names = [i.name for i in session.get_inputs()]
     feeds = {n: feeds[n] for n in names}
     for _ in range(warmup):

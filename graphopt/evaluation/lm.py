@@ -20,7 +20,6 @@ from graphopt.evaluation.metrics import nll_sum
 from graphopt.evaluation.sizes import disk_bytes
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec, prefill_feeds
-from graphopt.ir.runtime import ort_session
 
 __all__ = ["top_k_indices", "evaluate_causal_lm", "benchmark_causal_lm"]
 
@@ -130,8 +129,7 @@ def benchmark_causal_lm(
     Returns the row and the top-k reference of this model (see `evaluate_causal_lm`).
     """
     model.require("onnx", "benchmark_causal_lm")
-    session = ort_session(model.to_onnx(), threads=threads, optimization=optimization, consume=True,
-                                  config=config)
+    session = model.session(threads, optimization=optimization, config=config)
     name = model.inputs[0].name
     row, tops = evaluate_causal_lm(lambda ids: session.run(None, {name: ids})[0], windows, reference_logits, k=k)
     ids = np.atleast_2d(windows[0])[:1, :latency_seq].astype(np.int64)

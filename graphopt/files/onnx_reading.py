@@ -33,6 +33,7 @@ import onnx
 from onnx import TensorProto
 
 from graphopt.errors import ModelLoadError, UnsafePathError
+from graphopt.files.mapping import register
 from graphopt.files.reading import confined_path, shown
 
 __all__ = ["tensor_sites", "check_tensors", "read_external", "map_external", "densify_sparse", "check_text",
@@ -245,7 +246,7 @@ def map_external(ranges: list[ExternalRange], path: Path, names: set[str]) -> di
             if r.offset + r.length > len(view):
                 raise ModelLoadError(f"{path}: {r.where}: external data '{file.name}' ended early")
             array = np.frombuffer(view, dtype=dtype, count=r.length // dtype.itemsize, offset=r.offset)
-            mapped[r.tensor.name] = array.reshape(tuple(r.tensor.dims))
+            mapped[r.tensor.name] = register(array.reshape(tuple(r.tensor.dims)), file, r.offset)
     read_external(rest, path)
     return mapped
 

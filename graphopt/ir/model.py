@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from graphopt.errors import GraphoptError, UnsupportedGraphError
+from graphopt.files import mapping
 from graphopt.files.json_files import jsonable
 from graphopt.ir import onnx_files
 from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD
@@ -206,6 +207,13 @@ class Model:
                 node.metadata_props.add(key=PROVENANCE_KEY, value=made_by)
         return proto
 
+    def write(self, target: str | Path) -> list[Path]:
+        """Serialise the ONNX form to `target`, a fresh path (e.g. inside an `OutputSet`'s staging
+        folder), weights streamed to `target.name + ".data"` when large; the files written."""
+        externals: dict[str, np.ndarray] = {}
+        proto = self.to_onnx(externals=externals)
+        return onnx_files.write_onnx(proto, Path(target), externals)
+
     def save(self, path: str | Path) -> Path:
         """Write the ONNX form atomically (external data beside it when large, streamed from the
         weights without a second copy in memory); never over the source."""
@@ -328,8 +336,9 @@ def _pack_4bit_constants(graph: gs.Graph) -> None:
 
 @contextlib.contextmanager
 def _external_constants(graph: gs.Graph, externals: dict[str, np.ndarray] | None):
-    """While exporting: large constants of a numpy type appear as external references to
-    "graphopt-in-memory" (their arrays collected in `externals`), so the message holds no copy."""
+    """While exporting: large constants of a numpy type appear as external references (to
+    "graphopt-in-memory", or to their own file when memory-mapped; the arrays collected in
+    `externals`), so the message holds no copy."""
     if externals is None:
         yield
         return
@@ -345,7 +354,11 @@ def _external_constants(graph: gs.Graph, externals: dict[str, np.ndarray] | None
             continue
         stub = onnx.TensorProto(name=tensor.name, dims=values.shape, data_type=elem,
                                 data_location=onnx.TensorProto.EXTERNAL)
-        stub.external_data.add(key="location", value=IN_MEMORY)
+        mapped = mapping.source(values)  # a weight still in its file: name the file, so a runtime reads it there
+        entries = (("location", mapped[0].name), ("offset", str(mapped[1])), ("length", str(values.nbytes))) \
+            if mapped else (("location", IN_MEMORY),)
+        for key, value in entries:
+            stub.external_data.add(key=key, value=value)
         externals[tensor.name] = values
         swapped.append((tensor, values))
         tensor._values = LazyValues(stub)

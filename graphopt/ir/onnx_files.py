@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import ModelLoadError
+from graphopt.files.mapping import drop_pages
 from graphopt.files.onnx_reading import (
     check_graph,
     check_tensors,
@@ -198,6 +199,7 @@ def _write_array(fh, array: np.ndarray, chunk: int = 64 << 20) -> None:
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     for start in range(0, flat.size, chunk):
         fh.write(memoryview(flat[start:start + chunk]))
+        drop_pages(flat[start:start + chunk])  # a mapped weight's pages, once written, need not stay
 
 
 def _with_raw_data(model: onnx.ModelProto, externals: dict[str, np.ndarray]) -> onnx.ModelProto:

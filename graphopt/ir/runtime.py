@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import UnsupportedGraphError
+from graphopt.files import mapping
 from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD, NUMPY_NATIVE
 
 __all__ = ["ort_session"]
@@ -59,7 +60,9 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             tensor.external_data.add(key="location", value=IN_MEMORY)
-        given = {**{n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for n, a in (externals or {}).items()},
+        in_files = _read_from_their_files(model, externals or {}, options)
+        given = {**{n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                    for n, a in (externals or {}).items() if n not in in_files},
                  **(shared or {})}
         values += list(given.values())
         if values:
@@ -77,3 +80,21 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
             tensor.raw_data = raw
     session.graphopt_weights = values  # onnxruntime reads these buffers for the session's lifetime
     return session
+
+
+def _read_from_their_files(model: onnx.ModelProto, externals: dict[str, np.ndarray], options) -> set[str]:
+    """Names of `externals` onnxruntime reads from the file they are mapped from (one folder: the
+    first mapped array's), instead of being handed a copy; the others are marked IN_MEMORY."""
+    folder, found = None, set()
+    tensors = {t.name: t for t in model.graph.initializer}
+    for name, array in externals.items():
+        mapped = mapping.source(array)
+        if mapped is not None and folder in (None, mapped[0].parent) and name in tensors:
+            folder = mapped[0].parent
+            found.add(name)
+        elif name in tensors:
+            del tensors[name].external_data[:]
+            tensors[name].external_data.add(key="location", value=IN_MEMORY)
+    if folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    return found

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt.errors import OptionError
+from graphopt.files.mapping import drop_pages
 from graphopt.quant.spec import QuantSpec
 
 __all__ = [
@@ -77,16 +78,29 @@ def expand_param(param: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> 
 
 
 def tensor_range(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(min, max) of x at the spec's granularity, in the ONNX parameter layout."""
+    """(min, max) of x at the spec's granularity, in the ONNX parameter layout; a large x is read
+    a block of rows at a time (each block's pages dropped after, when x is memory-mapped)."""
     x = np.asarray(x, dtype=np.float32)
-    if spec.granularity == "tensor":
-        return np.asarray(x.min()), np.asarray(x.max())
     if spec.granularity == "token":
         return x.min(axis=-1, keepdims=True), x.max(axis=-1, keepdims=True)
+    if x.ndim == 0 or spec.granularity == "tensor" or (spec.granularity == "channel" and _axis(spec, x.ndim) != 0):
+        # reduced over axis 0 (and others): fold the row blocks' partial results
+        keep = None if spec.granularity == "tensor" or x.ndim == 0 else _axis(spec, x.ndim)
+        others = tuple(i for i in range(x.ndim) if i != keep)
+        lo = hi = None
+        for part, _ in _by_rows(x.shape or (1,), 4):
+            chunk = x[part] if x.ndim else x
+            clo, chi = chunk.min(axis=others), chunk.max(axis=others)
+            lo = clo if lo is None else np.minimum(lo, clo)
+            hi = chi if hi is None else np.maximum(hi, chi)
+            drop_pages(chunk)
+        return np.asarray(lo), np.asarray(hi)
     axis = _axis(spec, x.ndim)
-    if spec.granularity == "channel":
-        others = tuple(i for i in range(x.ndim) if i != axis)
-        return x.min(axis=others), x.max(axis=others)
+    if spec.granularity == "channel":  # channels on axis 0: each row block gives its channels' ranges
+        others = tuple(range(1, x.ndim))
+        parts = [(x[part].min(axis=others), x[part].max(axis=others), drop_pages(x[part])) for part, _ in
+                 _by_rows(x.shape, 4)]
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     blocks = to_blocks(x, axis, spec.block_size)
     return blocks.min(axis=axis + 1), blocks.max(axis=axis + 1)
 
@@ -137,6 +151,7 @@ def quantize(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
         q += zp
         np.clip(q, spec.qmin, spec.qmax, out=q)
         codes[part] = q.astype(np.int32).astype(spec.np_dtype)
+        drop_pages(x[part])  # a memory-mapped weight's rows, once read, need not stay
     return codes.reshape(shape if spec.granularity != "block" else _unblocked(shape, spec))
 
 
