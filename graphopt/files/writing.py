@@ -164,6 +164,8 @@ class OutputSet:
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
             self.staging = None
+        if exc_type is not None and issubclass(exc_type, OSError) and not isinstance(exc, GraphoptError):
+            raise write_error(self.folder, exc) from exc  # e.g. the disk filled while a file was written
 
     def _commit(self) -> None:
         produced = sorted(p for p in self.staging.iterdir() if p.is_file())

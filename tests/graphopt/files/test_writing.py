@@ -145,3 +145,13 @@ def test_sigterm_during_a_save_leaves_no_staging_folder(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], timeout=60)
     assert done.returncode == 130
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_full_disk_while_writing_names_the_folder(tmp_path):
+    import errno
+
+    with pytest.raises(GraphoptError, match=f"{tmp_path / 'out'}: cannot write: no space left on the device"):
+        with OutputSet(tmp_path / "out") as out:
+            _write(out.path("a.txt"), "partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert os.listdir(tmp_path / "out") == []
