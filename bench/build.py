@@ -132,6 +132,12 @@ class Builder:
 
     def _check_calibration(self, recipe, where: str) -> None:
         cal, protocol = recipe.calibration, self.ctx.protocol
+        if self.table.measure == "image":  # the recipe's image count and preprocessing are the protocol's
+            spec = self.ctx.image_spec(self.ctx.model(self.table.model))
+            if (cal.windows, cal.image) != (protocol["images"]["calibration"], spec):
+                raise SuiteError(f"{where}: recipe {recipe.path} calibrates on {cal.windows} images as {cal.image}, "
+                                 f"the protocol on {protocol['images']['calibration']} as {spec}: make them agree")
+            return
         model_kind = "calibration" if self.table.measure != "embedding" else "embedding"
         expected = ((protocol["calibration"]["windows"], protocol["calibration"]["length"]) if model_kind == "calibration"
                     else (protocol["embedding"]["calib_batches"], protocol["embedding"]["calib_max_length"]))

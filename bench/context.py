@@ -10,10 +10,28 @@ import numpy as np
 import graphopt
 from bench.spec import Protocol, SuiteError
 from graphopt.errors import GraphoptError
+from graphopt.frontends.calibration import CalibrationSpec, ImageSpec, Source, parse_image_spec
 from graphopt.frontends.corpora import corpus_named, lm_windows, minilm_batches
 from graphopt.ir import Model
 
-__all__ = ["Context"]
+__all__ = ["Context", "package_path"]
+
+
+def package_path(source: str) -> str:
+    """`package:DIST/PATH` as the path of PATH inside the installed distribution DIST (a model or
+    an image folder a package ships); any other source as it is."""
+    if not source.startswith("package:"):
+        return source
+    import importlib.metadata
+
+    dist, _, inner = source[len("package:"):].partition("/")
+    try:
+        path = importlib.metadata.distribution(dist).locate_file(inner)
+    except importlib.metadata.PackageNotFoundError:
+        raise SuiteError(f"protocol: {source}: the package '{dist}' is not installed (make setup installs it)") from None
+    if not path.exists():
+        raise SuiteError(f"protocol: {source}: '{inner}' is not in the installed '{dist}'")
+    return str(path)
 
 
 class Context:
@@ -25,11 +43,14 @@ class Context:
     def __init__(self, protocol: Protocol, *, device: str = "cpu", log: Callable[[str], None] = print):
         self.protocol, self.device, self.log = protocol, device, log
         self._models: dict[tuple[str, str], Model] = {}
+        self._keys: dict[str, str] = {}  # model name -> protocol key, for image preprocessing
 
     def model(self, key: str, form: str = "onnx") -> Model:
-        """The float model `key` of the protocol in `form` (shared: callers copy before mutating)."""
+        """The float model `key` of the protocol in `form` (shared: callers copy before mutating).
+        A source `package:DIST/PATH` is a file inside the installed distribution DIST."""
         if (key, form) not in self._models:
-            self._models[(key, form)] = graphopt.load(self.protocol.model_source(key), form=form, log=self.log)
+            model = graphopt.load(package_path(self.protocol.model_source(key)), form=form, log=self.log)
+            self._models[(key, form)], self._keys[model.name] = model, key
         return self._models[(key, form)]
 
     def release_models(self) -> None:
@@ -74,10 +95,31 @@ class Context:
         return minilm_batches(model.tokenizer, corpus["evaluation_split"], emb["eval_batches"], batch=emb["batch"],
                               max_length=emb["eval_max_length"], corpus=corpus["source"])
 
+    def image_spec(self, model: Model) -> ImageSpec:
+        """The protocol's preprocessing of `model`'s images (images.preprocessing.<model key>)."""
+        key = self._keys.get(model.name)
+        table = self.protocol["images"]["preprocessing"]
+        if key not in table:
+            raise SuiteError(f"protocol: images.preprocessing has no entry for model '{key or model.name}'")
+        try:
+            return parse_image_spec(table[key], f"protocol: images.preprocessing.{key}")
+        except GraphoptError as exc:
+            raise SuiteError(str(exc)) from exc
+
+    def image_feeds(self, model: Model, split: str) -> list[dict[str, np.ndarray]]:
+        """The protocol's images for `model`, preprocessed: the first `calibration` of the folder
+        (name order) for "calibration", the `evaluation` after them for "evaluation"."""
+        images = self.protocol["images"]
+        skip = 0 if split == "calibration" else images["calibration"]
+        source = Source(str(package_path(images["source"])), skip=skip, pattern=images.get("pattern", "*"))
+        return CalibrationSpec(sources=(source,), windows=images[split], image=self.image_spec(model)).feeds(model)
+
     def calibration(self, model: Model) -> list[dict[str, np.ndarray]]:
-        """The protocol's calibration feeds for `model`: token windows or sentence batches."""
+        """The protocol's calibration feeds for `model`: token windows, sentence batches or images."""
         if model.task == "embedding":
             return self.embedding_batches(model, "calibration")
+        if model.task == "generic":
+            return self.image_feeds(model, "calibration")
         cal = self.protocol["calibration"]
         windows = self.windows(model, cal["corpus"], "calibration", cal["windows"], cal["length"])
         return [{model.inputs[0].name: w} for w in windows]

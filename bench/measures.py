@@ -1,4 +1,4 @@
-"""The measurements a table names: lm, embedding, backend, npu-cost. One function each, one row each.
+"""The measurements a table names: lm, embedding, image, backend, npu-cost. One function each, one row each.
 
 Every metric comes from graphopt.evaluation (`benchmark_causal_lm`, `evaluate_causal_lm`,
 `metrics`, `ort_latency`, `disk_bytes`); this module only decides what runs on which runtime and
@@ -130,17 +130,28 @@ def measure_lm(table: Table, row: Row, built: Built, ctx: Context, state: State)
 
 # ----------------------------------------------------------------------------- embedding
 def measure_embedding(table: Table, row: Row, built: Built, ctx: Context, state: State) -> dict:
-    """Mean and smallest per-batch cosine of the output against the compared row's, bytes, params,
-    and (ORT rows) latency of the first batch."""
+    """Mean and smallest per-batch cosine of the output against the compared row's (per sentence,
+    averaged in a batch), bytes, params, and (ORT rows) latency of the first batch."""
+    return _output_cosines(table, row, built, ctx, state, ctx.embedding_batches(built.model, "evaluation"), -1)
+
+
+def measure_image(table: Table, row: Row, built: Built, ctx: Context, state: State) -> dict:
+    """Mean and smallest per-image cosine of the whole output against the compared row's, on the
+    protocol's held-out images (`min_batch_cosine`: the worst image), bytes, params, and (ORT rows)
+    latency of the first image."""
+    return _output_cosines(table, row, built, ctx, state, ctx.image_feeds(built.model, "evaluation"), None)
+
+
+def _output_cosines(table: Table, row: Row, built: Built, ctx: Context, state: State, batches: list[dict],
+                    axis: int | None) -> dict:
     model, timings = built.model, []
     run = _runner(model, row.runtime, ctx, timings)
-    batches = ctx.embedding_batches(model, "evaluation")
     outputs = [np.asarray(run(b)[0]) for b in batches]
     state.outputs[row.name] = outputs
     out: dict = {}
     against = state.against(row)
     if against:
-        cosines = [metrics.cosine(ref, o, axis=-1) for ref, o in zip(state.outputs[against[0]], outputs)]
+        cosines = [metrics.cosine(ref, o, axis=axis) for ref, o in zip(state.outputs[against[0]], outputs)]
         out.update({"cosine": float(np.mean(cosines)), "min_batch_cosine": float(np.min(cosines))})
     if timings:
         out["sim_s_per_batch"] = statistics.median(timings)
@@ -220,5 +231,5 @@ def measure_npu_cost(table: Table, row: Row, built: Built, ctx: Context, state: 
     return out
 
 
-MEASURES = {"lm": measure_lm, "embedding": measure_embedding, "backend": measure_backend,
+MEASURES = {"lm": measure_lm, "embedding": measure_embedding, "image": measure_image, "backend": measure_backend,
             "npu-cost": measure_npu_cost}

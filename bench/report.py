@@ -125,16 +125,24 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
     if "embedding" in measures:
         parts.append(f"embeddings: {emb['eval_batches']} batches × {emb['batch']} sentences (≤ {emb['eval_max_length']} "
                      f"tokens), mean cosine per batch against the reference row")
+    if "image" in measures:
+        img = protocol["images"]
+        parts.append(f"images: the {img['evaluation']} of {img['source']} after the first {img['calibration']} "
+                     f"({img.get('pattern', '*')}, name order), preprocessed as images.preprocessing says, mean and "
+                     "smallest per-image cosine of the whole output against the reference row")
     calibration = (f"calibration: {cal['windows']} windows × {cal['length']} tokens of {cal['corpus']} "
                    f"({protocol['corpora'][cal['corpus']]['calibration_split']} split)")
+    if measures == {"image"}:
+        calibration = f"calibration: the first {protocol['images']['calibration']} images"
     if "embedding" in measures or "backend" in measures:
         calibration += f", {emb['calib_batches']} batches of {emb['batch']} sentences for embeddings"
     parts.append(calibration + ", the same for every calibrated row, graphopt's and the peers'")
     if any(r for t in suite.tables for r in t.rows if any(k == "qat" for k, _ in r.build)):
         tr = protocol["training"]
         parts.append(f"training: {tr['windows']} windows × {tr['length']} tokens of {tr['corpus']} (calibration split)")
-    if any(t.measure in ("lm", "embedding") and t.options.get("latency", True) for t in suite.tables):
-        parts.append(f"latency: onnxruntime CPU, batch {lat['batch']} × {lat['seq']} tokens, median and min of "
+    if any(t.measure in ("lm", "embedding", "image") and t.options.get("latency", True) for t in suite.tables):
+        shape = "one image" if measures == {"image"} else f"batch {lat['batch']} × {lat['seq']} tokens"
+        parts.append(f"latency: onnxruntime CPU, {shape}, median and min of "
                      f"{lat['repeats']} runs after {lat['warmup']} warm-up runs, {protocol['threads']} threads")
     return "Protocol: " + "; ".join(parts) + "."
 

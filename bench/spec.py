@@ -22,7 +22,7 @@ __all__ = ["BENCH", "ROOT", "SuiteError", "Protocol", "Row", "Table", "Target", 
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-MEASURES = ("lm", "embedding", "backend", "npu-cost")
+MEASURES = ("lm", "embedding", "image", "backend", "npu-cost")
 BUILD_KINDS = ("fp32", "recipe", "passes", "peer", "qat")
 RUNTIMES = ("ort", "ort-basic", "npu-sim", "torch")
 

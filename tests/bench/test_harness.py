@@ -51,15 +51,20 @@ def tiny(protocol):
 
 def test_declared_suites_load_and_their_recipes_calibrate_as_the_protocol_says():
     protocol, suites = load_protocol(), load_suites()
-    assert {"fidelity", "quantize", "sparsity", "backends", "npu-sim", "qat"} <= set(suites)
+    assert {"fidelity", "quantize", "sparsity", "backends", "npu-sim", "qat", "vision"} <= set(suites)
     assert suites["qat"].needs == "cuda"
     cal, emb = protocol["calibration"], protocol["embedding"]
     recipes = {row.recipe: table.measure for s in suites.values() for table in s.tables for row in table.rows
                if row.recipe}
-    assert {"smollm2-2of4.yaml", "smollm2-sparse50.yaml", "smollm2-w8a8.yaml", "minilm-w8a8.yaml"} <= set(recipes)
+    assert {"smollm2-2of4.yaml", "smollm2-sparse50.yaml", "smollm2-w8a8.yaml", "minilm-w8a8.yaml",
+            "ppocr-rec-w8a8.yaml"} <= set(recipes)
     for name, measure in recipes.items():
         recipe = load_recipe(ROOT / "samples" / "recipes" / name)
         if recipe.calibration is None:  # cleanup calibrates nothing
+            continue
+        if measure == "image":  # images: the protocol's count and the model's preprocessing
+            assert recipe.calibration.windows == protocol["images"]["calibration"], name
+            assert recipe.calibration.image is not None, name
             continue
         expected = (emb["calib_batches"], emb["calib_max_length"]) if measure == "embedding" else (
             cal["windows"], cal["length"])
