@@ -6,7 +6,7 @@ names one or more sources and how many feeds to make; `spec.feeds(model)` reads 
 bounded readers of `graphopt.files.reading` and returns feeds (input name -> array):
 
 - `sample:pydoc-topics`, `sample:lee-news`: a corpus of `graphopt.frontends.corpora` (its `split`).
-- a `.txt` file, or a folder of `.txt` files (read in name order, joined by blank lines), and a
+- a `.txt` file, or a folder's `.txt` files (read in name order, joined by blank lines), and a
   `.jsonl` file (one JSON object a line; the string in `field`, default "text"): text, tokenized
   with the model's own tokenizer (bytes for the tiny model) into `length`-token windows for a
   causal LM, or into batches of `batch` paragraphs (cut at `length` tokens) for an encoder.
@@ -14,8 +14,9 @@ bounded readers of `graphopt.files.reading` and returns feeds (input name -> arr
   array of the input's rank is cut along axis 0 into feeds of the input's batch size (1 when
   dynamic); one of rank + 1 holds one feed per index of its first axis. Names, dtypes, ranks and
   static dimensions are checked against the model's inputs.
-- a folder of images (.png, .jpg, ...), read with PIL in name order and preprocessed by an
-  `ImageSpec` (size, resize or cover-and-crop, layout, colour order, scale, mean / std, dtype).
+- a folder's images (.png, .jpg, ...; a folder feeds a language model its .txt files, any other
+  model its images), read with PIL in name order and preprocessed by an `ImageSpec` (size,
+  resize or cover-and-crop, layout, colour order, scale, mean / std, dtype).
 
 Several sources are mixed: a source with `count` gives that many feeds, the others share the rest
 of `windows` by `weight`; feeds are interleaved so every prefix of the list mixes the sources. A
@@ -280,7 +281,7 @@ def _source_feeds(source: Source, count: int, spec: CalibrationSpec, model) -> l
         raise _error(f"{path}: no such calibration file or folder")
     suffix = path.suffix.lower()
     if path.is_dir():
-        kind = _folder_kind(path, source.pattern)
+        kind = _folder_kind(path, source.pattern, model)
         if kind == "images":
             return _image_feeds(path, source.pattern, count, spec.image or ImageSpec(), model)
         return _text_feeds(_folder_text(path, source.pattern), source, count, spec, model)
@@ -308,15 +309,19 @@ def _folder_files(folder: Path, suffixes: tuple[str, ...], pattern: str = "*") -
     return sorted(found)
 
 
-def _folder_kind(folder: Path, pattern: str) -> str:
-    images, texts = _folder_files(folder, IMAGE_SUFFIXES, pattern), _folder_files(folder, (".txt",), pattern)
-    if images and texts:
-        raise _error(f"{folder}: holds both images ('{images[0].name}') and text ('{texts[0].name}'); "
-                     "calibrate from a folder of one kind, or choose the files with a source's 'pattern'")
-    if not images and not texts:
-        raise _error(f"{folder}: holds no .txt file and no image ({', '.join(IMAGE_SUFFIXES)})"
-                     + (f" matching {shown(pattern)}" if pattern != "*" else ""))
-    return "images" if images else "text"
+def _folder_kind(folder: Path, pattern: str, model) -> str:
+    """What a folder gives `model`: images for a vision model, the .txt files for a language model
+    (a folder of images may hold a README.txt; the model decides which files are read)."""
+    text = getattr(model, "task", "generic") in ("causal-lm", "embedding")
+    suffixes = (".txt",) if text else IMAGE_SUFFIXES
+    if not _folder_files(folder, suffixes, pattern):
+        other = "images" if text else ".txt files"
+        found = " (it holds " + other + ")" if _folder_files(folder, (".txt",) if not text else IMAGE_SUFFIXES,
+                                                               pattern) else ""
+        raise _error(f"{folder}: holds no {'.txt file' if text else 'image (' + ', '.join(IMAGE_SUFFIXES) + ')'}"
+                     + (f" matching {shown(pattern)}" if pattern != "*" else "")
+                     + f" for '{model.name}', a '{getattr(model, 'task', 'generic')}' model{found}")
+    return "text" if text else "images"
 
 
 def _decode(data: bytes, where: str) -> str:

@@ -50,6 +50,10 @@ def test_a_text_folder_and_jsonl_read_in_order(tmp_path, tiny_onnx):
     (folder / ".hidden.txt").write_text("not read")
     feeds = CalibrationSpec(sources=(Source(str(folder)),), windows=1, length=60).feeds(tiny_onnx)
     assert _bytes(feeds) == [(("first file " * 4).strip() + "\n\n" + ("second file " * 4).strip()).encode()[:60]]
+    write_images(tmp_path / "pictures", 1)
+    with pytest.raises(CalibrationError, match=r"pictures: holds no .txt file for 'tiny-llama', a 'causal-lm' model "
+                                               r"\(it holds images\)"):
+        CalibrationSpec(sources=(Source(str(tmp_path / "pictures")),), windows=1).feeds(tiny_onnx)
     jsonl = tmp_path / "chat.jsonl"
     jsonl.write_text(json.dumps({"body": "hello there, how are you"}) + "\n\n" + json.dumps({"body": "fine!" * 6}) + "\n")
     feeds = CalibrationSpec(sources=(Source(str(jsonl), field="body"),), windows=1, length=30).feeds(tiny_onnx)
@@ -169,9 +173,11 @@ def test_unreadable_images_and_mixed_folders_are_refused_by_name(tmp_path, visio
     (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(CalibrationError, match=r"broken.jpg: not a readable image"):
         CalibrationSpec(sources=(Source(str(tmp_path / "images")),), windows=3).feeds(vision)
-    (tmp_path / "images" / "notes.txt").write_text("text")
-    with pytest.raises(CalibrationError, match=r"images: holds both images .* and text \('notes.txt'\)"):
-        CalibrationSpec(sources=(Source(str(tmp_path / "images")),), windows=1).feeds(vision)
+    (tmp_path / "images" / "README.txt").write_text("a folder of images may hold a README")
+    feeds = CalibrationSpec(sources=(Source(str(tmp_path / "images"), pattern="img*"),), windows=2).feeds(vision)
+    assert len(feeds) == 2  # a vision model reads the images, never the .txt; the pattern leaves out broken.jpg
+    with pytest.raises(CalibrationError, match=r"images: holds no image .* for 'v', a 'generic' model"):
+        CalibrationSpec(sources=(Source(str(tmp_path / "images"), pattern="*.txt"),), windows=1).feeds(vision)
     with pytest.raises(CalibrationError, match=r"img00.png: calibration reads images from a folder"):
         CalibrationSpec(sources=(Source(str(tmp_path / "images" / "img00.png")),), windows=1).feeds(vision)
 
