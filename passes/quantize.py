@@ -19,6 +19,7 @@ from graphopt.quant.encodings import Encoding, Encodings
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import make_observer
 from graphopt.quant.plan import QuantOptions, check_weight_patterns, plan_int16
+from graphopt.quant.scale_search import estimate_scales, refit_scales
 
 __all__ = ["Quantize"]
 
@@ -46,7 +47,10 @@ class Quantize(QuantOptions, Pass):
     1. Weights of MatMul/Gemm/Conv (and tables read by Gather, e.g. a tied embedding/lm_head)
        become integer initializers + DequantizeLinear: per channel (the output axis), per tensor,
        or per block along the input axis (opset 21 `block_size`); RTN with min-max or MSE-clipped
-       ranges, or GPTQ (graphopt.quant.gptq) on the same grids. Tables use `embedding_bits` per
+       ranges, or GPTQ (graphopt.quant.gptq; `gptq_damp`, `gptq_act_order`) on the same grids. With
+       `scale_estimation`, a MatMul weight's scales are then refit to its output error on the
+       calibration inputs (graphopt.quant.scale_search: for GPTQ's codes once, for RTN alternating
+       with rounding; never worse than without, on those inputs). Tables use `embedding_bits` per
        channel and RTN (their rounding serves the lookup as much as the lm_head). Weights matching
        `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes);
        weights matching `exclude` stay float, and so does an input only they read.
@@ -70,6 +74,19 @@ class Quantize(QuantOptions, Pass):
     # compute wrong results with a DQ'd int32 bias (max error 0.8 vs 0.02 unfused, see the tests);
     # QNN and the NPU simulator derive bias encodings from s_x·s_w themselves
     quantize_bias: bool = field(default=False, metadata={"help": "int32 biases of quantized linears"})
+    gptq_damp: float = field(default=0.01, metadata={"help": "GPTQ: share of mean(diag H) added to H's diagonal, in [0, 1)"})
+    gptq_act_order: bool = field(default=False, metadata={
+        "help": "GPTQ: round input rows by descending Hessian diagonal (block scales fixed before the sweep)"})
+    scale_estimation: bool = field(default=False, metadata={
+        "help": "refit MatMul weight scales to each layer's output error on the calibration inputs"})
+
+    def check(self) -> None:
+        super().check()
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise self.option_error("gptq_damp", f" must be in [0, 1), got {self.gptq_damp}")
+        if self.scale_estimation and self.weight_granularity == "tensor":
+            raise self.option_error("scale_estimation", " needs weight scales per channel or per block, "
+                                                        "not weight_granularity 'tensor'")
 
     # ---------------------------------------------------------------------------- entry
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
@@ -78,7 +95,7 @@ class Quantize(QuantOptions, Pass):
         if opset and opset < MIN_OPSET:
             raise UnsupportedGraphError(
                 f"'quantize': graph '{model.name}' has opset {opset}; QDQ with int4/16 and blocks needs "
-                f">= {MIN_OPSET} (lower it again with graphopt.lower)")
+                f">= {MIN_OPSET}: run the upgrade_opset pass before it (a Pipeline does so by itself)")
         sites = [s for s in linear_sites(model) if not self.excluded(s.weight)]
         if not sites:
             return PassResult(model, False, {"reason": "no float MatMul/Gemm/Conv weight to quantize"})
@@ -87,7 +104,7 @@ class Quantize(QuantOptions, Pass):
             feeds.setdefault(site.activation, []).append(site.weight)
         points, weights = list(feeds), {s.weight for s in sites}
         check_weight_patterns(self, weights, model.name)
-        calib = ctx.require_calib(self.name) if points or self.weight_rounding == "gptq" else None
+        calib = ctx.require_calib(self.name) if points or self._needs_hessians else None
         observers, hessians = self._calibrate(model, sites, points, calib, ctx)
         proxy_spec = self.activation_spec(8)
         plan = plan_int16(self, list(feeds.values()), weights, model.name,
@@ -107,13 +124,18 @@ class Quantize(QuantOptions, Pass):
             "biases": len(result.biases), "int16_share": plan.share, "int16": int16[:64]})
 
     # ----------------------------------------------------------------- calibration
+    @property
+    def _needs_hessians(self) -> bool:
+        return self.weight_rounding == "gptq" or self.scale_estimation
+
     def _calibrate(self, model, sites, points, calib, ctx) -> tuple[dict, dict]:
-        """Observers of `points` and, for GPTQ, the input Hessians of MatMul sites: one calibration run."""
-        if not points and self.weight_rounding != "gptq":
+        """Observers of `points` and, for GPTQ or scale estimation, the input Hessians of MatMul
+        sites: one calibration run."""
+        if not points and not self._needs_hessians:
             return {}, {}
         options = {"percentile": self.percentile} if self.observer == "percentile" else {}
         observers = {p: make_observer(self.observer, **options) for p in points}
-        hessians = {s.activation: InputHessian() for s in sites if s.op == "MatMul"} if self.weight_rounding == "gptq" else {}
+        hessians = {s.activation: InputHessian() for s in sites if s.op == "MatMul"} if self._needs_hessians else {}
 
         def make(name):
             parts = [x for x in (observers.get(name), hessians.get(name)) if x is not None]
@@ -137,24 +159,34 @@ class Quantize(QuantOptions, Pass):
             channel_axis, block_axis = qdq.weight_axes(model.graph, tensors[name], users[name])
             specs[name] = self.weight_spec(name, channel_axis, table=name in tables, block_axis=block_axis,
                                            rows=tensors[name].values.shape[block_axis])
-        # GPTQ for linear weights (a table's rounding must serve its lookups too: RTN there)
-        solved = [n for n in names if self.weight_rounding == "gptq" and n not in tables and n in site_of
-                  and site_of[n].op == "MatMul" and site_of[n].activation in hessians]
+        # GPTQ and scale estimation for linear weights (a table's rounding must serve its lookups
+        # too: RTN there)
+        calibrated = {n: hessians[site_of[n].activation] for n in names if n not in tables and n in site_of
+                      and site_of[n].op == "MatMul" and site_of[n].activation in hessians}
         found = {}
-        groups = _shared_input_groups(solved, site_of, specs)
+        groups = _shared_input_groups(list(calibrated), site_of, specs) if self.weight_rounding == "gptq" else []
         for group in progress_bar(groups, len(groups), "quantize: GPTQ", ctx.progress and bool(groups)):
-            found.update(_gptq_group(group, tensors, specs[group[0]], hessians[site_of[group[0]].activation].hessian,
-                                    model.meta.masks, self.weight_range))
+            found.update(_gptq_group(group, tensors, specs[group[0]], calibrated[group[0]].hessian, model.meta.masks,
+                                     self.weight_range, damp=self.gptq_damp, act_order=self.gptq_act_order))
         codes = {}
         for name in progress_bar(names, len(names), "quantize: weights", ctx.progress):
             spec = specs[name]
+            values = np.asarray(tensors[name].values, np.float32)
+            code = None
             if name in found:
-                scale, zero_point = found[name].scale, found[name].zero_point
-                codes[name] = np.asarray(found[name].codes).astype(np.int32).astype(spec.np_dtype)
+                scale, zero_point, code = found[name].scale, found[name].zero_point, found[name].codes
             elif self.weight_range == "mse":
-                scale, zero_point = numerics.mse_params(np.asarray(tensors[name].values, np.float32), spec)
+                scale, zero_point = numerics.mse_params(values, spec)
             else:
-                scale, zero_point = numerics.params_for(np.asarray(tensors[name].values, np.float32), spec)
+                scale, zero_point = numerics.params_for(values, spec)
+            if self.scale_estimation and name in calibrated and spec.granularity != "tensor":
+                hessian = calibrated[name].hessian
+                if code is None:
+                    code, scale = estimate_scales(values, hessian, scale, zero_point, spec)
+                else:
+                    scale = refit_scales(values, hessian, code, scale, zero_point, spec)
+            if code is not None:
+                codes[name] = np.asarray(code).astype(np.int32).astype(spec.np_dtype)
             encodings.add(Encoding.from_params(name, scale, zero_point, spec), "param")
         return codes
 
@@ -170,13 +202,14 @@ def _shared_input_groups(names: list[str], site_of: dict, specs: dict) -> list[l
     return list(groups.values())
 
 
-def _gptq_group(names: list[str], tensors, spec: QuantSpec, hessian, masks, grid: str) -> dict:
-    """GPTQ of [in, out] weights side by side (output channels are independent), split back."""
+def _gptq_group(names: list[str], tensors, spec: QuantSpec, hessian, masks, grid: str, **options) -> dict:
+    """GPTQ of [in, out] weights side by side (output channels are independent), split back;
+    `options` are gptq_quantize's (damp, act_order)."""
     values = [np.asarray(tensors[n].values, np.float32) for n in names]
     mask = None
     if any(n in masks for n in names):
         mask = np.concatenate([(v != 0) if n in masks else np.ones(v.shape, bool) for n, v in zip(names, values)], axis=1)
-    joint = gptq_quantize(np.concatenate(values, axis=1), hessian, spec, mask=mask, grid=grid)
+    joint = gptq_quantize(np.concatenate(values, axis=1), hessian, spec, mask=mask, grid=grid, **options)
     out, start = {}, 0
     for name, value in zip(names, values):
         part = slice(start, start + value.shape[1])

@@ -47,8 +47,7 @@ def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None) -> Non
 def _convert_run(args) -> int:
     import graphopt
     from graphopt.frontends.calibration import command_line_spec
-    from graphopt.ir import MIN_OPSET, graph_opset
-    from graphopt.pipeline import Pipeline, available_backends, export, get_pass
+    from graphopt.pipeline import Pipeline, available_backends, export
     from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
 
@@ -76,9 +75,6 @@ def _convert_run(args) -> int:
     if calib:
         log(f"calibration: {len(calib)} feeds from {calibration.source}")
     passes = recipe.passes
-    if model.form == "onnx" and graph_opset(model.graph) < MIN_OPSET and passes and passes[0].name != "upgrade_opset":
-        log(f"{model.name} has opset {graph_opset(model.graph)}: upgrade_opset runs first")
-        passes = [get_pass("upgrade_opset")(), *passes]
     if calib and not model.sample_inputs:  # the per-step fidelity check runs on the first calibration feed
         model.sample_inputs = calib[:1]
     instruments = default_instruments(verify=not args.no_verify, log=log)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from graphopt.errors import GraphoptError, PipelineError
-from graphopt.ir import MIN_OPSET, Model
+from graphopt.ir import MIN_OPSET, Model, graph_opset
 from graphopt.pipeline.instruments import Instrument, Step, default_instruments
 from graphopt.pipeline.passes import Pass, PassContext
 from graphopt.pipeline.report import Report, StepRecord
@@ -27,7 +27,8 @@ class Pipeline:
 
     Each pass runs in the form the model is in if it supports it; a pass that needs ONNX on an
     FX model triggers one lowering; a pass that needs FX after lowering is rejected before any
-    pass runs. What is measured around each step is up to the instruments
+    pass runs; an ONNX model below opset MIN_OPSET gets an `upgrade_opset` step first (converted
+    and checked numerically). What is measured around each step is up to the instruments
     (`graphopt.pipeline.instruments`); by default: provenance, sizes, structural diff, fidelity
     on the model's sample inputs (`verify`), a validity check of the result (`check`: onnx.checker
     and onnxruntime), per-step dumps (`dump_dir`), timing and a log line. `contracts` checks every
@@ -72,6 +73,12 @@ class Pipeline:
 
     def run(self, model: Model, calib: list[dict[str, np.ndarray]] | None = None) -> PipelineResult:
         steps = self.plan(model.form)
+        if _needs_upgrade(model, steps):  # an ONNX file from an older exporter: upgraded first, checked
+            from graphopt.pipeline.registry import get_pass
+
+            self.log(f"{model.name} has opset {graph_opset(model.graph)}: upgrade_opset runs first")
+            steps = [Step("upgrade_opset", get_pass("upgrade_opset")(), 0)] + [
+                Step(s.name, s.pass_, s.index + 1) for s in steps]
         ctx = PassContext(calib=calib, progress=self.progress, lower=self._lower)
         report = Report(model=model.name)
         for instrument in self.instruments:
@@ -104,3 +111,9 @@ class Pipeline:
         for instrument in self.instruments:
             instrument.run_end(current, report)
         return PipelineResult(current, report)
+
+
+def _needs_upgrade(model: Model, steps: list[Step]) -> bool:
+    """An ONNX model below the opset the passes need, whose plan does not start by upgrading it."""
+    return (model.form == "onnx" and bool(steps) and steps[0].name != "upgrade_opset"
+            and graph_opset(model.graph, default=MIN_OPSET) < MIN_OPSET)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import graphopt
-from graphopt.errors import OptionError
+from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import graph_opset
 from graphopt.passes import Quantize, UpgradeOpset
 from graphopt.pipeline import Pipeline
@@ -22,8 +22,11 @@ def test_an_opset_13_model_is_upgraded_and_then_quantizes(tmp_path):
     assert upgrade.stats["checked_on"] == "given inputs" and upgrade.stats["max_abs_diff"] < 1e-6
     assert quantize.stats["weights"] == 3 and graph_opset(result.model.graph) == 21
     assert graph_opset(model.graph) == 13
-    with pytest.raises(graphopt.errors.PipelineError, match=r"'quantize': graph 'v' has opset 13"):
-        Pipeline([Quantize()], verify=False, log=lambda _: None).run(model, calib=feeds)
+    with pytest.raises(UnsupportedGraphError, match=r"'quantize': graph 'v' has opset 13.*run the upgrade_opset"):
+        Quantize().run(model, PassContext(calib=feeds))  # the pass alone refuses, naming the fix
+    auto = Pipeline([Quantize(weight_bits=8, activation_bits=8)], verify=False, log=lambda _: None).run(model, calib=feeds)
+    assert [s.name for s in auto.report.steps] == ["upgrade_opset", "quantize"]  # a Pipeline upgrades by itself
+    assert graph_opset(auto.model.graph) == 21
 
 
 def test_a_current_model_is_not_changed(tmp_path):
