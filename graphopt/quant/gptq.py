@@ -77,44 +77,60 @@ def gptq_quantize(
     damp: float = 0.01,
     mask: np.ndarray | None = None,
     grid: str = "minmax",
+    act_order: bool = False,
 ) -> GPTQResult:
     """Round `weight_in_out` ([in, out], as MatMul(x, W) reads it) to `spec` with GPTQ.
 
-    `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded in order
-    by the OBS sweep of `graphopt.sparsity.obs_sweep`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
-    is added to the diagonal. Per channel or per tensor, the grid comes from the weight; with
-    spec.granularity "block", each group of spec.block_size input rows gets its own scales, chosen
-    from the error-updated weights when the sweep reaches the group (as the reference does).
+    `hessian` is [in, in] (activations.InputHessian.hessian). Input rows are rounded by the OBS
+    sweep of `graphopt.sparsity.obs_sweep`, in lazy batches of `block_size` rows; `damp` × mean(diag H)
+    is added to the diagonal. In order of the rows, or with `act_order` by descending diagonal of H
+    (the inputs that carry most energy first, while most rows are left to absorb their error).
+    Per channel or per tensor, the grid comes from the weight; with spec.granularity "block", each
+    group of spec.block_size input rows gets its own scales: in row order chosen from the
+    error-updated weights when the sweep reaches the group (as the reference does), with
+    `act_order` from the weight before the sweep (static groups: a block's rows are visited out of
+    order, and its scales must exist before the first of them is rounded).
     `grid` "minmax" spans each group's range, "mse" clips it where rounding error is least.
     `mask` (bool [in, out], True = kept) keeps pruned weights exactly zero; their error is
     compensated by the kept ones. Inputs that never fire (zero Hessian diagonal) are zeroed.
+    The result is always in the caller's row order.
     """
     import torch
 
     _check(weight_in_out, hessian, spec, block_size, damp, mask)
-    W, hinv = obs_sweep.prepare(np.asarray(weight_in_out, np.float32).T, hessian, damp, "gptq")  # [out, in]
-    cols, rows = W.shape
+    weight = np.asarray(weight_in_out, np.float32)
+    rows, cols = weight.shape
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(rows)
+    W, hinv = obs_sweep.prepare(weight[order].T, np.asarray(hessian)[np.ix_(order, order)], damp, "gptq")  # [out, in]
     group = spec.block_size if spec.granularity == "block" else rows
-    if spec.granularity == "block":  # a group's scales come from rows inside the current batch
+    static = act_order and spec.granularity == "block"
+    if spec.granularity == "block" and not static:  # a group's scales come from rows inside the current batch
         block_size = max(group, block_size // group * group)
     scales = np.zeros((rows // group, cols), np.float32)
     zeros = np.zeros((rows // group, cols), np.int64)
-    codes = torch.zeros((rows, cols), dtype=torch.float32)  # [in, out]: the sweep's row layout
-    keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool)))
+    if static:
+        for g in range(rows // group):
+            scales[g], zeros[g] = _group_params(weight[g * group:(g + 1) * group].T, spec, grid)
+    codes = torch.zeros((rows, cols), dtype=torch.float32)  # [in, out], the caller's row order
+    keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool)[order]))
     current = {}
 
+    def params(g: int) -> tuple:
+        return torch.from_numpy(scales[g]), torch.from_numpy(zeros[g].astype(np.float32))
+
     def replace(j: int, block, i: int):
-        if j % group == 0:
-            source = W if group == rows else block[i:i + group].T  # whole rows: the grid of the weight
-            scale, zero_point = _group_params(source.numpy(), spec, grid)
-            scales[j // group], zeros[j // group] = scale, zero_point
-            current["scale"] = torch.from_numpy(scale.astype(np.float32))
-            current["zero"] = torch.from_numpy(zero_point.astype(np.float32))
-        scale, zero = current["scale"], current["zero"]
+        if static:
+            scale, zero = params(order[j] // group)
+        else:
+            if j % group == 0:
+                source = W if group == rows else block[i:i + group].T  # whole rows: the grid of the weight
+                scales[j // group], zeros[j // group] = _group_params(source.numpy(), spec, grid)
+                current["params"] = params(j // group)
+            scale, zero = current["params"]
         q = torch.round(block[i] / scale).add_(zero).clamp_(spec.qmin, spec.qmax)
         if keep is not None:
             q = torch.where(keep[j], q, zero)
-        codes[j] = q
+        codes[order[j]] = q
         return q.sub(zero).mul_(scale)
 
     obs_sweep.sweep(W, hinv, replace, block_size)

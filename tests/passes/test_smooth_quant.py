@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import graphopt.passes.smooth_quant as smooth_quant_module
+import graphopt.quant.smoothing as smoothing_module
 from graphopt.errors import OptionError
 from graphopt.frontends.corpora import lm_windows
 from graphopt.ir import Model
@@ -56,7 +56,7 @@ def test_smoothing_is_exact_in_float(tiny_onnx, tiny_calib, tiny_eval, monkeypat
     assert "lm_head.weight.T" not in changed
     assert len(changed) == 2 * (3 + 3) + 4  # and the four RMSNorm gains in front of q/k/v and gate/up
 
-    monkeypatch.setattr(smooth_quant_module, "_fold", lambda constant, s: None)  # skip the fold into the producer
+    monkeypatch.setattr(smoothing_module, "divide_columns", lambda constant, s: None)  # skip the fold into the producer
     broken = SmoothQuant(alpha=0.5).run(tiny_onnx.copy(), tiny_calib).model
     with pytest.raises(AssertionError):
         assert_same_function(tiny_onnx, broken, tiny_eval)
