@@ -69,6 +69,14 @@ def _group_params(rows: np.ndarray, spec, grid: str) -> tuple[np.ndarray, np.nda
     return np.broadcast_to(scale, rows.shape[:1]), np.broadcast_to(zero_point, rows.shape[:1])
 
 
+def _static_params(weight_in_out: np.ndarray, spec, grid: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points of every block of input rows ([in // block, out] each), from the
+    weight as it is: act-order's static groups."""
+    group = spec.block_size
+    params = [_group_params(weight_in_out[g:g + group].T, spec, grid) for g in range(0, weight_in_out.shape[0], group)]
+    return np.stack([p[0] for p in params]).astype(np.float32), np.stack([p[1] for p in params]).astype(np.int64)
+
+
 def gptq_quantize(
     weight_in_out: np.ndarray,
     hessian: np.ndarray,
@@ -109,8 +117,7 @@ def gptq_quantize(
     scales = np.zeros((rows // group, cols), np.float32)
     zeros = np.zeros((rows // group, cols), np.int64)
     if static:
-        for g in range(rows // group):
-            scales[g], zeros[g] = _group_params(weight[g * group:(g + 1) * group].T, spec, grid)
+        scales, zeros = _static_params(weight, spec, grid)
     codes = torch.zeros((rows, cols), dtype=torch.float32)  # [in, out], the caller's row order
     keep = None if mask is None else torch.from_numpy(np.ascontiguousarray(np.asarray(mask, bool)[order]))
     current = {}

@@ -3,6 +3,9 @@
 import numpy as np
 import pytest
 
+from graphopt.frontends.corpora import lm_windows
+from graphopt.pipeline.passes import PassContext
+
 
 @pytest.fixture
 def scale_times_four(monkeypatch):
@@ -19,3 +22,17 @@ def scale_times_four(monkeypatch):
         monkeypatch.setattr(owner, name, wrong)
 
     return patch
+
+
+@pytest.fixture(scope="module")
+def tiny_calib():
+    """Four 64-byte calibration windows for the tiny Llama, in a pass context."""
+    return PassContext(calib=[{"input_ids": w} for w in lm_windows(None, "calib", 4, 64)], progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_eval(tiny_onnx):
+    """Two held-out 64-byte windows and the tiny Llama's float logits on them."""
+    windows = lm_windows(None, "eval", 2, 64)
+    run = tiny_onnx.runner()
+    return windows, [run({"input_ids": w})[0] for w in windows]

@@ -16,10 +16,10 @@ from onnx import TensorProto, helper, numpy_helper
 from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
 from graphopt.evaluation import metrics
-from graphopt.frontends.corpora import lm_windows
 from graphopt.ir import Model
 from graphopt.pipeline import get_pass
 from graphopt.pipeline.passes import PassContext
+from graphopt.quant import gptq as gptq_module
 from graphopt.quant import numerics
 from graphopt.quant.encodings import Encodings
 from graphopt.quant.observers import MinMaxObserver
@@ -30,18 +30,6 @@ Quantize = get_pass("quantize")
 
 def ops(model: Model) -> Counter:
     return Counter(n.op for n in model.graph.nodes)
-
-
-@pytest.fixture(scope="module")
-def tiny_calib():
-    return PassContext(calib=[{"input_ids": w} for w in lm_windows(None, "calib", 4, 64)], progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_eval(tiny_onnx):
-    windows = lm_windows(None, "eval", 2, 64)
-    run = tiny_onnx.runner()
-    return windows, [run({"input_ids": w})[0] for w in windows]
 
 
 def sqnr(model: Model, tiny_eval) -> float:
@@ -110,6 +98,39 @@ def test_gptq_beats_round_to_nearest_and_solves_shared_inputs_jointly(tiny_onnx,
     monkeypatch.setattr(InputHessian, "hessian", property(lambda self: np.eye(self.h.shape[0])))
     blind = Quantize(weight_rounding="gptq", **options).run(tiny_onnx.copy(), tiny_calib).model
     assert not sqnr(blind, tiny_eval) > sqnr(rtn, tiny_eval) + 5.5
+
+
+W4_GPTQ = dict(weight_bits=4, weight_granularity="block", weight_block_size=16, weight_symmetric=True,
+               activation_bits=0, embedding_bits=8, weight_rounding="gptq")
+
+
+def test_gptq_act_order_keeps_block_scales_in_order(tiny_onnx, tiny_calib, tiny_eval, monkeypatch):
+    """Act-order (rows by descending Hessian diagonal) on W4 blocks of 16: measured 36.8 dB against
+    34.7 in row order; its static block scales come from each block's own rows (the broken variant,
+    scales of the reversed rows, loses it)."""
+    ordered = Quantize(**W4_GPTQ, gptq_act_order=True).run(tiny_onnx.copy(), tiny_calib).model
+    assert sqnr(ordered, tiny_eval) > 36.3
+    assert sqnr(Quantize(**W4_GPTQ).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) < 36.3  # row order: 34.7
+    dq = next(n for n in ordered.graph.nodes if n.outputs[0].name == "model.layers.0.mlp.down_proj.weight")
+    assert dq.attrs == {"axis": 0, "block_size": 16}
+    original = gptq_module._static_params
+    monkeypatch.setattr(gptq_module, "_static_params", lambda w, spec, grid: original(w[::-1], spec, grid))
+    assert not sqnr(Quantize(**W4_GPTQ, gptq_act_order=True).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) > 36.3
+
+
+def test_scale_estimation_refits_scales_to_the_output_error(tiny_onnx, tiny_calib, tiny_eval, monkeypatch):
+    """W4 blocks of 16, RTN: scales refit to each layer's output error on the calibration inputs
+    (round, refit, keep the best) lift the logits SQNR from 28.3 to 31.7 dB (measured), and GPTQ's
+    from 34.7 to 35.8; refit on an identity Hessian (the broken variant: the weight's own error, not
+    the output's) does not reach the bound."""
+    options = {**W4_GPTQ, "weight_rounding": "rtn"}
+    assert sqnr(Quantize(**options, scale_estimation=True).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) > 31.2
+    assert sqnr(Quantize(**W4_GPTQ, scale_estimation=True).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval) > 35.4
+    from graphopt.analysis.capture import InputHessian
+
+    monkeypatch.setattr(InputHessian, "hessian", property(lambda self: np.eye(self.h.shape[0])))
+    blind = Quantize(**options, scale_estimation=True).run(tiny_onnx.copy(), tiny_calib).model
+    assert not sqnr(blind, tiny_eval) > 31.2
 
 
 def test_nothing_to_do_leaves_model_untouched(tiny_onnx, tiny_calib):

@@ -28,6 +28,7 @@ def _encodings_file(tmp_path, tiny_onnx) -> str:
 
 # name -> (options with work to do, options with nothing to do, "again", or None)
 CASES = {
+    "awq": ({}, {"weights": ("no-such-weight",)}),
     "cleanup": ({}, "again"),
     "rotate": ({}, None),
     "quantize": ({}, "again"),

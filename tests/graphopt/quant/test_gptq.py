@@ -134,3 +134,25 @@ def test_gptq_beats_rtn_on_a_smollm2_layer(smollm2_onnx, smollm2_calib):
     shuffled = np.random.default_rng(9).permutation(w.shape[0])  # broken variant: 1.32x RTN's error
     misaligned = gptq_quantize(w, acc[site.activation].hessian[shuffled][:, shuffled], W4_BLOCK64)
     assert not _error(x, w, misaligned.dequantized) < 0.26 * rtn_err
+
+
+def _uneven(rows: int, features: int, seed: int = 0) -> np.ndarray:
+    """Correlated inputs whose channels differ in energy by orders of magnitude (as LLM activations do)."""
+    return _correlated(rows, features, seed) * np.exp(np.random.default_rng(seed + 1).normal(size=features)).astype(np.float32)
+
+
+def test_act_order_rounds_energetic_inputs_first():
+    """On inputs of uneven energy act-order cuts GPTQ's output error (measured 0.71x of row order, W4
+    blocks of 64), its block scales staying in row order (the layout DequantizeLinear reads)."""
+    x = _uneven(2048, 256)
+    w = np.random.default_rng(1).normal(size=(256, 64)).astype(np.float32)
+    h = _hessian(x)
+    plain, ordered = gptq_quantize(w, h, W4_BLOCK64, grid="mse"), gptq_quantize(w, h, W4_BLOCK64, grid="mse", act_order=True)
+    assert _error(x, w, ordered.dequantized) < 0.8 * _error(x, w, plain.dequantized)
+    assert ordered.scale.shape == (4, 64)
+    expanded = np.repeat(ordered.scale, 64, axis=0)
+    np.testing.assert_allclose(ordered.dequantized, ordered.codes * expanded, rtol=1e-6, atol=1e-7)
+    # broken variant: the Hessian of the reversed channels, misaligned with the weight
+    reversed_h = h[::-1, ::-1]
+    assert not _error(x, w, gptq_quantize(w, reversed_h, W4_BLOCK64, grid="mse", act_order=True).dequantized) \
+        < 0.8 * _error(x, w, plain.dequantized)
