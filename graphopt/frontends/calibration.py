@@ -109,10 +109,20 @@ class Source:
     split: str | None = None
     skip: int = 0
     pattern: str = "*"  # the names a folder's files must match (fnmatch), e.g. "*.png"
+    prompt_tokens: int = 16  # generated: tokens of each prompt
+    temperature: float = 1.0  # generated: sampling temperature
+    seed: int = 0  # generated: the sampler's seed
 
     @property
     def is_sample(self) -> bool:
         return self.path.startswith("sample:")
+
+    @property
+    def prompts(self) -> "Source | None":
+        """For `generated:SOURCE`, SOURCE (where the prompts come from); else None."""
+        if not self.path.startswith(_GENERATED):
+            return None
+        return replace(self, path=self.path[len(_GENERATED):], prompt_tokens=16, temperature=1.0, seed=0)
 
 
 @dataclass(frozen=True)
@@ -154,12 +164,14 @@ class CalibrationSpec:
                          "'source:' in the recipe")
         sources = sources or (_DEFAULT,)
         counts = _allocate(self.windows, sources)
-        parts = [_source_feeds(source, count + source.skip, self, model)[source.skip:]
+        parts = [_generated_feeds(source, count, self, model) if source.prompts is not None
+                 else _source_feeds(source, count + source.skip, self, model)[source.skip:]
                  for source, count in zip(sources, counts) if count]
         return _interleave(parts)
 
 
 _DEFAULT = Source("sample:pydoc-topics")
+_GENERATED = "generated:"
 
 
 def _allocate(total: int, sources: tuple[Source, ...]) -> list[int]:
@@ -192,20 +204,36 @@ def _interleave(parts: list[list[dict]]) -> list[dict]:
 
 # ------------------------------------------------------------------------------- parsing
 _SOURCE_KEYS = ("path", "count", "weight", "field", "split", "skip", "pattern")
+_GENERATED_KEYS = ("prompt_tokens", "temperature", "seed")
 
 
 def parse_source(value: Any, where: str = "source", resolve: Callable[[str], str] | None = None) -> Source:
-    """A source from a string ("sample:lee-news", "notes.txt") or a mapping with `path` and any of
-    count, weight, field, split, skip, pattern. `resolve` turns a file path into the one to read (a recipe's folder)."""
+    """A source from a string ("sample:lee-news", "notes.txt", "generated:sample:pydoc-topics") or a
+    mapping with `path` and any of count, weight, field, split, skip, pattern (and, for a generated
+    source, prompt_tokens, temperature, seed). `resolve` turns a file path into the one to read (a
+    recipe's folder)."""
     if isinstance(value, str):
         value = {"path": value}
     want_dict(value, where, _error)
-    unknown = sorted(set(value) - set(_SOURCE_KEYS))
+    generated = isinstance(value.get("path"), str) and value["path"].startswith(_GENERATED)
+    keys = _SOURCE_KEYS + (_GENERATED_KEYS if generated else ())
+    unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise _error(f"{where}: unknown option {shown(unknown[0])} (options: {', '.join(_SOURCE_KEYS)})")
+        only = " (prompt_tokens, temperature and seed are for generated: sources)" if unknown[0] in _GENERATED_KEYS else ""
+        raise _error(f"{where}: unknown option {shown(unknown[0])} (options: {', '.join(keys)}){only}")
     if "path" not in value:
-        raise _error(f"{where}: needs 'path' (a file, a folder or sample:NAME)")
+        raise _error(f"{where}: needs 'path' (a file, a folder, sample:NAME or generated:SOURCE)")
     path = want_str(value["path"], f"{where}: option 'path'", _error, max_len=4096)
+    if generated:
+        inner = parse_source({**{k: v for k, v in value.items() if k not in _GENERATED_KEYS},
+                              "path": path[len(_GENERATED):]}, f"{where}: prompts", resolve)
+        if inner.prompts is not None:
+            raise _error(f"{where}: option 'path': prompts come from text, not from another generated source")
+        return replace(inner, path=_GENERATED + inner.path,
+                       prompt_tokens=want_int(value.get("prompt_tokens", 16), f"{where}: option 'prompt_tokens'",
+                                              _error, lo=1, hi=4096),
+                       temperature=_positive(value.get("temperature", 1.0), f"{where}: option 'temperature'"),
+                       seed=want_int(value.get("seed", 0), f"{where}: option 'seed'", _error, lo=0, hi=2**31 - 1))
     if path.startswith("sample:"):
         try:
             corpora.corpus_named(path)
@@ -219,9 +247,7 @@ def parse_source(value: Any, where: str = "source", resolve: Callable[[str], str
     count = value.get("count")
     if count is not None:
         count = want_int(count, f"{where}: option 'count'", _error, lo=1, hi=MAX_FEEDS)
-    weight = want_number(value.get("weight", 1.0), f"{where}: option 'weight'", _error)
-    if weight <= 0:
-        raise _error(f"{where}: option 'weight' must be positive, got {shown(weight)}")
+    weight = _positive(value.get("weight", 1.0), f"{where}: option 'weight'")
     split = value.get("split")
     if split is not None and split not in ("calib", "eval"):
         raise _error(f"{where}: option 'split' must be 'calib' or 'eval', got {shown(split)}")
@@ -229,6 +255,13 @@ def parse_source(value: Any, where: str = "source", resolve: Callable[[str], str
     skip = want_int(value.get("skip", 0), f"{where}: option 'skip'", _error, lo=0, hi=MAX_FEEDS)
     pattern = want_str(value.get("pattern", "*"), f"{where}: option 'pattern'", _error, max_len=256)
     return Source(path, count, weight, field_name, split, skip, pattern)
+
+
+def _positive(value: Any, where: str) -> float:
+    number = want_number(value, where, _error)
+    if number <= 0:
+        raise _error(f"{where} must be positive, got {shown(number)}")
+    return number
 
 
 _IMAGE_KEYS = ("size", "resize", "layout", "colors", "scale", "mean", "std", "dtype", "input")
@@ -402,6 +435,60 @@ def _tokens(text: str, tokenizer, needed: int) -> np.ndarray:
         if len(ids) >= needed + 1:  # the prefix's last token may be cut: one spare
             return ids[:needed]
     return encode(text)
+
+
+def _generated_feeds(source: Source, count: int, spec: CalibrationSpec, model) -> list[dict[str, np.ndarray]]:
+    """`count` windows of `spec.length` tokens that `model` writes from prompts of `source.prompts`:
+    the first `prompt_tokens` tokens of its paragraphs (after `skip` of them), spread evenly over
+    them and cycled when fewer than `count`; the rest sampled by `generate_windows`."""
+    import torch
+
+    from graphopt.training.distillation import generate_windows
+
+    prompts_from = source.prompts
+    if getattr(model, "task", "generic") != "causal-lm":
+        raise _error(f"calibration: source '{source.path}' is text a causal LM writes; '{model.name}' is a "
+                     f"'{getattr(model, 'task', 'generic')}' model")
+    if not 0 < source.prompt_tokens < spec.length:
+        raise _error(f"calibration: source '{source.path}': prompt_tokens {source.prompt_tokens} must be below the "
+                     f"window length {spec.length}")
+    prompts = _prompts(_prompt_text(prompts_from, spec, model), model.tokenizer, source.prompt_tokens)[source.skip:]
+    if not prompts:
+        raise _error(f"calibration: source '{source.path}': no paragraph of {prompts_from.path} (after skipping "
+                     f"{source.skip}) has {source.prompt_tokens} tokens to prompt with")
+    picked = [prompts[i * len(prompts) // count] for i in range(count)] if len(prompts) > count else prompts
+    run, name = model.runner(), model.inputs[0].name
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(run({name: ids.numpy()})[0]))
+
+    windows = generate_windows(logits, picked, count, length=spec.length, prompt_tokens=source.prompt_tokens,
+                               temperature=source.temperature, seed=source.seed, progress=False)
+    return [{name: w} for w in windows]
+
+
+def _prompt_text(source: Source, spec: CalibrationSpec, model) -> str:
+    """The text a generated source's prompts come from: a sample corpus split, a text or JSONL file,
+    or a folder's .txt files."""
+    if source.is_sample:
+        return corpora.text_split(source.split or spec.split, source.path)
+    path = Path(source.path)
+    if path.is_dir():
+        _folder_kind(path, source.pattern, model)
+        return _folder_text(path, source.pattern)
+    suffix = path.suffix.lower()
+    if suffix in (".txt", ".text", ".md"):
+        return _text_file(path)
+    if suffix == ".jsonl":
+        return _jsonl_text(path, source.field)
+    raise _error(f"{path}: a generated source takes its prompts from text (sample:NAME, a .txt or .jsonl file, "
+                 "a folder of .txt files)")
+
+
+def _prompts(text: str, tokenizer, length: int) -> list[np.ndarray]:
+    """The first `length` tokens of every blank-line separated paragraph of `text` that has as many."""
+    heads = (_tokens(p.strip(), tokenizer, length) for p in text.split("\n\n") if p.strip())
+    return [h[:length] for h in heads if len(h) >= length]
 
 
 # --------------------------------------------------------------------------------- arrays
