@@ -13,7 +13,7 @@ from graphopt.evaluation.generation import Generator
 from graphopt.frontends.corpora import lm_windows
 
 __all__ = ["tiny_hf", "tiny_decoder", "tiny_generator", "PROMPT", "hf_step_logits", "step_errors",
-           "assert_steps_match", "hf_greedy", "STEP_TOLERANCE"]
+           "assert_steps_match", "hf_greedy", "STEP_TOLERANCE", "smollm2_hf"]
 
 STEP_TOLERANCE = 1e-4  # the issue's bound on decode-step logits against transformers'
 PROMPT = [int(t) for t in lm_windows(None, "eval", 1, 26)[0].ravel()]  # 26 bytes of pydoc text
@@ -81,3 +81,14 @@ def hf_greedy(hf, prompt: list[int], new: int) -> list[int]:
     with torch.no_grad():
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False)
     return out[0, len(prompt):].tolist()
+
+
+@functools.cache
+def smollm2_hf():
+    """SmolLM2-135M-Instruct (transformers, fp32, from the sample's GGUF) and its tokenizer."""
+    from graphopt.frontends import samples
+    from graphopt.frontends.huggingface import load_transformers
+
+    gguf = samples.smollm2_gguf()
+    hf, tokenizer, _ = load_transformers(gguf.parent, gguf_file=gguf.name, log=_quiet, name="smollm2")
+    return hf, tokenizer

@@ -29,6 +29,11 @@ from graphopt.errors import GraphoptError, OptionError
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec, smart_mask
 
+# Worker threads sleep between runs instead of spinning: between decode steps the host runs Python
+# (sampling, the cache's bookkeeping), and on a phone or a shared machine spinning threads take the
+# cores that work needs.
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
 __all__ = ["generate", "Generator", "GenerationResult", "Decoding", "StaticCache", "SharedBufferCache",
            "TextStream", "sample_next", "check_sampling"]
 
@@ -209,7 +214,7 @@ class Generator:
     def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0):
         self.spec = spec
         self.tokenizer = tokenizer
-        self.sessions = graphs.sessions(threads)
+        self.sessions = graphs.sessions(threads, config=SESSION_CONFIG)
 
     @classmethod
     def load(cls, source: "str | Path | Model | Generator", *, threads: int = 0, log=print) -> "Generator":

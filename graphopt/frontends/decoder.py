@@ -32,6 +32,7 @@ __all__ = ["DecoderOptions", "LlamaDecoder", "llama_decoder", "decoder_spec_of",
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # the same decoder block; qwen2 adds q/k/v biases
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+ROTARY_TABLES = ("rotary_cos", "rotary_sin")  # weights, but positions' angles: not for quantizing
 DEFAULT_PORTABLE_CAPACITY = 1024
 DEFAULT_PORTABLE_CHUNK = 128
 
@@ -103,8 +104,8 @@ def _module_class():
             super().__init__()
             self.model = hf.model  # parameter names stay model.layers.N... and lm_head.weight
             self.lm_head = hf.lm_head
-            self.register_buffer("rotary_cos", cos)
-            self.register_buffer("rotary_sin", sin)
+            self.register_buffer(ROTARY_TABLES[0], cos)
+            self.register_buffer(ROTARY_TABLES[1], sin)
             self.spec = spec
             self.scale = spec.head_dim ** -0.5
 
@@ -190,7 +191,8 @@ def decoder_spec_of(hf, tokenizer, options: DecoderOptions, where: str) -> Decod
     spec = DecoderSpec(
         form=options.attention, architecture=arch, layers=config.num_hidden_layers, heads=heads, kv_heads=kv_heads,
         head_dim=head_dim, hidden=config.hidden_size, vocab=config.vocab_size, capacity=capacity,
-        prefill_chunk=chunk, rope={"type": rope_type, **{k: v for k, v in rope.items() if k != "rope_type"}},
+        prefill_chunk=chunk, rope={"type": rope_type, "tables": list(ROTARY_TABLES),
+                                   **{k: v for k, v in rope.items() if k != "rope_type"}},
         eos_token_ids=_eos_ids(hf, tokenizer), bos_token_id=_token_id(config, tokenizer, "bos"),
         pad_token_id=_token_id(config, tokenizer, "pad"),
         chat_template=bool(getattr(tokenizer, "chat_template", None)),
@@ -275,7 +277,11 @@ def llama_decoder(hf, tokenizer=None, options: DecoderOptions | dict | bool = Tr
     options = DecoderOptions.from_value(options)
     spec = decoder_spec_of(hf, tokenizer, options, f"'{name}'")
     start = time.perf_counter()
-    module = LlamaDecoder(hf.float().eval(), spec)
+    kinds = sorted({str(p.dtype) for p in hf.parameters()} - {"torch.float32"})
+    if kinds:
+        raise UnsupportedGraphError(f"'{name}': decoders are built from float32 weights, found {kinds[0]}; load the "
+                                    "model with dtype=torch.float32")
+    module = LlamaDecoder(hf.eval(), spec)
     example = example_feeds(spec)
     args = [torch.from_numpy(np.ascontiguousarray(example[n])) for n in spec.input_names]
     dynamic = torch.export.Dim.DYNAMIC

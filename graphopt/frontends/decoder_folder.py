@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
@@ -30,8 +29,8 @@ from graphopt.files.reading import read_json, shown, want_dict, want_int
 from graphopt.files.writing import OutputSet, check_manifest
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec
-from graphopt.ir.onnx_files import load_onnx
-from graphopt.lowering.decoder import IN_MEMORY, DecoderGraphs, graph_files, weights_file
+from graphopt.ir.onnx_files import load_onnx, load_onnx_mapped
+from graphopt.lowering.decoder import DecoderGraphs, graph_files, weights_file
 
 __all__ = ["CONFIG", "DecoderFolder", "write_decoder", "save_decoder", "read_decoder_folder", "is_decoder_folder",
            "genai_config"]
@@ -135,44 +134,19 @@ def read_decoder_folder(folder: str | Path) -> DecoderFolder:
     spec = _read_config(folder)
     files = list(graph_files(spec))
     check_manifest(folder, [CONFIG, weights_file(spec), *files])
-    protos = {file: load_onnx(folder / file, load_weights=False) for file in files}
-    weights = _read_weights(folder, protos)
-    for file, proto in protos.items():
-        names = [v.name for v in proto.graph.input if v.name not in weights]
-        if names[:len(spec.input_names)] != spec.input_names or [o.name for o in proto.graph.output] != spec.output_names:
+    protos, weights = {}, {}
+    for file in files:
+        proto, mapped = load_onnx_mapped(folder / file)
+        names = [v.name for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer}]
+        if names != spec.input_names or [o.name for o in proto.graph.output] != spec.output_names:
             raise ModelLoadError(f"{folder / file}: its inputs and outputs are not those {CONFIG} describes "
                                  f"(inputs {names[:3]}..., outputs {[o.name for o in proto.graph.output][:3]}...)")
+        protos[file] = proto
+        weights = {**mapped, **weights}  # a weight both graphs read is mapped once more, not copied
     tokenizer = None
     if spec.tokenizer == "hf":
         tokenizer = _read_tokenizer(folder)
     return DecoderFolder(spec, DecoderGraphs(spec, protos, weights), tokenizer, folder)
-
-
-def _read_weights(folder: Path, protos: dict[str, onnx.ModelProto]) -> dict[str, onnx.TensorProto]:
-    """The external initializers of the graphs, each read once (load_onnx has checked their
-    locations and sizes) and left in the graphs as in-memory references."""
-    weights: dict[str, onnx.TensorProto] = {}
-    maps: dict[str, np.memmap] = {}
-    for proto in protos.values():
-        for tensor in proto.graph.initializer:
-            if tensor.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = {e.key: e.value for e in tensor.external_data}
-            if tensor.name not in weights:
-                location = info["location"]
-                data = maps.get(location)
-                if data is None:
-                    data = maps[location] = np.memmap(folder / location, dtype=np.uint8, mode="r")
-                offset, length = int(info.get("offset", 0)), int(info.get("length", data.size))
-                kept = onnx.TensorProto()
-                kept.CopyFrom(tensor)
-                del kept.external_data[:]
-                kept.data_location = onnx.TensorProto.DEFAULT
-                kept.raw_data = data[offset:offset + length].tobytes()
-                weights[tensor.name] = kept
-            del tensor.external_data[:]
-            tensor.external_data.add(key="location", value=IN_MEMORY)
-    return weights
 
 
 def _read_tokenizer(folder: Path):

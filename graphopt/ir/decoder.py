@@ -46,8 +46,9 @@ class DecoderSpec:
     capacity: the longest context (prompt + generated tokens) the model serves: the static
     cache's slots (portable) or the rotary table's positions and the cache buffer's limit (ort).
     prefill_chunk: tokens per prefill step (portable: the prefill graph's static S).
-    rope: how the rotary tables were made ({"type", "theta", ...}); the tables themselves are the
-    model's `rotary_cos` / `rotary_sin` weights [capacity, head_dim / 2].
+    rope: how the rotary tables were made ({"type", "rope_theta", ...}) and their names ("tables":
+    the weights [capacity, head_dim / 2] holding cos and sin of every position's angles; a pass
+    should leave them alone: the portable form reads them with Gather, like an embedding).
     tokenizer: "hf" (tokenizer files beside the graphs) or "bytes" (ids are UTF-8 bytes).
     """
 

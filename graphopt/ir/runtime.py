@@ -18,7 +18,7 @@ NUMPY_TO_ONNX = {np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t)).name: t for t
 
 def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), threads: int = 0,
                 optimization: str = "all", consume: bool = False, config: dict[str, str] | None = None,
-                shared: dict | None = None, externals: dict[str, np.ndarray] | None = None,
+                externals: dict[str, np.ndarray] | None = None,
                 low_memory: bool = False):
     """An onnxruntime session for an in-memory model.
 
@@ -30,9 +30,9 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
     `config`: session config entries, e.g. {"session.qdq_matmulnbits_accuracy_level": "1"} (at
     onnxruntime's default, 4, a DQ -> MatMul it fuses into MatMulNBits quantizes its float or
     16-bit activation to int8 on the fly). `externals`: arrays of tensors `model` references as
-    IN_MEMORY external data (`Model.to_onnx(externals=...)`), handed over uncopied; `shared`:
-    OrtValues by initializer name. `low_memory` turns off weight prepacking (a packed copy of every
-    MatMul weight): for verification runs of large models, not for timing.
+    IN_MEMORY external data (`Model.to_onnx(externals=...)`), handed over uncopied. `low_memory`
+    turns off weight prepacking (a packed copy of every MatMul weight): for verification runs of
+    large models, not for timing.
     """
     import onnxruntime as ort
 
@@ -61,9 +61,8 @@ def ort_session(model: onnx.ModelProto, *, providers=("CPUExecutionProvider",), 
             tensor.data_location = onnx.TensorProto.EXTERNAL
             tensor.external_data.add(key="location", value=IN_MEMORY)
         in_files = _read_from_their_files(model, externals or {}, options)
-        given = {**{n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-                    for n, a in (externals or {}).items() if n not in in_files},
-                 **(shared or {})}
+        given = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                 for n, a in (externals or {}).items() if n not in in_files}
         values += list(given.values())
         if values:
             options.add_external_initializers([t.name for t, _ in moved] + list(given), values)

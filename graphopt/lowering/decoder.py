@@ -7,28 +7,29 @@ A decoder Model in the ONNX form holds one graph. `DecoderGraphs.of(model)` make
   arithmetic that S fed; it never touches a weight, so both graphs hold the same initializers
   (the same quantization codes and scales: one set of encodings).
 
-Large initializers are taken out of the graphs once (`weights`): written to disk they are one
-data file both graphs reference (`write`), and in memory the sessions of both graphs read the
-same arrays (`sessions`).
+Large initializers live outside the graphs, once (`weights`, and `packed` for 4-bit ones numpy
+cannot hold): written to disk they are one data file both graphs reference (`write`); in memory
+the sessions of both graphs read the same arrays, or onnxruntime reads them from the file they
+are mapped from (`sessions`, see `graphopt.ir.runtime.ort_session`).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from graphopt.errors import GraphoptError, UnsupportedGraphError
+from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec
 from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD, NUMPY_NATIVE
-from graphopt.ir.runtime import ort_session
+from graphopt.ir.runtime import IN_MEMORY, ort_session
 
-__all__ = ["DecoderGraphs", "specialise", "graph_files", "IN_MEMORY"]
+__all__ = ["DecoderGraphs", "specialise", "graph_files", "weights_file"]
 
-IN_MEMORY = "graphopt-in-memory"  # location of weights held by DecoderGraphs, not yet in a file
 _FOLD_LIMIT = 1024  # elements: folding makes shapes and indices, never weight-sized tensors
 _ALIGN_LARGE, _ALIGN = 4096, 64  # offsets of tensors >= 1 MiB sit on page boundaries (ORT can map them)
 
@@ -55,25 +56,22 @@ def _external(tensor: onnx.TensorProto, location: str, offset: int | None = None
         tensor.external_data.add(key="length", value=str(length))
 
 
-def _split_weights(proto: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Move every initializer of EXTERNAL_THRESHOLD bytes or more out of `proto` (left as a
-    reference to IN_MEMORY with its type and dims); returns name -> the tensor with its bytes."""
-    from onnx import numpy_helper
-
-    weights = {}
+def _move_inline(proto: onnx.ModelProto, weights: dict[str, np.ndarray]) -> dict[str, bytes]:
+    """Take the initializers of EXTERNAL_THRESHOLD bytes or more that `Model.to_onnx` left in the
+    message (not yet read, or 4-bit codes) out of it, as IN_MEMORY references: those of a numpy
+    type into `weights`; returns the others, name -> bytes."""
+    packed = {}
     for tensor in proto.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise GraphoptError(f"initializer '{tensor.name}' still refers to an external file; load its data first")
-        if not tensor.HasField("raw_data"):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
-        if len(tensor.raw_data) < EXTERNAL_THRESHOLD:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.raw_data) < EXTERNAL_THRESHOLD:
             continue
-        kept = onnx.TensorProto()
-        kept.CopyFrom(tensor)
-        weights[tensor.name] = kept
+        if tensor.data_type in NUMPY_NATIVE:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            weights[tensor.name] = np.frombuffer(tensor.raw_data, dtype=dtype).reshape(tuple(tensor.dims))
+        else:
+            packed[tensor.name] = tensor.raw_data
         tensor.ClearField("raw_data")
         _external(tensor, IN_MEMORY)
-    return weights
+    return packed
 
 
 def specialise(proto: onnx.ModelProto, spec: DecoderSpec, seq: int) -> onnx.ModelProto:
@@ -115,11 +113,14 @@ def specialise(proto: onnx.ModelProto, spec: DecoderSpec, seq: int) -> onnx.Mode
 
 @dataclass
 class DecoderGraphs:
-    """A decoder's graphs (file name -> graph without its large weights) and those weights, shared."""
+    """A decoder's graphs (file name -> graph whose large initializers are external references) and
+    those initializers, held once for all graphs: `weights` (numpy arrays, possibly mapped from a
+    file) and `packed` (4-bit codes, as bytes)."""
 
     spec: DecoderSpec
     graphs: dict[str, onnx.ModelProto]
-    weights: dict[str, onnx.TensorProto]
+    weights: dict[str, np.ndarray]
+    packed: dict[str, bytes] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: Model, *, log=print) -> "DecoderGraphs":
@@ -132,45 +133,43 @@ class DecoderGraphs:
             from graphopt.lowering import lower
 
             model = lower(model, log=log)
-        proto = model.to_onnx()
-        weights = _split_weights(proto)
+        weights: dict[str, np.ndarray] = {}
+        proto = model.to_onnx(externals=weights)
+        packed = _move_inline(proto, weights)
         graphs = {name: proto if seq is None else specialise(proto, spec, seq)
                   for name, seq in graph_files(spec).items()}
-        return cls(spec, graphs, weights)
+        return cls(spec, graphs, weights, packed)
 
-    def sessions(self, threads: int = 0, *, optimization: str = "all") -> dict[str, object]:
-        """One onnxruntime session per graph; the weights numpy holds are read by all of them from
-        one copy (4-bit weights, which numpy cannot hold, are copied into each graph)."""
-        import onnxruntime as ort
-        from onnx import numpy_helper
-
-        shared = {name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t))
-                  for name, t in self.weights.items() if t.data_type in NUMPY_NATIVE}
+    def sessions(self, threads: int = 0, *, config: dict[str, str] | None = None) -> dict[str, object]:
+        """One onnxruntime session per graph, all reading the same weight arrays (4-bit codes are
+        copied into each graph); `config`: session config entries."""
         sessions = {}
         for file, graph in self.graphs.items():
             proto = copy.deepcopy(graph)
             for tensor in proto.graph.initializer:
-                if tensor.name in self.weights and tensor.name not in shared:
-                    tensor.CopyFrom(self.weights[tensor.name])
-            names = [t.name for t in proto.graph.initializer if t.name in shared]
-            sessions[file] = ort_session(proto, threads=threads, optimization=optimization, consume=True,
-                                         shared={n: shared[n] for n in names})
+                if tensor.name in self.packed:
+                    del tensor.external_data[:]
+                    tensor.data_location = onnx.TensorProto.DEFAULT
+                    tensor.raw_data = self.packed[tensor.name]
+            names = {t.name for t in proto.graph.initializer} & set(self.weights)
+            sessions[file] = ort_session(proto, threads=threads, consume=True, config=config,
+                                         externals={n: self.weights[n] for n in names})
         return sessions
 
     def write(self, folder: Path) -> list[Path]:
-        """Write the graphs and one weights file into `folder` (a staging folder: see OutputSet);
-        returns the files written."""
+        """Write the graphs and one weights file into `folder` (a staging folder: see OutputSet),
+        each weight once at an aligned offset; returns the files written."""
         data_name = weights_file(self.spec)
         offsets: dict[str, tuple[int, int]] = {}
         written = []
-        if self.weights:
+        blobs = {**{n: np.ascontiguousarray(a).reshape(-1).view(np.uint8) for n, a in self.weights.items()},
+                 **{n: np.frombuffer(b, np.uint8) for n, b in self.packed.items()}}
+        if blobs:
             with open(folder / data_name, "wb") as fh:
-                for name, tensor in self.weights.items():
-                    raw = tensor.raw_data
-                    align = _ALIGN_LARGE if len(raw) >= 1 << 20 else _ALIGN
-                    fh.write(b"\0" * (-fh.tell() % align))
-                    offsets[name] = (fh.tell(), len(raw))
-                    fh.write(raw)
+                for name, raw in blobs.items():
+                    fh.write(b"\0" * (-fh.tell() % (_ALIGN_LARGE if raw.size >= 1 << 20 else _ALIGN)))
+                    offsets[name] = (fh.tell(), raw.size)
+                    fh.write(memoryview(raw))
             written.append(folder / data_name)
         for file, graph in self.graphs.items():
             proto = copy.deepcopy(graph)

@@ -17,7 +17,16 @@ from graphopt.frontends.decoder_folder import read_decoder_folder, save_decoder
 from graphopt.ir.attention import ATTENTION_OP
 from graphopt.ir.decoder import DecoderSpec, prefill_feeds
 from graphopt.lowering.decoder import DecoderGraphs
-from tests.decoding import PROMPT, assert_steps_match, hf_greedy, hf_step_logits, tiny_decoder, tiny_generator, tiny_hf
+from tests.decoding import (
+    PROMPT,
+    assert_steps_match,
+    hf_greedy,
+    hf_step_logits,
+    smollm2_hf,
+    tiny_decoder,
+    tiny_generator,
+    tiny_hf,
+)
 
 FORMS = ("ort", "portable")
 
@@ -144,6 +153,16 @@ def test_greedy_tokens_equal_transformers(form):
     assert result.tokens == expected and len(expected) == 40
 
 
+@pytest.mark.real
+@pytest.mark.parametrize("form", FORMS)
+def test_smollm2_greedy_tokens_equal_transformers(form):
+    hf, tokenizer = smollm2_hf()
+    prompt = tokenizer("The three laws of thermodynamics say that")["input_ids"]
+    model = llama_decoder(hf, tokenizer, {"attention": form, "capacity": 256}, name="smollm2", log=_quiet)
+    result = Generator.load(model, threads=2, log=_quiet).generate(prompt, max_new_tokens=24)
+    assert result.tokens == hf_greedy(hf, prompt, 24)
+
+
 def _tiny_config(**changes):
     config = dict(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -241,6 +260,29 @@ def test_folder_holds_what_generation_needs_and_reads_back(form, tmp_path, refer
         assert config["search"]["past_present_share_buffer"] is True and config["model"]["context_length"] == 96
         loaded = graphopt.load(str(tmp_path / "out"))
         assert DecoderSpec.of(loaded) == folder.spec and loaded.form == "onnx"
+
+
+def test_quantized_portable_graphs_share_one_set_of_codes(tmp_path):
+    from graphopt.frontends.corpora import lm_windows
+    from graphopt.frontends.decoder import decoder_sample_inputs
+    from graphopt.passes import Quantize
+
+    decoder = tiny_decoder("portable")
+    calib = decoder_sample_inputs(decoder, lm_windows(None, "calib", 2, 32))
+    quantize = Quantize(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=16,
+                        exclude=["rotary_cos", "rotary_sin"])
+    model = graphopt.Pipeline([quantize], log=_quiet).run(decoder, calib=calib).model
+    graphs = DecoderGraphs.of(model, log=_quiet)
+    assert graphs.packed  # the 4-bit codes, outside both graphs
+    save_decoder(model, tmp_path / "w4", log=_quiet)
+    protos = [onnx.load(str(tmp_path / "w4" / f), load_external_data=False) for f in ("prefill.onnx", "decode.onnx")]
+    four_bit = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    codes = [{t.name: [e.value for e in t.external_data] for t in p.graph.initializer if t.data_type in four_bit and t.external_data}
+             for p in protos]
+    assert codes[0] == codes[1] and set(codes[0]) == set(graphs.packed)
+    quantized = Generator.load(tmp_path / "w4", threads=1).generate(PROMPT, max_new_tokens=16)
+    in_memory = Generator.load(model, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=16)
+    assert quantized.tokens == in_memory.tokens
 
 
 def test_damaged_folders_are_refused(tmp_path):

@@ -61,7 +61,7 @@ class _Graphs:
     def __init__(self, sessions):
         self._sessions = sessions
 
-    def sessions(self, threads):
+    def sessions(self, threads, config=None):
         return self._sessions
 
 
