@@ -147,14 +147,21 @@ class Decoding:
     def room(self) -> int:
         return self.cache.room
 
-    def feed(self, ids: list[int] | np.ndarray) -> np.ndarray:
+    def feed(self, ids: list[int] | np.ndarray, *, last: bool = False) -> np.ndarray:
+        """Run `ids` through the model (a prefill chunk at a time) into the cache; their logits
+        [len(ids), vocab], or with `last` only the last token's [vocab] (a long prompt's logits
+        are never held together)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size > self.room:
             raise GraphoptError(f"{ids.size} tokens do not fit the cache: room for {self.room} more "
                                 f"(capacity {self.spec.capacity})")
         chunk = self.spec.prefill_chunk
         step = self._ort_step if self.spec.form == "ort" else self._portable_step
-        return np.concatenate([step(ids[i:i + chunk]) for i in range(0, ids.size, chunk)])
+        parts = []
+        for start in range(0, ids.size, chunk):
+            logits = step(ids[start:start + chunk])
+            parts = [logits[-1]] if last else parts + [logits]
+        return parts[0] if last or len(parts) == 1 else np.concatenate(parts)
 
     def _ort_step(self, ids: np.ndarray) -> np.ndarray:
         session = self.sessions["model.onnx"]
@@ -276,7 +283,7 @@ class Generator:
         text = TextStream(self.decode)
         decoding = self.start(len(ids) + max_new_tokens)
         start = time.perf_counter()
-        logits = decoding.feed(ids)[-1]
+        logits = decoding.feed(ids, last=True)
         tokens, stop, first = [], "length", 0.0
         while True:
             token = sample_next(logits, temperature, top_p, rng)
@@ -294,7 +301,7 @@ class Generator:
             if decoding.room == 0:
                 stop = "capacity"
                 break
-            logits = decoding.feed([token])[-1]
+            logits = decoding.feed([token], last=True)
         end = time.perf_counter()
         rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else 0.0
         return GenerationResult(prompt_tokens=ids, tokens=tokens, text=self.decode(tokens), stop=stop,

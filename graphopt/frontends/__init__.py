@@ -75,7 +75,7 @@ def load(source: Any, example_inputs: dict[str, np.ndarray] | None = None, *,
 def _load_decoder(source: Any, options: Any, *, name: str | None, form: str, log) -> Model:
     """A decoder built from a sample, a Hugging Face folder, a GGUF file or a transformers model."""
     from graphopt.frontends.corpora import lm_windows
-    from graphopt.frontends.decoder import DecoderOptions, decoder_sample_inputs, llama_decoder
+    from graphopt.frontends.decoder import DecoderOptions, decoder_feeds, llama_decoder
     from graphopt.lowering import lower
 
     options = DecoderOptions.from_value(options)
@@ -111,7 +111,7 @@ def _load_decoder(source: Any, options: Any, *, name: str | None, form: str, log
     model = llama_decoder(hf, tokenizer, options, name=name, log=log)
     if window is not None:
         length = min(window, DecoderSpec.of(model).capacity)
-        model.sample_inputs = decoder_sample_inputs(model, lm_windows(tokenizer, "eval", 2, length))
+        model.sample_inputs = decoder_feeds(model, lm_windows(tokenizer, "eval", 2, length))
     model.source = source_path
     return lower(model, log=log) if form == "onnx" else model
 

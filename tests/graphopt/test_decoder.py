@@ -264,11 +264,11 @@ def test_folder_holds_what_generation_needs_and_reads_back(form, tmp_path, refer
 
 def test_quantized_portable_graphs_share_one_set_of_codes(tmp_path):
     from graphopt.frontends.corpora import lm_windows
-    from graphopt.frontends.decoder import decoder_sample_inputs
+    from graphopt.frontends.decoder import decoder_feeds
     from graphopt.passes import Quantize
 
     decoder = tiny_decoder("portable")
-    calib = decoder_sample_inputs(decoder, lm_windows(None, "calib", 2, 32))
+    calib = decoder_feeds(decoder, lm_windows(None, "calib", 2, 32))
     quantize = Quantize(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=16,
                         exclude=["rotary_cos", "rotary_sin"])
     model = graphopt.Pipeline([quantize], log=_quiet).run(decoder, calib=calib).model
