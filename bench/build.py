@@ -4,12 +4,13 @@
 model, the seconds the steps took (the float model's loading excluded), and the statistics of
 every pass that ran, by pass name. Recipes and passes run through `graphopt.Pipeline`
 (instruments off: the bench measures the result, not each step), calibrated on the protocol's
-calibration feeds; a recipe whose calibration section says otherwise is refused, so a recipe's
-bench figure is the figure `graphopt convert` gives.
+calibration feeds (or the protocol's calibration set the table names); a recipe whose calibration
+section says otherwise is refused, so a recipe's bench figure is the figure `graphopt convert` gives.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class Builder:
                 built = self._pipeline(_passes(spec, where), built, where)
             elif kind == "peer":
                 built = self._peer(spec, built, where)
+            elif kind == "convert":
+                built = self._convert(spec, where)
             else:
                 from bench.qat import qat_build
 
@@ -124,14 +127,55 @@ class Builder:
             model = self.ctx.model(self.table.model, "fx")
         start = time.perf_counter()
         result = graphopt.Pipeline(recipe.passes, verify=False, check=False, progress=False, log=self.ctx.log).run(
-            model, calib=self.ctx.calibration(model))
+            model, calib=self.ctx.calibration(model, self.table.calibration))
         model = result.model if result.model.form == "onnx" else graphopt.lower(result.model, log=self.ctx.log)
         seconds = time.perf_counter() - start
         stats = {**built.stats, **{s.name: s.stats for s in result.report.steps}}
         return Built(model, built.seconds + seconds, stats, built.extra)
 
+    def _convert(self, spec: dict, where: str) -> Built:
+        """`graphopt convert MODEL --recipe FILE` in a process of its own, as a user runs it: its peak
+        RSS, seconds, the model's and the output's bytes, and the fidelity its report gives (no
+        model comes back: the memory measure reads these)."""
+        import json
+        import subprocess
+        import sys
+
+        from bench.context import package_path
+
+        model = Path(package_path(self.ctx.protocol.model_source(self.table.model)))
+        recipe = ROOT / "samples" / "recipes" / spec["recipe"] if not Path(spec["recipe"]).is_absolute() else Path(spec["recipe"])
+        if not recipe.is_file():
+            raise SuiteError(f"{where}: no recipe '{spec['recipe']}'")
+        with tempfile.TemporaryDirectory(prefix="graphopt-bench-convert-") as tmp:
+            probe = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+                     "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+            command = [sys.executable, "-c", probe, sys.executable, "-m", "graphopt", "convert", str(model),
+                       "--recipe", str(recipe), "-o", str(Path(tmp) / "out")]
+            start = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            seconds = time.perf_counter() - start
+            code, peak_kb = (int(v) for v in done.stdout.split()[-2:])
+            if code:
+                raise SuiteError(f"{where}: graphopt convert failed: {done.stderr.strip().splitlines()[-1]}")
+            out = Path(tmp) / "out"
+            report = json.loads((out / "report.json").read_text())
+            fidelity = next((s["fidelity"] for s in reversed(report["steps"]) if s.get("fidelity")), {})
+            written = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+        model_bytes = sum(p.stat().st_size for p in model.parent.glob(model.name + "*"))
+        extra = {"model_bytes": model_bytes, "peak_rss": peak_kb * 1024, "output_bytes": written,
+                 "sqnr_db": fidelity.get("sqnr_db"), "cosine": fidelity.get("cosine")}
+        return Built(None, seconds, {s["name"]: s.get("stats", {}) for s in report["steps"]}, extra)
+
     def _check_calibration(self, recipe, where: str) -> None:
         cal, protocol = recipe.calibration, self.ctx.protocol
+        if self.table.calibration is not None:  # the table's set: the same sources, counts and windows
+            expected = self.ctx.calibration_set(self.table.calibration)
+            if dataclasses.replace(cal, line=0) != dataclasses.replace(expected, line=0):
+                raise SuiteError(f"{where}: recipe {recipe.path} calibrates on {cal.windows} x {cal.length} of "
+                                 f"{cal.source}, the table on calibration set '{self.table.calibration}' "
+                                 f"({expected.windows} x {expected.length} of {expected.source}): make them agree")
+            return
         if self.table.measure == "image":  # the recipe's image count and preprocessing are the protocol's
             spec = self.ctx.image_spec(self.ctx.model(self.table.model))
             if (cal.windows, cal.image) != (protocol["images"]["calibration"], spec):
@@ -159,7 +203,7 @@ class Builder:
             out.parent.mkdir()
             start = time.perf_counter()
             try:
-                tool.write(src, out, self.ctx.calibration(source), dict(spec.get("options") or {}))
+                tool.write(src, out, self.ctx.calibration(source, self.table.calibration), dict(spec.get("options") or {}))
             except Exception as exc:  # a peer that fails on this model is a finding, not a crash of the run
                 raise Skipped(f"{spec['name']} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from exc
             seconds = time.perf_counter() - start

@@ -6,20 +6,27 @@ import random
 from typing import Callable
 
 import numpy as np
+import yaml
 
 import graphopt
-from bench.spec import Protocol, SuiteError
+from bench.spec import ROOT, Protocol, SuiteError
 from graphopt.errors import GraphoptError
 from graphopt.frontends.calibration import CalibrationSpec, ImageSpec, Source, parse_image_spec
 from graphopt.frontends.corpora import corpus_named, lm_windows, minilm_batches
 from graphopt.ir import Model
+from graphopt.recipe import parse_recipe
 
 __all__ = ["Context", "package_path"]
 
 
 def package_path(source: str) -> str:
     """`package:DIST/PATH` as the path of PATH inside the installed distribution DIST (a model or
-    an image folder a package ships); any other source as it is."""
+    an image folder a package ships), `synthetic:...` as the file bench.synthetic makes; any other
+    source as it is."""
+    if source.startswith("synthetic:"):
+        from bench.synthetic import synthetic_model
+
+        return str(synthetic_model(source))
     if not source.startswith("package:"):
         return source
     import importlib.metadata
@@ -44,6 +51,7 @@ class Context:
         self.protocol, self.device, self.log = protocol, device, log
         self._models: dict[tuple[str, str], Model] = {}
         self._keys: dict[str, str] = {}  # model name -> protocol key, for image preprocessing
+        self._sets: dict[tuple[str, int], tuple[Model, list]] = {}  # (set, model) -> feeds, made once a run
 
     def model(self, key: str, form: str = "onnx") -> Model:
         """The float model `key` of the protocol in `form` (shared: callers copy before mutating).
@@ -114,8 +122,31 @@ class Context:
         source = Source(str(package_path(images["source"])), skip=skip, pattern=images.get("pattern", "*"))
         return CalibrationSpec(sources=(source,), windows=images[split], image=self.image_spec(model)).feeds(model)
 
-    def calibration(self, model: Model) -> list[dict[str, np.ndarray]]:
-        """The protocol's calibration feeds for `model`: token windows, sentence batches or images."""
+    def calibration_set(self, name: str) -> CalibrationSpec:
+        """The protocol's calibration set `name` (calibration.sets), read as the calibration section of
+        a recipe in samples/recipes/ (its files resolve as the recipes' do), so it compares equal to
+        the section of a recipe that names the same sources."""
+        sets = self.protocol["calibration"].get("sets", {})
+        if name not in sets:
+            raise SuiteError(f"protocol: calibration.sets has no set '{name}' ({', '.join(sets) or 'none'})")
+        text = yaml.safe_dump({"passes": [], "calibration": sets[name]}, sort_keys=False)
+        try:
+            return parse_recipe(text, ROOT / "samples" / "recipes" / f"protocol.yaml#calibration.sets.{name}").calibration
+        except GraphoptError as exc:
+            raise SuiteError(f"protocol: calibration.sets.{name}: {exc}") from exc
+
+    def calibration(self, model: Model, set_name: str | None = None) -> list[dict[str, np.ndarray]]:
+        """The protocol's calibration feeds for `model`: token windows, sentence batches or images;
+        with `set_name`, the feeds of that calibration set (made once per model and run: a set may
+        hold windows the model writes itself)."""
+        if set_name is not None:
+            key = (set_name, id(model))
+            if key not in self._sets:
+                try:
+                    self._sets[key] = (model, self.calibration_set(set_name).feeds(model))
+                except GraphoptError as exc:
+                    raise SuiteError(f"protocol: calibration.sets.{set_name}: {exc}") from exc
+            return self._sets[key][1]
         if model.task == "embedding":
             return self.embedding_batches(model, "calibration")
         if model.task == "generic":

@@ -231,5 +231,10 @@ def measure_npu_cost(table: Table, row: Row, built: Built, ctx: Context, state: 
     return out
 
 
+def measure_memory(table: Table, row: Row, built: Built, ctx: Context, state: State) -> dict:
+    """Peak RSS of `graphopt convert` (run by the row's convert step) against the model's bytes."""
+    return {"rss_ratio": built.extra["peak_rss"] / built.extra["model_bytes"]}
+
+
 MEASURES = {"lm": measure_lm, "embedding": measure_embedding, "image": measure_image, "backend": measure_backend,
-            "npu-cost": measure_npu_cost}
+            "npu-cost": measure_npu_cost, "memory": measure_memory}

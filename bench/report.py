@@ -23,7 +23,8 @@ HEADERS = {"ppl_ratio": "ppl ×", "bytes_ratio": "bytes ×", "params_ratio": "pa
            "main_file_bytes": "main file MB", "emit_validate_s": "emit+validate s", "sim_s_per_window": "sim s/window",
            "sim_s_per_batch": "sim s/batch", "min_batch_cosine": "min batch cosine", "htp_rejects": "HTP rejects",
            "gmacs": "GMACs", "weight_bytes": "weight MB", "dram_read": "DRAM read MB", "sram_peak": "SRAM peak MB",
-           "train_s": "train s", "s_per_step": "s/step"}
+           "train_s": "train s", "s_per_step": "s/step", "peak_rss": "peak RSS MB", "rss_ratio": "RSS / model bytes",
+           "model_bytes": "model MB", "output_bytes": "output MB"}
 
 
 def render(suites: dict[str, Suite], results: dict[str, dict]) -> str:
@@ -96,7 +97,7 @@ def _cell(column: str, value: Any) -> Any:
     """Values markdown_table would print raw: byte counts in MB, large counts with separators."""
     if value is None or isinstance(value, str):
         return value
-    if column.endswith("_bytes") or column in ("dram_read", "sram_peak"):
+    if column.endswith("_bytes") or column in ("dram_read", "sram_peak", "peak_rss"):
         return f"{value / 1e6:.2f}"
     if isinstance(value, float) and math.isinf(value):
         return "inf"
@@ -137,6 +138,12 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
     if "embedding" in measures or "backend" in measures:
         calibration += f", {emb['calib_batches']} batches of {emb['batch']} sentences for embeddings"
     parts.append(calibration + ", the same for every calibrated row, graphopt's and the peers'")
+    for name in dict.fromkeys(t.calibration for t in suite.tables if t.calibration):
+        cal_set = cal["sets"][name]
+        tables = ", ".join(f"`{t.name}`" for t in suite.tables if t.calibration == name)
+        parts.append(f"calibration of {tables} instead: the set '{name}', {cal_set['windows']} windows × "
+                     f"{cal_set['length']} tokens of " + " + ".join(_source_text(s) for s in cal_set["sources"])
+                     + ", the same for all its rows")
     if any(r for t in suite.tables for r in t.rows if any(k == "qat" for k, _ in r.build)):
         tr = protocol["training"]
         parts.append(f"training: {tr['windows']} windows × {tr['length']} tokens of {tr['corpus']} (calibration split)")
@@ -145,6 +152,13 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
         parts.append(f"latency: onnxruntime CPU, {shape}, median and min of "
                      f"{lat['repeats']} runs after {lat['warmup']} warm-up runs, {protocol['threads']} threads")
     return "Protocol: " + "; ".join(parts) + "."
+
+
+def _source_text(source) -> str:
+    """One calibration source of a set as the report prints it: its path, and its count if it has one."""
+    if isinstance(source, str):
+        return source
+    return source["path"] + (f" ({source['count']})" if "count" in source else "")
 
 
 def _recipe_index(suites: dict[str, Suite], results: dict[str, dict]) -> list[str]:

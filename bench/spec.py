@@ -22,8 +22,8 @@ __all__ = ["BENCH", "ROOT", "SuiteError", "Protocol", "Row", "Table", "Target", 
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-MEASURES = ("lm", "embedding", "image", "backend", "npu-cost")
-BUILD_KINDS = ("fp32", "recipe", "passes", "peer", "qat")
+MEASURES = ("lm", "embedding", "image", "backend", "npu-cost", "memory")
+BUILD_KINDS = ("fp32", "recipe", "passes", "peer", "qat", "convert")
 RUNTIMES = ("ort", "ort-basic", "npu-sim", "torch")
 
 
@@ -122,6 +122,7 @@ class Table:
     stats: dict = field(default_factory=dict)  # column -> "pass.stat" read from the pipeline report
     targets: tuple[Target, ...] = ()
     options: dict = field(default_factory=dict)
+    calibration: str | None = None  # a set of the protocol's calibration.sets, instead of its default calibration
 
     @property
     def reference(self) -> Row | None:
@@ -174,8 +175,12 @@ def _suite(name: str, body: Any, where: str, protocol: Protocol) -> Suite:
 
 def _table(body: Any, where: str, protocol: Protocol) -> Table:
     body = _mapping(body, where, required=("name", "title", "model", "measure", "rows", "columns", "about"),
-                    allowed=("ratios", "stats", "targets", "options"))
+                    allowed=("ratios", "stats", "targets", "options", "calibration"))
     where = f"{where} ('{body['name']}')"
+    sets = protocol["calibration"].get("sets", {})
+    if "calibration" in body and body["calibration"] not in sets:
+        raise SuiteError(f"{where}: calibration set '{body['calibration']}' is not in the protocol's calibration.sets "
+                         f"({', '.join(sets) or 'none'})")
     if body["model"] not in protocol["models"]:
         raise SuiteError(f"{where}: model '{body['model']}' is not in the protocol's models "
                          f"({', '.join(protocol['models'])})")
@@ -196,7 +201,7 @@ def _table(body: Any, where: str, protocol: Protocol) -> Table:
     targets = tuple(_target(t, f"{where}, target #{i + 1}", names) for i, t in enumerate(body.get("targets", [])))
     return Table(body["name"], body["title"], body["model"], body["measure"], rows, tuple(body["columns"]),
                  _text(body["about"]), tuple(body.get("ratios", ())), dict(body.get("stats", {})), targets,
-                 dict(body.get("options", {})))
+                 dict(body.get("options", {})), body.get("calibration"))
 
 
 def _row(body: Any, where: str) -> Row:

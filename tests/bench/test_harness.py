@@ -1,15 +1,18 @@
 """The bench harness: the suites and protocol load, a tiny-model suite runs end to end into the
 result schema, and bench/RESULTS.md is what the results generate."""
 
+import dataclasses
 import json
 
 import pytest
 
 from bench.__main__ import main
+from bench.build import Builder
+from bench.context import Context
 from bench.report import render, render_suite
 from bench.runner import SCHEMA, load_results, run_suite, write_result
 from bench.spec import ROOT, SuiteError, load_protocol, load_suites, parse_suites
-from graphopt.recipe import load_recipe
+from graphopt.recipe import load_recipe, parse_recipe
 
 
 @pytest.fixture(scope="module")
@@ -54,13 +57,17 @@ def test_declared_suites_load_and_their_recipes_calibrate_as_the_protocol_says()
     assert {"fidelity", "quantize", "sparsity", "backends", "npu-sim", "qat", "vision"} <= set(suites)
     assert suites["qat"].needs == "cuda"
     cal, emb = protocol["calibration"], protocol["embedding"]
-    recipes = {row.recipe: table.measure for s in suites.values() for table in s.tables for row in table.rows
-               if row.recipe}
+    recipes = {(row.recipe, table.measure, table.calibration) for s in suites.values() for table in s.tables
+               for row in table.rows if row.recipe}
     assert {"smollm2-2of4.yaml", "smollm2-sparse50.yaml", "smollm2-w8a8.yaml", "minilm-w8a8.yaml",
-            "ppocr-rec-w8a8.yaml"} <= set(recipes)
-    for name, measure in recipes.items():
+            "ppocr-rec-w8a8.yaml"} <= {name for name, _, _ in recipes}
+    for name, measure, calibration_set in recipes:
         recipe = load_recipe(ROOT / "samples" / "recipes" / name)
         if recipe.calibration is None:  # cleanup calibrates nothing
+            continue
+        if calibration_set:  # the table's set: the same sources, counts and windows
+            expected = Context(protocol).calibration_set(calibration_set)
+            assert dataclasses.replace(recipe.calibration, line=0) == dataclasses.replace(expected, line=0), name
             continue
         if measure == "image":  # images: the protocol's count and the model's preprocessing
             assert recipe.calibration.windows == protocol["images"]["calibration"], name
@@ -79,6 +86,7 @@ def test_declared_suites_load_and_their_recipes_calibrate_as_the_protocol_says()
     (lambda t: t["rows"][1].update(build={"magic": {}}), "each build step is one of"),
     (lambda t: t["rows"][1].update(runtime="gpu"), "runtime 'gpu' is not one of"),
     (lambda t: t.update(model="resnet"), "model 'resnet' is not in the protocol's models"),
+    (lambda t: t.update(calibration="no-such-set"), "calibration set 'no-such-set' is not in the protocol's"),
     (lambda t: t["targets"].append({"row": "w8a8", "column": "ppl"}), "exactly one of 'min' or 'max'"),
 ])
 def test_malformed_suites_name_the_entry(protocol, change, message):
@@ -140,3 +148,44 @@ def test_command_line_errors(capsys):
     assert "no suite 'no-such-suite'" in capsys.readouterr().err
     assert main(["run", "fidelity", "--only", "cleanup", "--json"]) == 2
     assert main(["run", "qat"]) == 2 and "--device cuda" in capsys.readouterr().err
+
+
+def test_a_table_names_a_calibration_set_its_rows_and_recipes_share(protocol, tiny_onnx, tmp_path):
+    sets = {"tiny-mixed": {"windows": 3, "length": 32, "sources": [
+        "sample:pydoc-topics", {"path": "generated:sample:pydoc-topics", "count": 1, "prompt_tokens": 4}]}}
+    with_set = protocol.replace(calibration={"sets": sets})
+    data = json.loads(json.dumps(TINY))
+    data["tiny"]["tables"][0]["calibration"] = "tiny-mixed"
+    table = parse_suites(data, "test", with_set)["tiny"].tables[0]
+    ctx = Context(with_set, log=lambda _: None)
+    feeds = ctx.calibration(tiny_onnx, table.calibration)
+    assert len(feeds) == 3 and ctx.calibration(tiny_onnx, table.calibration) is feeds  # made once a run
+    same = parse_recipe("passes: [quantize]\ncalibration:\n  sources: [sample:pydoc-topics, "
+                        "{path: 'generated:sample:pydoc-topics', count: 1, prompt_tokens: 4}]\n  windows: 3\n  length: 32\n",
+                        ROOT / "samples" / "recipes" / "x.yaml")
+    builder = Builder(ctx, table)
+    builder._check_calibration(same, "row")  # agrees: no error
+    other = parse_recipe("passes: [quantize]\ncalibration:\n  source: sample:pydoc-topics\n  windows: 3\n  length: 32\n",
+                         ROOT / "samples" / "recipes" / "x.yaml")
+    with pytest.raises(SuiteError, match="calibration set 'tiny-mixed'"):
+        builder._check_calibration(other, "row")
+
+
+def test_the_memory_measure_runs_convert_in_a_process_of_its_own(protocol, tmp_path, monkeypatch):
+    """A small synthetic chain (2 x 256) through the memory suite's convert rows: peak RSS, bytes,
+    the report's fidelity; a recipe that fails names the row."""
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    small = protocol.replace(models={**protocol["models"], "chain": "synthetic:matmul-chain:2x256"})
+    table = {"name": "chain", "title": "chain", "model": "chain", "measure": "memory", "about": "memory",
+             "columns": ["model_bytes", "peak_rss", "rss_ratio", "output_bytes", "sqnr_db"],
+             "rows": [{"name": "cleanup", "build": {"convert": {"recipe": "cleanup.yaml"}}},
+                      {"name": "w8", "build": {"convert": {"recipe": "w8-weights.yaml"}}}]}
+    suite = parse_suites({"mem": {"title": "mem", "about": "mem", "tables": [table]}}, "test", small)["mem"]
+    rows = {r["name"]: r for r in run_suite(suite, small, log=lambda _: None)["rows"]}
+    assert 2 * 256 * 256 * 4 <= rows["cleanup"]["model_bytes"] < 2 * 256 * 256 * 4 + 1024  # weights + graph
+    assert rows["cleanup"]["peak_rss"] > 50e6 and rows["cleanup"]["rss_ratio"] > 1  # a Python process, not the weights
+    assert rows["w8"]["output_bytes"] < rows["cleanup"]["output_bytes"] / 3 and rows["w8"]["sqnr_db"] > 30
+    broken = {**table, "rows": [{"name": "bad", "build": {"convert": {"recipe": "no-such-recipe.yaml"}}}]}
+    with pytest.raises(SuiteError, match="row 'bad'.*no recipe 'no-such-recipe.yaml'"):
+        run_suite(parse_suites({"mem": {"title": "mem", "about": "mem", "tables": [broken]}}, "test", small)["mem"],
+                  small, log=lambda _: None)
