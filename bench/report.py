@@ -24,7 +24,10 @@ HEADERS = {"ppl_ratio": "ppl ×", "bytes_ratio": "bytes ×", "params_ratio": "pa
            "sim_s_per_batch": "sim s/batch", "min_batch_cosine": "min batch cosine", "htp_rejects": "HTP rejects",
            "gmacs": "GMACs", "weight_bytes": "weight MB", "dram_read": "DRAM read MB", "sram_peak": "SRAM peak MB",
            "train_s": "train s", "s_per_step": "s/step", "peak_rss": "peak RSS MB", "rss_ratio": "RSS / model bytes",
-           "model_bytes": "model MB", "output_bytes": "output MB"}
+           "model_bytes": "model MB", "output_bytes": "output MB", "prefill_s": "prefill s",
+           "greedy_prefix": "greedy before 1st divergence", "greedy_overall": "greedy overall",
+           "first_divergence": "1st divergence (tokens)", "tf_overlap@1": "teacher-forced overlap@1",
+           "logits_max_diff": "logits max diff", "load": "load avg"}
 
 
 def render(suites: dict[str, Suite], results: dict[str, dict]) -> str:
@@ -103,6 +106,8 @@ def _cell(column: str, value: Any) -> Any:
         return "inf"
     if column == "sqnr_db":
         return f"{value:.1f}"
+    if column == "logits_max_diff":
+        return f"{value:.1e}"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000 and column not in ("bytes", "params"):
         return f"{value:,}"
     return value
@@ -131,6 +136,14 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
         parts.append(f"images: the {img['evaluation']} of {img['source']} after the first {img['calibration']} "
                      f"({img.get('pattern', '*')}, name order), preprocessed as images.preprocessing says, mean and "
                      "smallest per-image cosine of the whole output against the reference row")
+    if "decode" in measures:
+        dec = protocol["decode"]
+        parts.append(f"decoders: {dec['prompts']} prompts of {dec['prompt_tokens']} tokens of {dec['corpus']} "
+                     f"({protocol['corpora'][dec['corpus']]['evaluation_split']} split) × {dec['new_tokens']} new "
+                     f"tokens against transformers' fp32 greedy generation; speed: prompts of "
+                     f"{', '.join(str(c) for c in dec['contexts'])} tokens then {dec['steps']} decode steps, "
+                     f"{dec['rounds']} rounds with the rows interleaved (one process per row and round), medians, "
+                     f"{protocol['threads']} threads")
     calibration = (f"calibration: {cal['windows']} windows × {cal['length']} tokens of {cal['corpus']} "
                    f"({protocol['corpora'][cal['corpus']]['calibration_split']} split)")
     if measures == {"image"}:

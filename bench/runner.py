@@ -25,7 +25,7 @@ __all__ = ["SCHEMA", "RESULTS", "PEER_PACKAGES", "run_suite", "run_table", "writ
 
 SCHEMA = "graphopt-bench/1"
 RESULTS = BENCH / "results"
-PEER_PACKAGES = ("nncf", "onnxruntime-genai", "kvpress", "peft")
+PEER_PACKAGES = ("nncf", "onnxruntime-genai", "onnx-ir", "kvpress", "peft")
 RESULT_KEYS = ("schema", "suite", "date", "command", "device", "protocol", "environment", "rows")
 
 
@@ -51,8 +51,12 @@ def run_table(table: Table, ctx: Context, only: list[str] | None = None) -> list
                   compared={name for r in table.rows for name in r.against} | {r.name for r in table.rows if r.reference})
     wanted = _needed(table, only)
     values: dict[str, dict] = {}
+    if table.measure == "decode":  # decoders are measured together: speed interleaves the rows
+        from bench.decode import measure_decode_table
+
+        values = measure_decode_table(table, ctx, [r for r in table.rows if r.name in wanted])
     for row in sorted(table.rows, key=lambda r: not r.reference):
-        if row.name not in wanted:
+        if row.name not in wanted or row.name in values:
             continue
         ctx.log(f"bench: {table.name}: {row.name} ...")
         try:
@@ -69,6 +73,7 @@ def run_table(table: Table, ctx: Context, only: list[str] | None = None) -> list
         builder.release(row)
         gc.collect()
     _ratios(table, values)
+    _quotients(table, values)
     return [{"table": table.name, "name": row.name, "build": describe(row),
              **({"recipe": row.recipe} if row.recipe else {}), **values[row.name]}
             for row in table.rows if row.name in values]
@@ -113,6 +118,15 @@ def _ratios(table: Table, values: dict[str, dict]) -> None:
         for row in values.values():
             if isinstance(base, (int, float)) and base and isinstance(row.get(column), (int, float)):
                 row[f"{column.removesuffix('_ms')}_ratio"] = row[column] / base
+
+
+def _quotients(table: Table, values: dict[str, dict]) -> None:
+    """The table's `quotients` columns: one column of a row divided by another of the same row."""
+    for column, (numerator, denominator) in table.quotients.items():
+        for row in values.values():
+            top, bottom = row.get(numerator), row.get(denominator)
+            if isinstance(top, (int, float)) and isinstance(bottom, (int, float)) and bottom:
+                row[column] = top / bottom
 
 
 def _device(device: str) -> str:

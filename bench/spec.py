@@ -22,8 +22,9 @@ __all__ = ["BENCH", "ROOT", "SuiteError", "Protocol", "Row", "Table", "Target", 
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-MEASURES = ("lm", "embedding", "image", "backend", "npu-cost", "memory")
-BUILD_KINDS = ("fp32", "recipe", "passes", "peer", "qat", "convert")
+MEASURES = ("lm", "embedding", "image", "backend", "npu-cost", "memory", "decode")
+BUILD_KINDS = ("fp32", "recipe", "passes", "peer", "qat", "convert", "decoder", "genai")
+DECODE_BUILDS = ("decoder", "recipe", "genai")  # how a decode table's row makes its decoder folder
 RUNTIMES = ("ort", "ort-basic", "npu-sim", "torch")
 
 
@@ -120,6 +121,7 @@ class Table:
     about: str
     ratios: tuple[str, ...] = ()
     stats: dict = field(default_factory=dict)  # column -> "pass.stat" read from the pipeline report
+    quotients: dict = field(default_factory=dict)  # column -> (numerator column, denominator column), per row
     targets: tuple[Target, ...] = ()
     options: dict = field(default_factory=dict)
     calibration: str | None = None  # a set of the protocol's calibration.sets, instead of its default calibration
@@ -175,7 +177,7 @@ def _suite(name: str, body: Any, where: str, protocol: Protocol) -> Suite:
 
 def _table(body: Any, where: str, protocol: Protocol) -> Table:
     body = _mapping(body, where, required=("name", "title", "model", "measure", "rows", "columns", "about"),
-                    allowed=("ratios", "stats", "targets", "options", "calibration"))
+                    allowed=("ratios", "stats", "quotients", "targets", "options", "calibration"))
     where = f"{where} ('{body['name']}')"
     sets = protocol["calibration"].get("sets", {})
     if "calibration" in body and body["calibration"] not in sets:
@@ -198,10 +200,24 @@ def _table(body: Any, where: str, protocol: Protocol) -> Table:
                                  "of the table")
     if body["measure"] in ("lm", "embedding") and sum(r.reference for r in rows) != 1:
         raise SuiteError(f"{where}: an {body['measure']} table needs exactly one row with 'reference: true'")
+    if body["measure"] == "decode":
+        for row in rows:
+            kinds = [kind for kind, _ in row.build if kind != "fp32"]
+            if len(kinds) != 1 or kinds[0] not in DECODE_BUILDS:
+                raise SuiteError(f"{where}: row '{row.name}' of a decode table is built by one of "
+                                 f"{', '.join(DECODE_BUILDS)}, got {kinds or ['fp32']}")
     targets = tuple(_target(t, f"{where}, target #{i + 1}", names) for i, t in enumerate(body.get("targets", [])))
     return Table(body["name"], body["title"], body["model"], body["measure"], rows, tuple(body["columns"]),
-                 _text(body["about"]), tuple(body.get("ratios", ())), dict(body.get("stats", {})), targets,
-                 dict(body.get("options", {})), body.get("calibration"))
+                 _text(body["about"]), tuple(body.get("ratios", ())), dict(body.get("stats", {})),
+                 _quotients(body.get("quotients", {}), where), targets, dict(body.get("options", {})),
+                 body.get("calibration"))
+
+
+def _quotients(body: Any, where: str) -> dict[str, tuple[str, str]]:
+    """`{column: [numerator, denominator]}`: a column each row computes from two of its own."""
+    if not isinstance(body, dict) or not all(isinstance(v, list) and len(v) == 2 for v in body.values()):
+        raise SuiteError(f"{where}: 'quotients' maps a column to [numerator column, denominator column]")
+    return {column: tuple(pair) for column, pair in body.items()}
 
 
 def _row(body: Any, where: str) -> Row:
