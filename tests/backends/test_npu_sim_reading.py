@@ -11,7 +11,9 @@ import pytest
 from graphopt.backends.npu_sim import NpuSim
 from graphopt.backends.npu_sim.program import Op, Program, TensorInfo
 from graphopt.backends.npu_sim.simulator import Simulator
+from graphopt.cli import main
 from graphopt.errors import BackendError, OptionError
+from graphopt.files.writing import OutputSet
 
 TABLE = (np.arange(256) // 2 - 64).astype(np.int8)  # y = x // 2 over int8, as a lookup table
 
@@ -142,3 +144,33 @@ def test_batch_and_seq_len_are_bounded(options, words):
         NpuSim.from_options(options)
     for word in words:
         assert word in str(info.value)
+
+
+def _packaged(folder, program: Program | None = None):
+    """A program written as the backend writes it: one output set with its manifest."""
+    with OutputSet(folder) as out:
+        (program or small_program()).save(out.staging)
+    return folder
+
+
+def test_simulate_save_never_replaces_the_programs_weights(tmp_path, capsys):
+    """np.savez appends .npz: `--save P/weights` once passed the check and replaced P/weights.npz."""
+    folder = _packaged(tmp_path / "npu")
+    before = (folder / "weights.npz").read_bytes()
+    assert main(["simulate", str(folder), "--save", str(folder / "weights")]) == 2
+    assert "refusing to write over the input" in capsys.readouterr().err
+    assert (folder / "weights.npz").read_bytes() == before
+    assert main(["simulate", str(folder), "--save", str(tmp_path / "out")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npz")["y"], [[-64, -1, 0, 63]])
+
+
+def test_simulate_refuses_a_package_of_two_runs(tmp_path, capsys):
+    """weights.npz of another run beside program.json (a half-updated package) is refused, not run."""
+    folder = _packaged(tmp_path / "npu")
+    other = small_program()
+    other.constants = {"t": TABLE[::-1].copy()}
+    _packaged(tmp_path / "other", other)
+    (folder / "weights.npz").write_bytes((tmp_path / "other" / "weights.npz").read_bytes())
+    assert main(["simulate", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'weights.npz'}: does not match" in err and err.count("\n") == 1

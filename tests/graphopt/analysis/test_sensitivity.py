@@ -107,6 +107,14 @@ def test_errors_name_the_problem(tiny_fx, tiny_onnx):
     assert cli.main(["sensitivity", "sample:tiny-llama", "--prepare", "nope"]) == 2
 
 
+
+@pytest.mark.parametrize("flag, value", [("--top", "-5"), ("--top", "0"), ("--windows", "0"), ("--length", "1")])
+def test_cli_counts_out_of_range_are_one_line_naming_the_option(flag, value, capsys):
+    """`--top -5` was accepted (and printed no rows); every count is checked before the model loads."""
+    assert cli.main(["sensitivity", "sample:tiny-llama", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and "loading" not in err
+
 @pytest.mark.real
 def test_smollm2_down_proj_input_outranks_attention_input(smollm2_onnx, smollm2_calib):
     """The issue's finding, on one layer: int8 per-tensor hurts mlp.down_proj's input most."""

@@ -45,3 +45,25 @@ def test_interrupts_and_closed_pipes(monkeypatch, capsys, exc, code):
 
     _command(monkeypatch, stop)
     assert cli.main(["test-fail"]) == code
+
+
+def test_an_interrupt_while_commands_load_is_one_line(monkeypatch, capsys):
+    """Ctrl-C during start-up (the commands' imports) once ended in a KeyboardInterrupt traceback."""
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_commands", interrupted)
+    assert cli.main(["passes"]) == 130
+    assert capsys.readouterr().err == "graphopt: interrupted\n"
+
+
+def test_the_entry_point_imports_nothing_heavy_before_main_runs():
+    """What runs before main's handlers (importing graphopt.cli) is kept small: an interrupt there is
+    the only one that could still show a traceback, so torch, onnx and numpy load inside main."""
+    import subprocess
+    import sys
+
+    code = ("import sys, graphopt.cli; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'numpy', 'yaml') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

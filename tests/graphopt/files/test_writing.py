@@ -1,9 +1,11 @@
 """The writing boundary: output sets appear whole, never over an input or a stranger's file."""
 
+import errno
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -69,8 +71,6 @@ def test_a_package_from_two_runs_is_detected(tmp_path):
 
 
 def test_disk_errors_name_the_path(tmp_path, monkeypatch):
-    import errno
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -120,11 +120,62 @@ def test_convert_refuses_a_folder_of_strangers_and_keeps_them_with_force(tmp_pat
     assert cli.main(["convert", str(src), "--recipe", str(recipe), "-o", str(out)]) == 0  # its own files: fine
 
 
-def test_sensitivity_json_never_replaces_the_model(tmp_path, capsys):
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_sensitivity_outputs_never_replace_the_model(tmp_path, capsys, flag):
     src = _small_model(tmp_path / "m.onnx", external=False)
     before = src.read_bytes()
-    assert cli.main(["sensitivity", str(src), "--json", str(src)]) == 2
+    assert cli.main(["sensitivity", str(src), flag, str(src)]) == 2
     assert "refusing to write over the input" in capsys.readouterr().err and src.read_bytes() == before
+
+
+def _constant_external_model(folder, data_name="model.onnx.data"):
+    """in.onnx: y = x + c, c a Constant node whose value lives in `data_name` (no initializer names it)."""
+    values = np.arange(64, dtype=np.float32)
+    (folder / data_name).write_bytes(values.tobytes())
+    tensor = numpy_helper.from_array(values, "c")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", data_name), ("offset", "0"), ("length", str(values.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Constant", [], ["c"], name="const_c", value=tensor),
+                               helper.make_node("Add", ["x", "c"], ["y"], name="add")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [64])])
+    path = folder / "in.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    return path
+
+
+def test_convert_into_the_inputs_folder_keeps_a_constant_nodes_external_data(tmp_path, capsys):
+    """The input list once looked at initializers only: `-o` the input's folder (with --force) could
+    replace the `model.onnx.data` a Constant node of the input reads."""
+    (tmp_path / "in").mkdir()
+    src = _constant_external_model(tmp_path / "in")
+    data = (tmp_path / "in" / "model.onnx.data").read_bytes()
+    recipe = _write(tmp_path / "r.yaml", "passes:\n  - cleanup\n")
+    assert cli.main(["convert", str(src), "--recipe", str(recipe), "-o", str(tmp_path / "in"), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to write over the input" in err and "model.onnx.data" in err
+    assert (tmp_path / "in" / "model.onnx.data").read_bytes() == data
+    assert sorted(os.listdir(tmp_path / "in")) == ["in.onnx", "model.onnx.data"]
+
+
+def test_convert_interrupted_while_writing_reports_leaves_no_model(tmp_path, monkeypatch, capsys):
+    """The model and its reports are one output set: an interrupt after the model is written and before
+    the reports are leaves neither (convert once wrote model.onnx first, then the reports)."""
+    from graphopt.pipeline.report import Report
+
+    src = _small_model(tmp_path / "m.onnx", external=False)
+    recipe = _write(tmp_path / "r.yaml", "passes:\n  - cleanup\n")
+
+    def interrupted(self, out_dir, stem="report"):
+        (Path(out_dir) / f"{stem}.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Report, "save", interrupted)
+    assert cli.main(["convert", str(src), "--recipe", str(recipe), "-o", str(tmp_path / "out")]) == 130
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
 def test_sigterm_during_a_save_leaves_no_staging_folder(tmp_path):
@@ -147,11 +198,12 @@ def test_sigterm_during_a_save_leaves_no_staging_folder(tmp_path):
     assert os.listdir(tmp_path / "out") == []
 
 
-def test_a_full_disk_while_writing_names_the_folder(tmp_path):
-    import errno
-
-    with pytest.raises(GraphoptError, match=f"{tmp_path / 'out'}: cannot write: no space left on the device"):
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on the device"),
+                                         (errno.EFBIG, "file too large for the file system")])
+def test_a_full_disk_while_writing_names_the_folder(tmp_path, code, words):
+    """The OS says "File too large" or "No space left on device" and names no file: the error names the folder."""
+    with pytest.raises(GraphoptError, match=f"{tmp_path / 'out'}: cannot write: {words}"):
         with OutputSet(tmp_path / "out") as out:
             _write(out.path("a.txt"), "partial")
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(code, os.strerror(code))
     assert os.listdir(tmp_path / "out") == []

@@ -131,6 +131,34 @@ def test_large_models_keep_weights_beside_them(tmp_path, monkeypatch):
     assert not onnx.load(str(path), load_external_data=False).graph.initializer[0].external_data
 
 
+
+def test_external_weights_are_mapped_not_read_and_written_back_unchanged(tmp_path, monkeypatch):
+    """Large models in bounded memory: an external weight is a read-only view of its file (no copy in
+    the message or in numpy) that the model runs on and writes back byte for byte."""
+    from graphopt.files import mapping
+    from graphopt.ir.onnx_files import load_onnx_mapped
+
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    src = tmp_path / "in" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(small_model(weight), str(src), save_as_external_data=True, location="m.onnx.data",
+                    size_threshold=0)
+    proto, arrays = load_onnx_mapped(src)
+    array = arrays["W"]
+    assert proto.graph.initializer[0].data_location == TensorProto.EXTERNAL  # no copy in the message
+    assert not array.flags.writeable and not array.flags.owndata
+    file, offset = mapping.source(array)
+    assert file == (tmp_path / "in" / "m.onnx.data").resolve() and offset == 0
+    np.testing.assert_array_equal(array, weight)
+    model = Model.from_onnx(proto, weights=arrays, source=src)
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_allclose(model.run({"x": x})[0], x @ weight, rtol=1e-5)
+    monkeypatch.setattr(onnx_files, "PROTOBUF_LIMIT", 1024)  # written as a large model: weights streamed
+    written = model.write(tmp_path / "model.onnx")
+    assert [p.name for p in written] == ["model.onnx", "model.onnx.data"]
+    np.testing.assert_array_equal(numpy_helper.to_array(load_onnx(tmp_path / "model.onnx").graph.initializer[0]),
+                                  weight)
+
 def test_atomic_write_text(tmp_path):
     target = atomic_write_text(tmp_path / "sub" / "r.md", "hello")
     assert target.read_text() == "hello" and sorted(os.listdir(tmp_path / "sub")) == ["r.md"]

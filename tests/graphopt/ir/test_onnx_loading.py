@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.errors import GraphoptError, ModelLoadError, UnsafePathError
 from graphopt.ir import Model
-from graphopt.ir.onnx_files import load_onnx
+from graphopt.ir.onnx_files import load_onnx, referenced_files
 
 OPSET = [helper.make_opsetid("", 21)]
 X = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
@@ -209,6 +209,33 @@ def test_sparse_initializer_external_values_are_confined(tmp_path):
                    sparse_initializer=[helper.make_sparse_tensor(values, indices, [3])])
     _refused(_save(model, tmp_path), UnsafePathError, "sparse initializer 's' values", "/etc/passwd")
 
+
+
+def test_referenced_files_name_external_data_wherever_it_sits(tmp_path):
+    """Writers protect these files as inputs: a Constant node's data, a subgraph's, a function's and a
+    sparse initializer's count, not only the graph's initializers (convert once replaced the
+    `model.onnx.data` a Constant node read)."""
+    function = helper.make_function("local", "AddK", ["a"], ["b"], [
+        helper.make_node("Constant", [], ["k"], name="fconst", value=_external(_three("fc"), "f.bin")),
+        helper.make_node("Add", ["a", "k"], ["b"], name="fadd")], OPSET)
+    sparse = helper.make_sparse_tensor(_external(numpy_helper.from_array(np.ones(2, np.float32), "s"), "s.bin"),
+                                       numpy_helper.from_array(np.array([0, 2], np.int64), "s_idx"), [3])
+    then = helper.make_graph([helper.make_node("Add", ["x", "inner"], ["t"], name="then_add")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [3])],
+                             initializer=[_external(_three("inner"), "sub.bin")])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="else_id")], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [3])])
+    nodes = [helper.make_node("Constant", [], ["c"], name="const_c", value=_external(_three("c"), "c.bin")),
+             helper.make_node("If", ["cond"], ["i"], name="if0", then_branch=then, else_branch=other),
+             helper.make_node("AddK", ["i"], ["j"], domain="local", name="call"),
+             helper.make_node("Add", ["j", "c"], ["k"], name="add_c"),
+             helper.make_node("Add", ["k", "s"], ["y"], name="add_s")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []), X], [Y],
+                              initializer=[_external(_three("w"), "w.bin")], sparse_initializer=[sparse])
+    model = helper.make_model(graph, opset_imports=OPSET + [helper.make_opsetid("local", 1)], functions=[function])
+    found = referenced_files(_save(model, tmp_path))
+    assert [p.name for p in found] == ["c.bin", "f.bin", "s.bin", "sub.bin", "w.bin"]
+    assert all(p.parent == tmp_path.resolve() for p in found)
 
 # ------------------------------------------------------------------------------ the graph
 def test_duplicated_output_is_refused_naming_both(tmp_path):
