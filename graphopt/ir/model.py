@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -18,6 +17,7 @@ from graphopt.errors import GraphoptError, UnsupportedGraphError
 from graphopt.files import mapping
 from graphopt.files.json_files import jsonable
 from graphopt.ir import onnx_files
+from graphopt.ir.meta import ENCODINGS_IN_GRAPH, META_KEY, PROVENANCE_KEY, ModelMeta
 from graphopt.ir.onnx_files import EXTERNAL_THRESHOLD
 from graphopt.ir.runtime import IN_MEMORY, NUMPY_TO_ONNX, ort_session
 from graphopt.quant.encodings import Encodings
@@ -26,9 +26,6 @@ __all__ = ["TensorSpec", "ModelMeta", "Model", "Form", "MIN_OPSET", "is_paramete
 
 Form = Literal["fx", "onnx"]
 MIN_OPSET = 21  # int4 / uint16 QDQ and blocked quantization need opset 21
-META_KEY = "graphopt.meta"
-PROVENANCE_KEY = "graphopt.pass"
-ENCODINGS_IN_GRAPH = "encodings_in_graph"  # meta JSON key: weights whose encoding is their DequantizeLinear
 
 
 @dataclass(frozen=True)
@@ -41,32 +38,6 @@ class TensorSpec:
 
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-
-@dataclass
-class ModelMeta:
-    """What passes learn and later passes need, keyed by tensor name.
-
-    encodings: tensor name -> quantization encoding (a JSON-able dict in AIMET/QNN terms)
-    masks:     weight name -> sparsity record ({"pattern": "2:4" | "unstructured", "ratio": ..})
-    pruning:   list of records of structural removals, in the order they happened
-    provenance: node name -> name of the pass that created it (stamped by the pass manager)
-    extra:     anything else a pass wants to hand on (JSON-able)
-    """
-
-    encodings: dict[str, Any] = field(default_factory=dict)
-    masks: dict[str, Any] = field(default_factory=dict)
-    pruning: list[dict] = field(default_factory=list)
-    provenance: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "ModelMeta":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def _np_dtype_name(elem_type: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -20,8 +19,9 @@ from graphopt.files.onnx_reading import (
     read_external,
     tensor_sites,
 )
-from graphopt.files.reading import check_file, parse_json, shown, want_dict, want_str
+from graphopt.files.reading import check_file, shown
 from graphopt.files.writing import OutputSet
+from graphopt.ir.meta import check_meta
 
 __all__ = ["PROTOBUF_LIMIT", "tensor_bytes", "check_external_data", "load_onnx", "load_onnx_mapped", "save_onnx",
            "write_onnx"]
@@ -39,7 +39,6 @@ def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
     check_tensors(model, Path(model_path))
 
 
-MAX_META_CHARS = 256 << 20  # the graphopt.meta JSON: encodings and records, never weights
 
 
 def load_onnx(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
@@ -63,7 +62,7 @@ def load_onnx(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mod
         raise ModelLoadError(f"{path}: the file parsed to an empty graph (corrupt or truncated?)")
     check_text(model, path)
     check_graph(model, path)
-    _check_meta(model, path)
+    check_meta(model, path)
     ranges = check_tensors(model, path)
     if load_weights:
         read_external(ranges, path)
@@ -82,37 +81,6 @@ def load_onnx_mapped(path: str | os.PathLike) -> tuple[onnx.ModelProto, dict[str
     mapped = map_external(ranges, path, {t.name for t in model.graph.initializer})
     densify_sparse(model, path)
     return model, mapped
-
-
-def _check_meta(model: onnx.ModelProto, path: Path) -> None:
-    """The model's own `graphopt.meta` JSON: strict, bounded, each field of the type Model expects,
-    its encodings valid entries."""
-    from graphopt.ir.model import ENCODINGS_IN_GRAPH, META_KEY, ModelMeta
-    from graphopt.quant.encodings import EncodingError, Encodings
-
-    props = [p for p in model.metadata_props if p.key == META_KEY]
-    if not props:
-        return
-    where = f"{path}: metadata '{META_KEY}'"
-    if len(props) > 1:
-        raise ModelLoadError(f"{where} is given {len(props)} times")
-    if len(props[0].value) > MAX_META_CHARS:
-        raise ModelLoadError(f"{where} is {len(props[0].value):,} characters, more than {MAX_META_CHARS:,}")
-    data = want_dict(parse_json(props[0].value, where=where, error=ModelLoadError), where, ModelLoadError)
-    kinds = {f.name: dict if f.name != "pruning" else list for f in dataclasses.fields(ModelMeta)}
-    kinds[ENCODINGS_IN_GRAPH] = list
-    for key, kind in kinds.items():
-        if key in data and not isinstance(data[key], kind):
-            raise ModelLoadError(f"{where}: '{key}' must be a{'n object' if kind is dict else ' list'}, "
-                                 f"got {shown(data[key])}")
-    for name in data.get(ENCODINGS_IN_GRAPH, []):
-        want_str(name, f"{where}: '{ENCODINGS_IN_GRAPH}' entry", ModelLoadError)
-    for name, made_by in data.get("provenance", {}).items():
-        want_str(made_by, f"{where}: provenance of node {shown(name)}", ModelLoadError)
-    try:
-        Encodings.from_meta(data.get("encodings", {}), f"{where}: encodings")
-    except EncodingError as exc:
-        raise ModelLoadError(str(exc)) from None
 
 
 def referenced_files(path: str | os.PathLike) -> list[Path]:
