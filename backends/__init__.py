@@ -1,13 +1,6 @@
 """graphopt.backends: one module (or package) per target; importing this package registers them all and
 exposes each one's public names (`graphopt.backends.OrtMobile`)."""
 
-import importlib
-import pkgutil
+from graphopt.pipeline.registry import import_members
 
-__all__: list[str] = []
-
-for _info in pkgutil.iter_modules(__path__):
-    _module = importlib.import_module(f"{__name__}.{_info.name}")
-    for _name in getattr(_module, "__all__", ()):
-        globals()[_name] = getattr(_module, _name)
-        __all__.append(_name)
+__all__ = import_members(__name__, __path__, globals())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from pathlib import Path
 
 from graphopt.errors import PipelineError
@@ -10,7 +11,19 @@ from graphopt.ir import Model
 from graphopt.pipeline.backends import BACKENDS, Artifact
 from graphopt.pipeline.passes import PASSES, Pass
 
-__all__ = ["available_passes", "get_pass", "available_backends", "get_backend", "export"]
+__all__ = ["import_members", "available_passes", "get_pass", "available_backends", "get_backend", "export"]
+
+
+def import_members(package: str, path, namespace: dict) -> list[str]:
+    """Import every module of `package` (at `path`), which registers the passes or backends they
+    define, and put each module's public names (its `__all__`) into `namespace`; the names."""
+    names = []
+    for info in pkgutil.iter_modules(path):
+        module = importlib.import_module(f"{package}.{info.name}")
+        for name in getattr(module, "__all__", ()):
+            namespace[name] = getattr(module, name)
+            names.append(name)
+    return names
 
 
 def available_passes() -> dict[str, type[Pass]]:
