@@ -10,10 +10,17 @@ calibration:                    # optional; feeds for passes that calibrate
   windows: 8                    # number of token windows (or sentence batches, images, feeds)
   length: 128                   # tokens per window
   split: calib                  # calib (default) or eval, of sample corpora
+decoder:                        # optional: build a decoder with a KV cache (Llama-family causal LMs)
+  attention: ort                # ort (GroupQueryAttention) or portable (standard ops, static cache)
+  capacity: 1024                # the longest context, prompt + generated tokens
+  prefill_chunk: 128            # tokens per prefill step
 ```
 
 `sources:` (a list, each a path or {path, count, weight, field, split, skip, pattern}) mixes several; `image:`
-preprocesses image folders. graphopt.frontends.calibration reads them (CalibrationSpec).
+preprocesses image folders. graphopt.frontends.calibration reads them (CalibrationSpec); a decoder
+calibrates on prefills of its windows from an empty cache, one encodings set for every graph it is saved as.
+`decoder:` takes the options of `graphopt.frontends.decoder.DecoderOptions`; `graphopt convert` then
+builds the decoder from MODEL and writes a decoder folder (graphs, decoder.json, tokenizer).
 """
 
 from __future__ import annotations
@@ -29,11 +36,12 @@ import yaml
 from graphopt.errors import GraphoptError, RecipeError
 from graphopt.files.reading import YamlDocument, capped, confined_path, read_bytes, shown, usable_path
 from graphopt.frontends.calibration import CalibrationError, CalibrationSpec, section_option
+from graphopt.frontends.decoder import DecoderOptions
 from graphopt.pipeline.passes import Pass
 
 __all__ = ["Recipe", "Calibration", "load_recipe", "parse_recipe", "resolve_file_option", "MAX_RECIPE_BYTES"]
 
-_TOP_KEYS = ("passes", "backend", "calibration")
+_TOP_KEYS = ("passes", "backend", "calibration", "decoder")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred lines
 Calibration = CalibrationSpec  # a recipe's calibration section (graphopt.frontends.calibration)
 
@@ -46,6 +54,7 @@ class Recipe:
     backend: str | None = None
     backend_options: dict[str, Any] = field(default_factory=dict)
     calibration: CalibrationSpec | None = None
+    decoder: DecoderOptions | None = None
     path: Path | None = None
 
     def calibration_feeds(self, model) -> list[dict[str, np.ndarray]] | None:
@@ -211,6 +220,19 @@ def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> C
     return CalibrationSpec(**values, line=_line(section))
 
 
+def _read_decoder(reader: _Reader, node: yaml.Node) -> DecoderOptions:
+    options = {key: reader.value(value) for key, _, value in reader.mapping(node, "decoder")}
+    try:
+        decoder = DecoderOptions.from_value(options)
+    except GraphoptError as exc:
+        raise reader.error(_option_node(reader, node, str(exc)) or node, f"decoder: {exc}") from exc
+    if decoder.capacity and decoder.prefill_chunk and decoder.prefill_chunk > decoder.capacity:
+        raise reader.error(_option_node(reader, node, "'prefill_chunk'"),
+                           f"decoder: 'prefill_chunk' ({decoder.prefill_chunk}) is larger than the capacity "
+                           f"({decoder.capacity}); a prefill step cannot hold more tokens than the cache")
+    return decoder
+
+
 def resolve_file_option(value: str, recipe: str | Path, where: str, trusted: frozenset[Path] = frozenset(),
                         error=RecipeError) -> str:
     """The path a recipe's file option (sensitivity, encodings, scores, adapters) names, resolved.
@@ -262,6 +284,8 @@ def parse_recipe(text: str, path: str | Path = "<recipe>", *, trusted_files=()) 
             _check_backend(reader, recipe.backend, recipe.backend_options, name_node, node)
         if "calibration" in sections:
             recipe.calibration = _read_calibration(reader, sections["calibration"][1], sections["calibration"][0])
+        if "decoder" in sections:
+            recipe.decoder = _read_decoder(reader, sections["decoder"][1])
         return recipe
     finally:
         document.close()

@@ -43,8 +43,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def load_model(source: str, *, onnx: bool = False):
-    """Load MODEL (a path or sample:NAME) with progress on stderr; in ONNX form when `onnx` is set.
+def load_model(source: str, *, onnx: bool = False, decoder=None):
+    """Load MODEL (a path or sample:NAME) with progress on stderr; in ONNX form when `onnx` is set;
+    with `decoder` (DecoderOptions), the decoder with a KV cache built from it.
 
     Samples load their cached ONNX form directly; other FX models are lowered (also cached).
     """
@@ -52,7 +53,7 @@ def load_model(source: str, *, onnx: bool = False):
 
     start = time.perf_counter()
     log(f"loading {source} ...")
-    model = graphopt.load(source, form="onnx" if onnx else "fx", log=log)
+    model = graphopt.load(source, form="onnx" if onnx else "fx", decoder=decoder, log=log)
     if onnx and model.form == "fx":
         model = graphopt.lower(model, log=log)
     log(f"loaded {model.name} ({model.form.upper()}, {model.num_nodes():,} nodes) in {time.perf_counter() - start:.1f} s")

@@ -1,4 +1,9 @@
-"""`graphopt convert MODEL --recipe R.yaml -o OUT`: run a recipe, write the model, its report and a backend's package."""
+"""`graphopt convert MODEL --recipe R.yaml -o OUT`: run a recipe, write the model, its report and a backend's package.
+
+A recipe with a `decoder:` section builds a decoder with a KV cache from MODEL, calibrates it on
+prefills, and writes a decoder folder (graphs, decoder.json, tokenizer; see
+`graphopt.frontends.decoder_folder`) that `graphopt generate OUT` runs.
+"""
 
 from __future__ import annotations
 
@@ -34,10 +39,17 @@ def _convert_args(parser: argparse.ArgumentParser) -> None:
                              "at the end (finds the step that made an invalid model)")
 
 
-def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None) -> None:
-    """Refuse, before any work, an output folder where a file of the result would replace an input."""
-    for name in ("model.onnx", "model.onnx.data", "report.json", "report.md"):
+_DECODER_FILES = ("prefill.onnx", "decode.onnx", "weights.data", "decoder.json", "genai_config.json")
+
+
+def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None, decoder: bool = False) -> None:
+    """Refuse, before any work, an output folder where a file of the result would replace an input
+    (a decoder folder also holds tokenizer files: it may not be the folder of an input)."""
+    for name in ("model.onnx", "model.onnx.data", "report.json", "report.md", *(_DECODER_FILES if decoder else ())):
         refuse_overwrite(out / name, inputs)
+    if decoder and any(p.resolve().parent == out.resolve() for p in inputs):
+        raise UnsafePathError(f"{out}: a decoder folder holds tokenizer files, which would replace the input's; "
+                              "write it to another folder")
     if backend:
         folder = (out / backend).resolve()
         if any(folder == p.resolve() or folder in p.resolve().parents for p in inputs):
@@ -60,7 +72,7 @@ def _convert_run(args) -> int:
         raise GraphoptError(f"--backend: unknown backend '{args.backend}' (known: {', '.join(available_backends()) or 'none'})")
     out = Path(args.output)
     inputs = source_files(args.model)
-    _refuse_overwrite(out, inputs, backend)
+    _refuse_overwrite(out, inputs, backend, decoder=recipe.decoder is not None)
     if not args.force:
         strangers = foreign_files(out)
         if strangers:
@@ -70,7 +82,7 @@ def _convert_run(args) -> int:
         + (f", backend {backend}" if backend else ""))
 
     # A recipe without FX passes would lower at once: load samples in their cached ONNX form.
-    model = load_model(args.model, onnx=not any("fx" in p.forms() for p in recipe.passes))
+    model = load_model(args.model, onnx=not any("fx" in p.forms() for p in recipe.passes), decoder=recipe.decoder)
     calib = calibration.feeds(model) if calibration else None
     if calib:
         log(f"calibration: {len(calib)} feeds from {calibration.source}")
@@ -84,10 +96,13 @@ def _convert_run(args) -> int:
     final = result.model
     if final.form == "fx":
         final = graphopt.lower(final, log=log)
-    with OutputSet(out, inputs=inputs, force=args.force) as output:  # model and reports as one set
-        written = final.write(output.path("model.onnx"))
-        result.report.save(output.staging)
-    print(f"model:  {out / 'model.onnx'}" + (" (+ model.onnx.data)" if len(written) > 1 else ""))
+    if recipe.decoder is not None:
+        _write_decoder(final, result.report, out, inputs, args.force)
+    else:
+        with OutputSet(out, inputs=inputs, force=args.force) as output:  # model and reports as one set
+            written = final.write(output.path("model.onnx"))
+            result.report.save(output.staging)
+        print(f"model:  {out / 'model.onnx'}" + (" (+ model.onnx.data)" if len(written) > 1 else ""))
     print(f"report: {out / 'report.json'}, {out / 'report.md'}")
     print(f"nodes {model.num_nodes():,} -> {final.num_nodes():,}, bytes {model.num_bytes():,} -> {final.num_bytes():,}")
     if backend:
@@ -95,6 +110,18 @@ def _convert_run(args) -> int:
         artifact = export(final, backend, out / backend, options, force=args.force)
         print(f"{backend}: " + ", ".join(str(f) for f in artifact.files))
     return 0
+
+
+def _write_decoder(model, report, out: Path, inputs: list[Path], force: bool) -> None:
+    """The decoder folder and the reports, as one output set."""
+    from graphopt.frontends.decoder_folder import write_decoder
+    from graphopt.lowering.decoder import DecoderGraphs
+
+    graphs = DecoderGraphs.of(model, log=log)
+    with OutputSet(out, inputs=inputs, force=force) as output:
+        staged = write_decoder(graphs, model.tokenizer, output)
+        report.save(output.staging)
+    print(f"decoder: {out} ({', '.join(p.name for p in staged)}); run it with `graphopt generate {out} --prompt ...`")
 
 
 register_command("convert", _convert_args, _convert_run, "run a recipe on a model; write model.onnx and a report")

@@ -21,7 +21,7 @@ from graphopt.evaluation.sizes import disk_bytes
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec, prefill_feeds
 
-__all__ = ["top_k_indices", "evaluate_causal_lm", "benchmark_causal_lm"]
+__all__ = ["top_k_indices", "evaluate_causal_lm", "benchmark_causal_lm", "logits_function"]
 
 
 def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
@@ -74,7 +74,7 @@ def evaluate_causal_lm(
     this function returns. Returns the row {"ppl", "overlap@1", "overlap@k"} and this model's
     top-k indices per window, to serve as the reference of later runs.
     """
-    run = _logits_fn(model, threads)
+    run = logits_function(model, threads)
     if reference_logits is not None and len(reference_logits) != len(windows):
         raise GraphoptError(f"{len(reference_logits)} reference entries for {len(windows)} windows")
     total, count, tops, hits1, hitsk = 0.0, 0, [], [], []
@@ -96,7 +96,10 @@ def evaluate_causal_lm(
     return row, tops
 
 
-def _logits_fn(model, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+def logits_function(model, threads: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    """`input_ids [batch, seq] -> logits [batch, seq, vocab]` of a causal-LM Model (one session,
+    `threads` of its own; a decoder runs each row as a prefill from an empty cache), or `model`
+    itself when it is already such a callable."""
     if not isinstance(model, Model):
         return model
     if model.task != "causal-lm":

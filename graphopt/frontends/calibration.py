@@ -167,7 +167,23 @@ class CalibrationSpec:
         parts = [_generated_feeds(source, count, self, model) if source.prompts is not None
                  else _source_feeds(source, count + source.skip, self, model)[source.skip:]
                  for source, count in zip(sources, counts) if count]
-        return _interleave(parts)
+        return _decoder_prefills(_interleave(parts), model)
+
+
+def _decoder_prefills(feeds: list[dict[str, np.ndarray]], model) -> list[dict[str, np.ndarray]]:
+    """A decoder calibrates on prefills from an empty cache: each token window (a feed of input_ids
+    only) becomes the feeds of one; other feeds (a .npz file's, naming every input) stay as given."""
+    from graphopt.frontends.decoder import decoder_feeds
+    from graphopt.ir.decoder import DecoderSpec
+
+    spec = DecoderSpec.of(model)
+    if spec is None:
+        return feeds
+    longest = max((f["input_ids"].shape[-1] for f in feeds if set(f) == {"input_ids"}), default=0)
+    if longest > spec.capacity:
+        raise _error(f"calibration: windows of {longest} tokens do not fit the capacity of decoder '{model.name}' "
+                     f"({spec.capacity} tokens); lower the window length or build the decoder with a larger capacity")
+    return [feed for f in feeds for feed in (decoder_feeds(model, [f["input_ids"]]) if set(f) == {"input_ids"} else [f])]
 
 
 _DEFAULT = Source("sample:pydoc-topics")
@@ -443,6 +459,7 @@ def _generated_feeds(source: Source, count: int, spec: CalibrationSpec, model) -
     them and cycled when fewer than `count`; the rest sampled by `generate_windows`."""
     import torch
 
+    from graphopt.evaluation.lm import logits_function
     from graphopt.training.distillation import generate_windows
 
     prompts_from = source.prompts
@@ -457,10 +474,10 @@ def _generated_feeds(source: Source, count: int, spec: CalibrationSpec, model) -
         raise _error(f"calibration: source '{source.path}': no paragraph of {prompts_from.path} (after skipping "
                      f"{source.skip}) has {source.prompt_tokens} tokens to prompt with")
     picked = [prompts[i * len(prompts) // count] for i in range(count)] if len(prompts) > count else prompts
-    run, name = model.runner(), model.inputs[0].name
+    run, name = logits_function(model), model.inputs[0].name
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(run({name: ids.numpy()})[0]))
+        return torch.from_numpy(np.asarray(run(ids.numpy())))
 
     windows = generate_windows(logits, picked, count, length=spec.length, prompt_tokens=source.prompt_tokens,
                                temperature=source.temperature, seed=source.seed, progress=False)

@@ -108,6 +108,12 @@ def test_good_recipe_builds_passes_in_order():
     ("passes: []\ncalibration:\n  source: hub:wikitext\n", 3, ["option 'source'"]),
     ("passes: []\ncalibration:\n  split: test\n", 3, ["option 'split'"]),
     ("passes: []\ncalibration:\n  shuffle: true\n", 3, ["unknown option 'shuffle'"]),
+    ("passes: []\ndecoder:\n  attention: fast\n", 3, ["decoder:", "'attention' must be one of ort, portable"]),
+    ("passes: []\ndecoder:\n  capacity: 0\n", 3, ["'capacity' must be an integer in [1,"]),
+    ("passes: []\ndecoder:\n  window: 4\n", 3, ["unknown decoder option 'window'"]),
+    ("passes: []\ndecoder:\n  capacity: 64\n  prefill_chunk: 128\n", 4,
+     ["'prefill_chunk' (128) is larger than the capacity (64)"]),
+    ("passes: []\ndecoder: ort\n", 2, ["decoder must be a mapping"]),
 ])
 def test_errors_name_file_line_and_option(text, line, words):
     with pytest.raises(RecipeError) as info:
@@ -150,6 +156,25 @@ def test_calibration_needs_a_tokenizer_and_a_text_model(tiny_onnx):
     too_many = parse_recipe("passes: []\ncalibration:\n  windows: 5000\n  length: 512\n", "big.yaml")
     with pytest.raises(RecipeError, match="big.yaml, line 2: calibration: asked for 5000 windows"):
         too_many.calibration_feeds(tiny_onnx)
+
+
+def test_decoder_section_builds_decoders_that_calibrate_on_prefills():
+    from tests.decoding import tiny_decoder
+
+    recipe = parse_recipe("passes: []\ncalibration: {windows: 3, length: 24}\n"
+                          "decoder: {attention: portable, capacity: 96, prefill_chunk: 16}\n", "d.yaml")
+    assert (recipe.decoder.attention, recipe.decoder.capacity, recipe.decoder.prefill_chunk) == ("portable", 96, 16)
+    decoder = tiny_decoder("portable")
+    feeds = recipe.calibration_feeds(decoder)
+    assert len(feeds) == 3 and all(list(f) == [i.name for i in decoder.inputs] for f in feeds)
+    assert feeds[0]["input_ids"].shape == (1, 24) and feeds[0]["attention_mask"].shape == (1, 1, 24, 96 + 24)
+    assert not feeds[0]["past_key_values.0.key"].any()  # a prefill from an empty cache
+    plain = parse_recipe("passes: []\ncalibration: {windows: 3, length: 24}\n", "p.yaml").calibration_feeds(decoder)
+    assert [f["input_ids"].tolist() for f in plain] == [f["input_ids"].tolist() for f in feeds]  # the same windows
+    long = parse_recipe("passes: []\ncalibration: {windows: 2, length: 128}\n", "long.yaml")
+    with pytest.raises(RecipeError, match="long.yaml, line 2: calibration: windows of 128 tokens do not fit the "
+                                          "capacity of decoder 'tiny-llama' \\(96 tokens\\)"):
+        long.calibration_feeds(decoder)
 
 
 def test_sample_cleanup_recipe():

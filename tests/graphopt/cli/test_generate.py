@@ -1,7 +1,11 @@
 """`graphopt generate`: streams the tokens graphopt.generate makes, prints the figures, refuses bad input in one line."""
 
+import collections
 import json
+from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 import graphopt
@@ -10,6 +14,7 @@ from graphopt.frontends.decoder_folder import save_decoder
 from tests.decoding import PROMPT, tiny_decoder
 
 TEXT = bytes(PROMPT).decode()
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module", params=["ort", "portable"])
@@ -56,3 +61,50 @@ def test_long_prompts_and_other_folders_are_refused(folder, tmp_path, capsys):
     assert "more than the decoder's capacity of 96" in capsys.readouterr().err
     assert cli.main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
     assert "not a decoder folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ convert -> generate (decoder recipes)
+RECIPES = sorted((REPO / "samples" / "recipes").glob("smollm2-decoder-*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_decoder_recipes_convert_to_folders_that_generate(recipe, tmp_path, capsys):
+    """A shipped decoder recipe on the tiny Llama: convert writes a decoder folder in the kernel form, whose
+    logits are the in-memory pipeline's (same calibration, same passes) and which `graphopt generate` runs."""
+    from graphopt.evaluation.generation import Generator
+    from graphopt.recipe import load_recipe
+
+    out = tmp_path / "out"
+    small = ["--calibration-windows", "2", "--calibration-length", "32"]
+    assert cli.main(["convert", "sample:tiny-llama", "--recipe", str(recipe), "-o", str(out), "--no-verify",
+                     *small]) == 0
+    files = {p.name for p in out.iterdir()}
+    assert {"decoder.json", "genai_config.json", "model.onnx", "model.onnx.data", "report.json"} <= files
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in graph.node)
+    assert ops["GroupQueryAttention"] == 2 and ops["MatMulNBits"] + ops["MatMulIntegerToFloat"] == 15
+    assert ops["MatMul"] <= 1  # at most the 16-bit rotated gain stays a float MatMul
+
+    loaded = load_recipe(recipe)
+    decoder = graphopt.load("sample:tiny-llama", decoder=loaded.decoder, log=lambda *_: None)
+    calib = loaded.calibration.overridden(windows=2, length=32).feeds(decoder)
+    expected = graphopt.Pipeline(loaded.passes, log=lambda *_: None).run(decoder, calib=calib).model
+    folder, memory = (Generator.load(m, threads=1, log=lambda *_: None).start(64) for m in (out, expected))
+    np.testing.assert_allclose(folder.feed(PROMPT), memory.feed(PROMPT), rtol=0, atol=1e-5)
+
+    capsys.readouterr()
+    assert cli.main(["generate", str(out), "--prompt", TEXT, "--max-new-tokens", "8", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["tokens"] == graphopt.generate(out, TEXT, max_new_tokens=8).tokens and len(printed["tokens"]) == 8
+
+
+def test_convert_refuses_models_that_are_not_decoders_before_writing(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes: []\ndecoder: {attention: ort}\n")
+    out = tmp_path / "out"
+    assert cli.main(["convert", "sample:minilm", "--recipe", str(recipe), "-o", str(out)]) == 2
+    assert "is not a Llama-family decoder" in capsys.readouterr().err and not out.exists()
+    recipe.write_text("passes: []\ncalibration: {windows: 2, length: 64}\ndecoder: {capacity: 48, prefill_chunk: 16}\n")
+    assert cli.main(["convert", "sample:tiny-llama", "--recipe", str(recipe), "-o", str(out)]) == 2
+    assert "windows of 64 tokens do not fit the capacity of decoder 'tiny-llama' (48 tokens)" in capsys.readouterr().err
+    assert not out.exists()
