@@ -73,10 +73,10 @@ class UseOrtKernels(Pass):
        the weight's codes, scales and zero points. The integer products are exact: the QDQ
        form's math.
     2. 4- or 8-bit codes read by any other input: MatMulNBits (graphopt.quant.ort_layouts: the
-       same codes shifted to unsigned, blocks along K, per-channel scales repeated over blocks of
-       64), `accuracy_level_4bit` / `accuracy_level_8bit` (0: float activations, the QDQ form's
-       math; 4: onnxruntime quantizes the activation to int8 per block inside the kernel, faster
-       and slightly off; 8-bit codes at 0 run slower than float weights).
+       same codes shifted to unsigned, blocks along K, per-channel scales repeated over the
+       widest block `_channel_block` allows), `accuracy_level_4bit` / `accuracy_level_8bit`
+       (0: float activations, the QDQ form's math; 4: onnxruntime quantizes the activation to int8
+       per block inside the kernel, faster and slightly off; 8-bit codes at 0 run slower than float weights).
     3. A weight table whose DequantizeLinear a Gather also reads (an embedding, tied or not) is
        gathered as codes, then dequantized row by row (Gather -> Cast -> Sub -> Mul, Transpose
        back to the lookup's layout); an 8-bit table whose MatMul became MatMulNBits is gathered
@@ -177,7 +177,8 @@ class UseOrtKernels(Pass):
         if block is None and not _per_channel(dq, codes):
             return None
         name = dq.outputs[0].name
-        weight = nbits_weight(codes, scale, zero, bits=bits, signed=signed, block_size=block, where=f"weight '{name}'")
+        weight = nbits_weight(codes, scale, zero, bits=bits, signed=signed, block_size=block,
+                              channel_block=_channel_block(codes.shape[0]), where=f"weight '{name}'")
         packed = gs.Constant(f"{name}_nbits", weight.packed)
         inputs = [node.inputs[0], packed, gs.Constant(f"{name}_nbits_scales", weight.scales)]
         if weight.zero_points is not None:
@@ -195,6 +196,16 @@ class UseOrtKernels(Pass):
         return gs.Node("MatMulNBits", name=f"{node.name}_nbits", domain=MS, inputs=inputs, outputs=[output],
                        attrs={"K": weight.K, "N": weight.N, "bits": bits, "block_size": weight.block_size,
                               "accuracy_level": level})
+
+
+def _channel_block(k: int) -> int:
+    """MatMulNBits block for a weight with one scale per output channel: the largest power of two
+    in [16, 256] dividing K (fewest repeated scales, no padding; 256 is the widest block the CPU
+    kernels serve), else 64 with K padded."""
+    block = 256
+    while block >= 16 and k % block:
+        block //= 2
+    return block if block >= 16 else 64
 
 
 def _import_domain(graph: gs.Graph) -> None:

@@ -12,7 +12,7 @@ import graphopt
 from graphopt.evaluation.generation import Generator
 from graphopt.frontends.corpora import lm_windows
 
-__all__ = ["tiny_hf", "tiny_decoder", "tiny_generator", "PROMPT", "hf_step_logits", "step_errors",
+__all__ = ["tiny_hf", "tiny_decoder", "tiny_feeds", "tiny_generator", "PROMPT", "hf_step_logits", "step_errors",
            "assert_steps_match", "hf_greedy", "STEP_TOLERANCE", "smollm2_hf"]
 
 STEP_TOLERANCE = 1e-4  # the issue's bound on decode-step logits against transformers'
@@ -36,6 +36,15 @@ def tiny_decoder(form: str, capacity: int = 96, prefill_chunk: int | None = 16):
     """The tiny Llama as a decoder Model (FX form), shared read-only."""
     options = {"attention": form, "capacity": capacity, "prefill_chunk": prefill_chunk}
     return graphopt.load("sample:tiny-llama", decoder=options, log=_quiet)
+
+
+@functools.cache
+def tiny_feeds() -> tuple[list[dict], list[dict]]:
+    """Prefill feeds of the tiny ORT-form decoder: 4 calibration windows of 32 tokens, 2 eval windows of 48."""
+    from graphopt.frontends.decoder import decoder_feeds
+
+    decoder = tiny_decoder("ort")
+    return decoder_feeds(decoder, lm_windows(None, "calib", 4, 32)), decoder_feeds(decoder, lm_windows(None, "eval", 2, 48))
 
 
 @functools.cache

@@ -10,13 +10,11 @@ import pytest
 
 import graphopt
 from graphopt.errors import OptionError
-from graphopt.frontends.corpora import lm_windows
-from graphopt.frontends.decoder import decoder_feeds
 from graphopt.ir.runtime import ort_session
 from graphopt.passes import Quantize, UseOrtKernels
 from graphopt.pipeline.passes import PassContext
 from graphopt.quant import ort_layouts
-from tests.decoding import tiny_decoder
+from tests.decoding import tiny_decoder, tiny_feeds
 
 RECIPES = {
     "w8a8": dict(weight_bits=8, activation_bits=8),  # asymmetric uint8 weights
@@ -36,14 +34,8 @@ def _quiet(*_):
 
 
 @functools.cache
-def _feeds():
-    decoder = tiny_decoder("ort")
-    return decoder_feeds(decoder, lm_windows(None, "calib", 4, 32)), decoder_feeds(decoder, lm_windows(None, "eval", 2, 48))
-
-
-@functools.cache
 def _quantized(recipe: str):
-    calib, _ = _feeds()
+    calib, _ = tiny_feeds()
     return graphopt.Pipeline([Quantize(**RECIPES[recipe])], log=_quiet).run(tiny_decoder("ort"), calib=calib).model
 
 
@@ -66,7 +58,7 @@ def _max_error(model, reference, feeds):
 
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_kernel_form_computes_what_the_qdq_form_does(recipe):
-    _, feeds = _feeds()
+    _, feeds = tiny_feeds()
     result = _kernels(recipe)
     assert result.changed
     ops = collections.Counter(n.op for n in result.model.graph.nodes)
@@ -91,7 +83,7 @@ def test_broken_layouts_fail_the_same_check(broken, recipe, monkeypatch):
         original = ort_layouts.nbits_weight
         monkeypatch.setattr("graphopt.passes.use_ort_kernels.nbits_weight",
                             lambda codes, *a, signed, **k: original(codes, *a, signed=False, **k))
-    _, feeds = _feeds()
+    _, feeds = tiny_feeds()
     error = _max_error(_kernels(recipe).model, _qdq_outputs(_quantized(recipe), feeds), feeds)
     assert error > 2e-5
 
@@ -125,6 +117,8 @@ def test_both_forms_hold_the_same_dequantized_weights(recipe):
         weight = ort_layouts.NBitsWeight(node.inputs[1].values, node.inputs[2].values, zero_points, node.attrs["K"],
                                          node.attrs["N"], node.attrs["bits"], node.attrs["block_size"])
         assert np.array_equal(ort_layouts.dequantize_nbits(weight), expected), name  # bit for bit
+        if recipe == "w8":  # per-channel scales repeat over the widest block dividing K (fewest copies)
+            assert node.attrs["block_size"] == min(256, node.attrs["K"] & -node.attrs["K"]) >= 16
         if checked < 3:  # onnxruntime's kernel agrees on the layout (the unpacker could mirror a packing bug)
             np.testing.assert_array_equal(_identity_product(node), expected)
         checked += 1
@@ -141,7 +135,7 @@ def test_integer_matmuls_read_the_quantized_codes_themselves():
 
 
 def test_fast_accuracy_level_is_close_but_not_exact():
-    _, feeds = _feeds()
+    _, feeds = tiny_feeds()
     reference = _qdq_outputs(_quantized("w4"), feeds)
     fast = _kernels("w4", UseOrtKernels(accuracy_level_4bit=4, accuracy_level_8bit=4)).model
     levels = {n.attrs["accuracy_level"] for n in fast.graph.nodes if n.op == "MatMulNBits"}

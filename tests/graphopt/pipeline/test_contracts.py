@@ -34,6 +34,7 @@ CASES = {
     "quantize": ({}, "again"),
     "fake_quantize": ({}, "again"),
     "fold_encodings": ({"encodings": "<file>"}, None),
+    "fuse_ort_ops": ({}, "again"),
     "nm_sparsity": ({"method": "magnitude"}, "again"),
     "prune_structure": ({"heads": 1, "ffn_ratio": 0.25}, {}),
     "smooth_quant": ({"alpha": 0.5}, {"weights": ("no-such-weight",)}),
