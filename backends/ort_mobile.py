@@ -1,4 +1,8 @@
-"""ort-mobile: an ORT-format model, its reduced-build operator config, and a mobile usability report."""
+"""ort-mobile: ORT-format models, one reduced-build operator config, and a mobile usability report.
+
+A decoder's graphs (portable form: prefill and decode; ort form: its one graph) are converted
+together: one `.ort` per graph and one operator config covering all of them.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,15 @@ import numpy as np
 from graphopt.errors import BackendError
 from graphopt.files.writing import OutputSet, atomic_write_text
 from graphopt.ir import Model
-from graphopt.pipeline.backends import Artifact, Backend, paired_outputs, register_backend, validation_feeds
+from graphopt.pipeline.backends import (
+    Artifact,
+    Backend,
+    decoder_graphs,
+    decoder_steps,
+    paired_outputs,
+    register_backend,
+    validation_feeds,
+)
 
 __all__ = ["OrtMobile", "XNNPACK_OPS"]
 
@@ -32,11 +44,11 @@ XNNPACK_OPS = {
 _QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def _ort_file_names(style: str) -> tuple[str, str]:
-    """The names onnxruntime's converter gives `model.onnx`'s outputs for an optimization style."""
-    if style == "runtime":
-        return "model.with_runtime_opt.ort", "model.required_operators.with_runtime_opt.config"
-    return "model.ort", "model.required_operators.config"
+def _ort_file_names(style: str, stems: list[str]) -> tuple[list[str], str]:
+    """The names onnxruntime's converter gives the `.ort` of each `STEM.onnx` of a folder, and the
+    folder's operator config, for an optimization style."""
+    suffix = ".with_runtime_opt" if style == "runtime" else ""
+    return [f"{stem}{suffix}.ort" for stem in stems], f"required_operators{suffix}.config"
 
 
 def _supported_ops_table(ops: dict[str, list[str]]) -> str:
@@ -182,7 +194,9 @@ def _session_options(target_platform: str):
 @register_backend
 @dataclass(frozen=True)
 class OrtMobile(Backend):
-    """ORT Mobile package: `model.ort`, `required_operators.config`, `mobile_usability.{json,md}`.
+    """ORT Mobile package: `model.ort`, `required_operators.config`, `mobile_usability.{json,md}`;
+    for a portable decoder `prefill.ort` and `decode.ort` instead, one config for both, and
+    `prefill.mobile_usability.*`, `decode.mobile_usability.*`.
 
     Reads the ONNX form (float or QDQ). Writes, atomically into the out dir:
     1. `model.ort`: the model in ORT format (onnxruntime's `convert_onnx_models_to_ort`),
@@ -192,8 +206,10 @@ class OrtMobile(Backend):
        (`--include_ops_by_config`), with per-op types when `type_reduction`.
     3. `mobile_usability.json` / `.md`: which of NNAPI, CoreML and XNNPACK would take which nodes.
     Validation runs `model.ort` and the ONNX model on the CPU EP with the same session settings on
-    the model's sample inputs (or feeds built from its input specs, `validation_feeds`):
-    max |diff| <= `atol` for float models, exactly equal for QDQ models.
+    the model's sample inputs (or feeds built from its input specs, `validation_feeds`); a
+    decoder's `.ort` graphs and its ONNX graphs each run a prefill of the sample tokens and
+    decode steps with their own cache (`decoder_steps`). Logits and outputs: max |diff| <= `atol`
+    for float models, exactly equal for QDQ models.
     """
 
     name: ClassVar[str] = "ort-mobile"
@@ -208,23 +224,28 @@ class OrtMobile(Backend):
         from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
         model.require("onnx", f"backend '{self.name}'")
-        _refuse_4bit(model)
+        _refuse_4bit(model)  # a decoder's graphs hold its weights
+        graphs = decoder_graphs(model)
         out_dir = Path(out_dir)
         inputs = [model.source] if model.source else []
-        ort_name, config_name = _ort_file_names(self.optimization_style)
+        files = list(graphs.graphs) if graphs else ["model.onnx"]
+        stems = [Path(f).stem for f in files]
+        ort_names, config_name = _ort_file_names(self.optimization_style, stems)
         report: dict = {"optimization_style": self.optimization_style, "target_platform": self.target_platform,
-                        "qdq": _is_qdq(model)}
+                        "qdq": _is_qdq(model), "graphs": dict(zip(files, ort_names))}
         with OutputSet(out_dir, inputs=inputs, force=force) as out:
             staging = out.staging
             work = staging / "work"
-            work.mkdir()
-            onnx_path = work / "model.onnx"
-            model.write(onnx_path)
+            (work / "onnx").mkdir(parents=True)
+            if graphs:  # the graphs share one weights file, as in a decoder folder
+                graphs.write(work / "onnx")
+            else:
+                model.write(work / "onnx" / "model.onnx")
             converter_log = io.StringIO()
             try:
                 with contextlib.redirect_stdout(converter_log), _quiet("ort_format_model.utils"):
                     convert_onnx_models_to_ort(
-                        onnx_path, output_dir=work / "ort",
+                        work / "onnx", output_dir=work / "ort",
                         optimization_styles=[OptimizationStyle[self.optimization_style.capitalize()]],
                         target_platform=self.target_platform, enable_type_reduction=self.type_reduction,
                     )
@@ -234,50 +255,76 @@ class OrtMobile(Backend):
             log.debug("convert_onnx_models_to_ort:\n%s", converter_log.getvalue())
             if self.type_reduction:
                 config_name = config_name.replace("required_operators", "required_operators_and_types")
-            (work / "ort" / ort_name).rename(staging / "model.ort")
+            for stem, ort_name in zip(stems, ort_names):
+                (work / "ort" / ort_name).rename(staging / f"{stem}.ort")
             (work / "ort" / config_name).rename(staging / "required_operators.config")
-            files = [out_dir / "model.ort", out_dir / "required_operators.config"]
+            written = [f"{stem}.ort" for stem in stems] + ["required_operators.config"]
             if self.usability:
-                usability, text = usability_report(onnx_path, work, model.name)
-                atomic_write_text(staging / "mobile_usability.json", json.dumps(usability, indent=2))
-                atomic_write_text(staging / "mobile_usability.md", _usability_markdown(usability, text))
-                files += [out_dir / "mobile_usability.json", out_dir / "mobile_usability.md"]
-                report["usability"] = {ep: views["as_is"]["suitability"] for ep, views in usability["eps"].items()}
+                report["usability"] = {}
+                for file, stem in zip(files, stems):
+                    prefix = "" if len(files) == 1 else f"{stem}."
+                    name = model.name if len(files) == 1 else f"{model.name}/{file}"
+                    (work / stem).mkdir()
+                    usability, text = usability_report(work / "onnx" / file, work / stem, name)
+                    atomic_write_text(staging / f"{prefix}mobile_usability.json", json.dumps(usability, indent=2))
+                    atomic_write_text(staging / f"{prefix}mobile_usability.md", _usability_markdown(usability, text))
+                    written += [f"{prefix}mobile_usability.json", f"{prefix}mobile_usability.md"]
+                    suitability = {ep: views["as_is"]["suitability"] for ep, views in usability["eps"].items()}
+                    report["usability"].update(suitability if len(files) == 1 else {file: suitability})
             report["operators"] = _config_ops((staging / "required_operators.config").read_text())
             warning = _int8_matmulnbits_warning(model, report["operators"])
             if warning:
                 log.warning("backend '%s': %s", self.name, warning)
                 report["warnings"] = [warning]
             atomic_write_text(staging / "ort_mobile.json", json.dumps(report, indent=2))
-            files.append(out_dir / "ort_mobile.json")
-        report["bytes"] = (out_dir / "model.ort").stat().st_size
-        return Artifact(backend=self.name, out_dir=out_dir, files=files, report=report)
+            written.append("ort_mobile.json")
+        report["bytes"] = sum((out_dir / f"{stem}.ort").stat().st_size for stem in stems)
+        return Artifact(backend=self.name, out_dir=out_dir, files=[out_dir / f for f in written], report=report)
 
-    def validate(self, artifact: Artifact, model: Model) -> dict:
+    def _mobile_session(self, path: Path):
         import onnxruntime as ort
 
-        feeds_list, feeds_source = validation_feeds(model)
-        ort_path = artifact.out_dir / "model.ort"
         options = _session_options(self.target_platform)
         if self.optimization_style == "runtime":
             options.add_session_config_entry("session.enable_saved_runtime_optimizations", "1")
         try:
-            mobile = ort.InferenceSession(str(ort_path), options, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise BackendError(f"{ort_path}: onnxruntime cannot load the ORT-format model: {exc}") from exc
+            raise BackendError(f"{path}: onnxruntime cannot load the ORT-format model: {exc}") from exc
+
+    def validate(self, artifact: Artifact, model: Model) -> dict:
+        graphs = decoder_graphs(model)
+        if graphs:
+            return self._validate_decoder(artifact, model, graphs)
+        feeds_list, feeds_source = validation_feeds(model)
+        ort_path = artifact.out_dir / "model.ort"
+        mobile = self._mobile_session(ort_path)
         reference = _reference_session(model, self.target_platform)
-        exact = _is_qdq(model)
+        pairs = [(name, a, b) for name, a, b in
+                 paired_outputs(reference, mobile, feeds_list, [o.name for o in model.outputs])]
+        found = self._compare(ort_path, pairs, _is_qdq(model), "output")
+        return {"batches": len(feeds_list), "feeds": feeds_source, **found}
+
+    def _validate_decoder(self, artifact: Artifact, model: Model, graphs) -> dict:
+        """The `.ort` graphs and the ONNX graphs each run a prefill and decode steps (`decoder_steps`)."""
+        mobile = {file: self._mobile_session(artifact.out_dir / f"{Path(file).stem}.ort") for file in graphs.graphs}
+        reference = graphs.sessions(config={"session.qdqisint8allowed": "1" if self.target_platform == "arm" else "0"})
+        pairs = decoder_steps(graphs.spec, reference, mobile, model)
+        found = self._compare(artifact.out_dir, pairs, _is_qdq(model), "step")
+        return {"graphs": list(graphs.graphs), "steps": [step for step, _, _ in pairs], **found}
+
+    def _compare(self, where: Path, pairs, exact: bool, what: str) -> dict:
+        """Max |difference| of (name, ONNX value, ORT-format value) pairs, within `atol` (QDQ: exact)."""
         worst = 0.0
-        for name, a, b in paired_outputs(reference, mobile, feeds_list, [o.name for o in model.outputs]):
+        for name, a, b in pairs:
             if a.shape != b.shape:
-                raise BackendError(f"{ort_path}: output '{name}' has shape {b.shape}, the ONNX model {a.shape}")
+                raise BackendError(f"{where}: {what} '{name}' has shape {b.shape}, the ONNX model {a.shape}")
             worst = max(worst, float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)))
         limit = 0.0 if exact else self.atol
         if worst > limit:
             kind = "QDQ (must be exact)" if exact else f"float (atol {self.atol})"
-            raise BackendError(f"{ort_path}: outputs differ from the ONNX model by {worst:.3g}, {kind}")
-        return {"batches": len(feeds_list), "feeds": feeds_source, "max_abs_diff": worst, "exact_required": exact,
-                "passed": True}
+            raise BackendError(f"{where}: outputs differ from the ONNX model by {worst:.3g}, {kind}")
+        return {"max_abs_diff": worst, "exact_required": exact, "passed": True}
 
 
 def _reference_session(model: Model, target_platform: str):

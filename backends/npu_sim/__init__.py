@@ -4,25 +4,39 @@ emit writes into OUT: program.json + weights.npz (the integer program, compiled 
 shape), cost.csv + cost.md (per-op cycles, MACs, bytes, SRAM peak on the device profile) and
 host_partition.json (every op the NPU could not take: op, node, reason). validate runs the
 simulator on the model's sample inputs and compares with onnxruntime on the QDQ model.
+
+A portable decoder compiles to prefill.* and decode.* (each such a set of files) and decode_cost.{json,md}:
+the per-token cost of a decode step at several contexts, with the KV cache resident in the memory
+model (`graphopt.backends.npu_sim.decoder`). validate runs a prefill and decode steps in the
+simulator, each program fed by the host's static cache, against onnxruntime on the same graphs.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
+from graphopt.backends.npu_sim.decoder import ProgramSession, check_portable, cost_markdown, step_cost, step_feeds
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
 from graphopt.files.json_files import write_json
 from graphopt.files.writing import OutputSet, atomic_write_text, check_manifest
 from graphopt.ir import Model
-from graphopt.pipeline.backends import Artifact, Backend, register_backend
+from graphopt.lowering.decoder import graph_files
+from graphopt.pipeline.backends import (
+    Artifact,
+    Backend,
+    decoder_graphs,
+    decoder_steps,
+    register_backend,
+    validation_feeds,
+)
 
 __all__ = ["NpuSim", "example_feeds", "compare_outputs"]
 
@@ -71,14 +85,17 @@ def compare_outputs(sim: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 class NpuSim(Backend):
     """Integer-only NPU: int8 tensors, int32 accumulators, fixed-point requantization, LUTs; host fallback.
 
-    Options: batch and seq_len fix the compiled input shape (seq_len 0: the sample input's length);
-    profile is a built-in device profile name or a YAML path for the cost model.
+    Options: batch and seq_len fix the compiled input shape (seq_len 0: the sample input's length;
+    a decoder's shapes are its graphs'); profile is a built-in device profile name or a YAML path
+    for the cost model; decode_contexts are the contexts a decoder's per-token cost is reported at.
     """
 
     name = "npu-sim"
     batch: int = 1
     seq_len: int = 0
     profile: str = "default"
+    decode_contexts: tuple[int, ...] = field(default=(), metadata={
+        "help": "decoder: cache slots seen by the decode steps costed (default: 16, 64, 256, ... below the capacity)"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -88,6 +105,9 @@ class NpuSim(Backend):
             raise OptionError(f"backend 'npu-sim': option 'seq_len' must be in [0, {MAX_SEQ_LEN}] (0: sample "
                               f"length), got {self.seq_len}")
         load_profile(self.profile)
+        if any(c < 0 for c in self.decode_contexts):
+            raise OptionError(f"backend 'npu-sim': option 'decode_contexts' takes numbers of cache slots >= 0, "
+                              f"got {list(self.decode_contexts)}")
 
     def compile(self, model: Model) -> Program:
         feeds = example_feeds(model, self.batch, self.seq_len)
@@ -98,6 +118,9 @@ class NpuSim(Backend):
     def emit(self, model: Model, out_dir: Path, *, force: bool = False) -> Artifact:
         model.require("onnx", "backend 'npu-sim'")
         out_dir = Path(out_dir)
+        graphs = decoder_graphs(model)
+        if graphs is not None:
+            return self._emit_decoder(model, graphs, out_dir, force)
         names = ["program.json", "weights.npz", "cost.csv", "cost.md", "host_partition.json"]
         program = self.compile(model)
         report = estimate(program, load_profile(self.profile))
@@ -110,7 +133,74 @@ class NpuSim(Backend):
             "npu_ops": program.count("npu"), "host_ops": program.count("host"), "cost": report.totals,
             "host_partition": _partition_summary(program)})
 
+    def _contexts(self, capacity: int) -> list[int]:
+        if not self.decode_contexts:
+            return [4 ** k for k in range(2, 16) if 4 ** k < capacity]
+        over = [c for c in self.decode_contexts if c >= capacity]
+        if over:
+            raise OptionError(f"backend 'npu-sim': option 'decode_contexts': a decode step sees at most "
+                              f"{capacity - 1} cache slots (the decoder's capacity is {capacity}), got {over[0]}")
+        return sorted(set(self.decode_contexts))
+
+    def _emit_decoder(self, model: Model, graphs, out_dir: Path, force: bool) -> Artifact:
+        """prefill.* and decode.* programs with their cost reports, and decode_cost.{json,md}."""
+        spec = graphs.spec
+        check_portable(spec, model.name)
+        contexts = self._contexts(spec.capacity)
+        ids = validation_feeds(model)[0][0]["input_ids"]
+        profile = load_profile(self.profile)
+        programs, reports = {}, {}
+        for file, seq in graph_files(spec).items():
+            feeds = step_feeds(spec, ids, seq)
+            programs[file] = compile_model(graphs.model(file, f"{model.name}/{file}"), feeds)
+            programs[file].meta["example_inputs"] = {k: v.tolist() for k, v in feeds.items()}
+            reports[file] = estimate(programs[file], profile)
+        decode = programs["decode.onnx"]
+        per_token = [step_cost(decode, profile, spec, c, totals=reports["decode.onnx"].totals) for c in contexts]
+        files = []
+        with OutputSet(out_dir, inputs=[model.source], force=force) as out:
+            for file, program in programs.items():
+                prefix = f"{Path(file).stem}."
+                program.save(out.staging, prefix)
+                atomic_write_text(out.path(f"{prefix}cost.csv"), reports[file].to_csv())
+                atomic_write_text(out.path(f"{prefix}cost.md"), reports[file].to_markdown())
+                write_json(out.path(f"{prefix}host_partition.json"), program.host_partition)
+                files += [out_dir / f"{prefix}{n}" for n in ("program.json", "weights.npz", "cost.csv", "cost.md",
+                                                               "host_partition.json")]
+            write_json(out.path("decode_cost.json"), {"profile": profile.name, "per_token": per_token})
+            atomic_write_text(out.path("decode_cost.md"), cost_markdown(model.name, profile.name, per_token))
+            files += [out_dir / "decode_cost.json", out_dir / "decode_cost.md"]
+        return Artifact(self.name, out_dir, files, report={
+            "graphs": {file: {"npu_ops": p.count("npu"), "host_ops": p.count("host"), "cost": reports[file].totals,
+                              "host_partition": _partition_summary(p)} for file, p in programs.items()},
+            "decode_per_token": per_token})
+
+    def _validate_decoder(self, artifact: Artifact, model: Model, graphs) -> dict:
+        """A prefill and decode steps in the simulator against onnxruntime on the same graphs."""
+        spec = graphs.spec
+        check_portable(spec, model.name)
+        profile = load_profile(self.profile)
+        sims = {file: ProgramSession(Program.load(artifact.out_dir, f"{Path(file).stem}."), profile, spec)
+                for file in graphs.graphs}
+        start = time.perf_counter()
+        pairs = decoder_steps(spec, graphs.sessions(), sims, model)
+        seconds = time.perf_counter() - start
+        steps = {label: compare_outputs(sim, ref) for label, ref, sim in pairs}
+        cosine = float(np.mean([s["cosine"] for s in steps.values()]))
+        tokens = [(int(np.argmax(ref[-1])), int(np.argmax(sim[-1]))) for _, ref, sim in pairs]
+        found = {"steps": steps, "cosine": cosine, "top1_agreement": float(np.mean([a == b for a, b in tokens])),
+                 "tokens_onnxruntime": [a for a, _ in tokens], "tokens_npu_sim": [b for _, b in tokens],
+                 "decode_costs": sims["decode.onnx"].costs, "simulate_s": seconds}
+        if cosine < MIN_VALID_COSINE:
+            raise BackendError(f"npu-sim: decoder '{model.name}': simulator logits differ from onnxruntime on the "
+                               f"QDQ graphs over a prefill and {len(pairs) - 1} decode steps "
+                               f"(mean cosine {cosine:.4f} < {MIN_VALID_COSINE})")
+        return found
+
     def validate(self, artifact: Artifact, model: Model) -> dict:
+        graphs = decoder_graphs(model)
+        if graphs is not None:
+            return self._validate_decoder(artifact, model, graphs)
         program = Program.load(artifact.out_dir)
         simulator = Simulator(program)
         session = model.session()

@@ -68,17 +68,19 @@ class Program:
             "ops": [asdict(op) for op in self.ops],
         }
 
-    def save(self, folder: str | Path) -> tuple[Path, Path]:
-        """Write program.json and weights.npz into `folder`, which the caller stages
-        (`graphopt.files.writing.OutputSet`: the two files appear together or not at all)."""
+    def save(self, folder: str | Path, prefix: str = "") -> tuple[Path, Path]:
+        """Write program.json and weights.npz (named `prefix` + those: a decoder's programs share
+        a folder) into `folder`, which the caller stages (`graphopt.files.writing.OutputSet`: the
+        two files appear together or not at all)."""
         folder = Path(folder)
-        with open(folder / "weights.npz", "wb") as fh:
+        with open(folder / f"{prefix}weights.npz", "wb") as fh:
             np.savez(fh, **self.constants)
-        return write_json(folder / "program.json", self.to_json()), folder / "weights.npz"
+        return write_json(folder / f"{prefix}program.json", self.to_json()), folder / f"{prefix}weights.npz"
 
     @classmethod
-    def load(cls, path: str | Path) -> "Program":
-        """Read a program from its folder (or its program.json); weights.npz must sit beside it.
+    def load(cls, path: str | Path, prefix: str = "") -> "Program":
+        """Read a program from its folder (or its program.json); weights.npz must sit beside it
+        (`prefix`: the names' prefix in a folder of several programs, see `save`).
 
         Both files go through the reading boundary: sizes bounded before reading, strict JSON,
         every field of every op and tensor typed, every name an op reads made before it (an input,
@@ -87,7 +89,7 @@ class Program:
         BackendError naming the file and the op, tensor or constant."""
         path = Path(path)
         folder = path if path.is_dir() else path.parent
-        js, npz = folder / "program.json", folder / "weights.npz"
+        js, npz = folder / f"{prefix}program.json", folder / f"{prefix}weights.npz"
         if not js.is_file():
             raise BackendError(f"{folder}: no program.json (is this an npu-sim output folder?)")
         if not npz.is_file():

@@ -140,21 +140,31 @@ class DecoderGraphs:
                   for name, seq in graph_files(spec).items()}
         return cls(spec, graphs, weights, packed)
 
+    def _inlined(self, file: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+        """A copy of graph `file` with its 4-bit codes inside, and the weight arrays it references."""
+        proto = copy.deepcopy(self.graphs[file])
+        for tensor in proto.graph.initializer:
+            if tensor.name in self.packed:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = self.packed[tensor.name]
+        names = {t.name for t in proto.graph.initializer} & set(self.weights)
+        return proto, {n: self.weights[n] for n in names}
+
     def sessions(self, threads: int = 0, *, config: dict[str, str] | None = None) -> dict[str, object]:
         """One onnxruntime session per graph, all reading the same weight arrays (4-bit codes are
         copied into each graph); `config`: session config entries."""
         sessions = {}
-        for file, graph in self.graphs.items():
-            proto = copy.deepcopy(graph)
-            for tensor in proto.graph.initializer:
-                if tensor.name in self.packed:
-                    del tensor.external_data[:]
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                    tensor.raw_data = self.packed[tensor.name]
-            names = {t.name for t in proto.graph.initializer} & set(self.weights)
-            sessions[file] = ort_session(proto, threads=threads, consume=True, config=config,
-                                         externals={n: self.weights[n] for n in names})
+        for file in self.graphs:
+            proto, externals = self._inlined(file)
+            sessions[file] = ort_session(proto, threads=threads, consume=True, config=config, externals=externals)
         return sessions
+
+    def model(self, file: str, name: str | None = None) -> Model:
+        """Graph `file` as a Model of the ONNX form holding the shared weight arrays (uncopied): what a
+        backend emits and checks per graph."""
+        proto, externals = self._inlined(file)
+        return Model.from_onnx(proto, weights=externals, name=name or Path(file).stem)
 
     def write(self, folder: Path) -> list[Path]:
         """Write the graphs and one weights file into `folder` (a staging folder: see OutputSet),

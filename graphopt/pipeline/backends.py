@@ -1,4 +1,10 @@
-"""The backend contract: `emit(model, out_dir) -> Artifact` and `validate(artifact, model)`; a registry."""
+"""The backend contract: `emit(model, out_dir) -> Artifact` and `validate(artifact, model)`; a registry.
+
+A decoder Model (one with a `DecoderSpec`) reaches a backend as one call: the backend emits each
+of its graphs (`decoder_graphs`: portable form prefill + decode, ort form one graph), sharing
+weights and encodings, and validates them together on a prefill and decode steps
+(`decoder_steps`), the way generation runs them.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,15 @@ from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
+from graphopt.errors import BackendError, GraphoptError
 from graphopt.ir import Model
 from graphopt.ir.model import synthesized_feeds
 from graphopt.pipeline.options import Options
 
-__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs"]
+__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs",
+           "decoder_graphs", "decoder_steps", "DECODE_STEPS"]
+
+DECODE_STEPS = 4  # decode steps a decoder's validation runs after its prefill
 
 BACKENDS: dict[str, type["Backend"]] = {}
 
@@ -75,3 +85,45 @@ def paired_outputs(reference, candidate, feeds_list: list[dict[str, np.ndarray]]
     for feeds in feeds_list:
         batch = {n: feeds[n] for n in names}
         yield from zip(output_names, reference.run(None, batch), candidate.run(None, batch))
+
+
+def decoder_graphs(model: Model, *, log=None):
+    """The graphs of a decoder Model (`graphopt.lowering.decoder.DecoderGraphs`), None for any other model."""
+    from graphopt.ir.decoder import DecoderSpec
+
+    if DecoderSpec.of(model) is None:
+        return None
+    from graphopt.lowering.decoder import DecoderGraphs
+
+    return DecoderGraphs.of(model, log=log or (lambda *_: None))
+
+
+def decoder_steps(spec, reference: dict, candidate: dict, model: Model,
+                  steps: int = DECODE_STEPS) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(step, reference logits, candidate logits) for a prefill and `steps` decode steps of two
+    sets of sessions of a decoder's graphs (file name -> object with onnxruntime's `run`; the ort
+    form's also IOBinding), each with its own cache. The prompt is the model's first sample input's
+    tokens (cut to leave room for the steps); both are fed the reference's greedy tokens, so one
+    early difference does not hide the steps after it.
+    """
+    from graphopt.evaluation.generation import Decoding
+
+    feeds, _ = validation_feeds(model)
+    prompt = np.asarray(feeds[0]["input_ids"]).reshape(-1)[:max(1, spec.capacity - steps)]
+    length = prompt.size + steps
+    ours, theirs = Decoding(spec, reference, length), Decoding(spec, candidate, length)
+
+    def step(label: str, ids) -> tuple[str, np.ndarray, np.ndarray]:
+        expected = ours.feed(ids)
+        try:
+            return label, expected, theirs.feed(ids)
+        except GraphoptError:
+            raise
+        except Exception as exc:  # onnxruntime's own types: the backend's graphs do not take the step's feeds
+            raise BackendError(f"decoder '{model.name}': the backend's graphs fail the {label} step: "
+                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+
+    pairs = [step("prefill", prompt)]
+    for index in range(steps):
+        pairs.append(step(f"decode {index + 1}", [int(np.argmax(pairs[-1][1][-1]))]))
+    return pairs
