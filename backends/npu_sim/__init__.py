@@ -21,7 +21,7 @@ import numpy as np
 
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
-from graphopt.backends.npu_sim.decoder import ProgramSession, check_portable, cost_markdown, step_cost, step_feeds
+from graphopt.backends.npu_sim.decoder import ProgramSession, cost_markdown, step_cost, step_feeds
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
@@ -35,6 +35,7 @@ from graphopt.pipeline.backends import (
     decoder_graphs,
     decoder_steps,
     register_backend,
+    require_portable,
     validation_feeds,
 )
 
@@ -145,7 +146,7 @@ class NpuSim(Backend):
     def _emit_decoder(self, model: Model, graphs, out_dir: Path, force: bool) -> Artifact:
         """prefill.* and decode.* programs with their cost reports, and decode_cost.{json,md}."""
         spec = graphs.spec
-        check_portable(spec, model.name)
+        require_portable(spec, self.name, model.name)
         contexts = self._contexts(spec.capacity)
         ids = validation_feeds(model)[0][0]["input_ids"]
         profile = load_profile(self.profile)
@@ -178,7 +179,7 @@ class NpuSim(Backend):
     def _validate_decoder(self, artifact: Artifact, model: Model, graphs) -> dict:
         """A prefill and decode steps in the simulator against onnxruntime on the same graphs."""
         spec = graphs.spec
-        check_portable(spec, model.name)
+        require_portable(spec, self.name, model.name)
         profile = load_profile(self.profile)
         sims = {file: ProgramSession(Program.load(artifact.out_dir, f"{Path(file).stem}."), profile, spec)
                 for file in graphs.graphs}

@@ -22,16 +22,7 @@ from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError
 from graphopt.ir.decoder import DecoderSpec, smart_mask
 
-__all__ = ["check_portable", "step_feeds", "step_cost", "ProgramSession", "cost_markdown"]
-
-
-def check_portable(spec: DecoderSpec, name: str) -> None:
-    """Refuse the ort form: GroupQueryAttention (a com.microsoft op) over dynamic shapes."""
-    if spec.form != "portable":
-        raise BackendError(f"backend 'npu-sim': decoder '{name}' is in the '{spec.form}' form, whose "
-                           "com.microsoft GroupQueryAttention and dynamic cache shapes no NPU program can hold; "
-                           "build the decoder with attention: portable (recipe decoder: section, or "
-                           "graphopt.load(..., decoder={'attention': 'portable'})) for a static cache")
+__all__ = ["step_feeds", "step_cost", "ProgramSession", "cost_markdown"]
 
 
 def step_feeds(spec: DecoderSpec, ids: np.ndarray, seq: int) -> dict[str, np.ndarray]:

@@ -114,6 +114,7 @@ class Qnn(Backend):
         if graphs is None:
             parts = {"model.onnx": self._graph_package(model)}
         else:
+            contract.require_portable(graphs.spec, self.name, model.name)
             parts = {f: self._graph_package(graphs.model(f, f"{model.name}/{f}")) for f in graphs.graphs}
         encodings = _shared_encodings(model.name, parts)
         report = next(iter(parts.values()))["report"] if graphs is None else {

@@ -19,7 +19,7 @@ from graphopt.ir import Model
 from graphopt.ir.model import synthesized_feeds
 from graphopt.pipeline.options import Options
 
-__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs",
+__all__ = ["Backend", "Artifact", "BACKENDS", "register_backend", "validation_feeds", "paired_outputs", "require_portable",
            "decoder_graphs", "decoder_steps", "DECODE_STEPS"]
 
 DECODE_STEPS = 4  # decode steps a decoder's validation runs after its prefill
@@ -85,6 +85,16 @@ def paired_outputs(reference, candidate, feeds_list: list[dict[str, np.ndarray]]
     for feeds in feeds_list:
         batch = {n: feeds[n] for n in names}
         yield from zip(output_names, reference.run(None, batch), candidate.run(None, batch))
+
+
+def require_portable(spec, backend: str, name: str) -> None:
+    """Refuse a decoder in the ort form for `backend`, a target of standard ops and static shapes:
+    its com.microsoft GroupQueryAttention and dynamic cache shapes are ONNX Runtime's alone."""
+    if spec.form != "portable":
+        raise BackendError(f"backend '{backend}': decoder '{name}' is in the '{spec.form}' form, whose "
+                           "com.microsoft GroupQueryAttention and dynamic cache shapes no NPU toolchain takes; "
+                           "build the decoder with attention: portable (recipe decoder: section, or "
+                           "graphopt.load(..., decoder={'attention': 'portable'})) for a static cache")
 
 
 def decoder_graphs(model: Model, *, log=None):

@@ -146,10 +146,12 @@ def test_npu_sim_decodes_with_the_cache_in_its_memory_model(w8a8, tmp_path, monk
     assert np.abs(got_logits - logits).max() > 1e-2
 
 
-def test_npu_sim_refuses_the_ort_form_naming_the_portable_one(tmp_path):
-    with pytest.raises(BackendError, match="attention: portable"):
-        NpuSim().emit(graphopt.lower(tiny_decoder("ort"), log=_quiet), tmp_path / "npu")
-    assert not (tmp_path / "npu").exists()
+def test_npu_sim_and_qnn_refuse_the_ort_form_naming_the_portable_one(tmp_path):
+    ort_form = graphopt.lower(tiny_decoder("ort"), log=_quiet)
+    for backend in ("npu-sim", "qnn"):
+        with pytest.raises(BackendError, match=f"backend '{backend}'.*attention: portable"):
+            export(ort_form, backend, tmp_path / backend)
+        assert not (tmp_path / backend).exists()
     with pytest.raises(OptionError, match="capacity is 96"):
         NpuSim(decode_contexts=(100,))._contexts(96)
 
