@@ -77,7 +77,8 @@ class NMSparsity(Pass):
     3. `sequential` (default): transformer blocks (`block_pattern` on weight names) are pruned in
        order and each block's calibration activations come from the already pruned blocks before it
        (ONNX: the block's input is captured and fed to a sub-graph of the block; FX: one batched
-       forward where each linear is pruned when reached). Otherwise one-shot from the dense model.
+       forward where each linear is pruned when reached, when the inputs take a batch: not a
+       portable decoder's, fixed at 1). Otherwise one-shot from the dense model.
     Does NOT fire when every linear is skipped or the targets ask for 0 % (`changed` False, model
     untouched). Raises UnsupportedGraphError when an input dim is not a multiple of M.
 
@@ -167,7 +168,9 @@ class NMSparsity(Pass):
         by_node = {t.activation: t for t in targets}  # activation holds the FX node name here
         if calib:
             args_list = [[torch.from_numpy(np.ascontiguousarray(feed[s.name])) for s in model.inputs] for feed in calib]
-            stackable = len({tuple(a.shape for a in args) for args in args_list}) == 1
+            # one batch of all feeds needs equal shapes and a batch axis the traced graph left dynamic
+            stackable = (len({tuple(a.shape for a in args) for args in args_list}) == 1
+                         and all(spec.shape and isinstance(spec.shape[0], str) for spec in model.inputs))
             if self.sequential and self.scope != "global" and stackable:
                 batched = [torch.cat([args[i] for args in args_list]) for i in range(len(model.inputs))]
                 with torch.no_grad():

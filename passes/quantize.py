@@ -13,6 +13,7 @@ from graphopt.analysis.capture import InputHessian, capture, progress_bar
 from graphopt.analysis.linear_sites import linear_sites
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import MIN_OPSET, Model, consumers, graph_opset
+from graphopt.ir.decoder import position_tables
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.quant import QuantSpec, numerics, qdq
 from graphopt.quant.encodings import Encoding, Encodings
@@ -150,8 +151,10 @@ class Quantize(QuantOptions, Pass):
         readers = consumers(model.graph)
         users = {n: readers[id(t)] for n, t in tensors.items() if isinstance(t, gs.Constant) and id(t) in readers}
         names = list(OrderedDict.fromkeys(s.weight for s in sites))
+        positions = position_tables(model)  # a decoder's rotary tables: position data, not weights
         tables = [n for n, readers in users.items() if any(r.op == "Gather" and r.inputs[0].name == n for r in readers)
-                  and tensors[n].values.ndim == 2 and tensors[n].values.dtype == np.float32 and not self.excluded(n)]
+                  and tensors[n].values.ndim == 2 and tensors[n].values.dtype == np.float32 and not self.excluded(n)
+                  and n not in positions]
         names += [t for t in tables if t not in names]
         site_of = {s.weight: s for s in sites}
         specs = {}

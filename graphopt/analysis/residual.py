@@ -24,6 +24,7 @@ import onnx_graphsurgeon as gs
 
 from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model, consumers
+from graphopt.ir.decoder import position_tables
 
 __all__ = ["Embedding", "Norm", "ResidualStream", "find_residual_stream", "rotated_weights"]
 
@@ -84,12 +85,15 @@ def _const_matmul(node: gs.Node, width_axis: int, width: int) -> bool:
     return isinstance(w, gs.Constant) and w.values.ndim == 2 and w.values.shape[width_axis] == width
 
 
-def _stream_starts(graph: gs.Graph, users) -> list[tuple[gs.Tensor, Embedding]]:
+def _stream_starts(graph: gs.Graph, users, positions: frozenset[str]) -> list[tuple[gs.Tensor, Embedding]]:
     """Embedding lookups: Gather(table[V, d], ids, axis 0), or Gather(table[d, V], ids, axis 1)
-    then a Transpose moving d last (graphopt's lowering of a tied table)."""
+    then a Transpose moving d last (graphopt's lowering of a tied table); lookups of the
+    `positions` tables (a decoder's rotary tables) start no stream."""
     starts = []
     for node in graph.nodes:
         if node.op != "Gather" or not isinstance(node.inputs[0], gs.Constant) or node.inputs[0].values.ndim != 2:
+            continue
+        if node.inputs[0].name in positions:
             continue
         if isinstance(node.inputs[1], gs.Constant) or node.inputs[0].values.dtype.kind != "f":
             continue
@@ -164,7 +168,7 @@ def find_residual_stream(model: Model) -> ResidualStream:
     model.require("onnx", "find_residual_stream")
     graph = model.graph
     users = consumers(graph)
-    starts = _stream_starts(graph, users)
+    starts = _stream_starts(graph, users, position_tables(model))
     if not starts:
         raise UnsupportedGraphError(f"residual stream: graph '{model.name}' has no embedding lookup "
                                     "(Gather from a constant table) to start from")

@@ -32,7 +32,7 @@ import numpy as np
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.files.reading import shown, want_bool, want_dict, want_int, want_list, want_number, want_str
 
-__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "MAX_CAPACITY"]
+__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY"]
 
 FORMS = ("ort", "portable")
 MAX_CAPACITY = 1 << 20  # tokens; no on-device context comes near
@@ -173,6 +173,13 @@ class DecoderSpec:
         """The spec of a decoder Model (None for any other model)."""
         data = model.meta.extra.get("decoder")
         return None if data is None else cls.from_json(data, f"model '{model.name}': decoder spec", GraphoptError)
+
+
+def position_tables(model) -> frozenset[str]:
+    """The rotary tables of a decoder Model (empty for any other model): position data read by
+    position id (a Gather in the portable form), never an embedding to rotate or a weight to quantize."""
+    spec = DecoderSpec.of(model)
+    return frozenset(spec.rope.get("tables", ())) if spec is not None else frozenset()
 
 
 def smart_mask(visible_slots: np.ndarray, seq: int, value: float) -> np.ndarray:

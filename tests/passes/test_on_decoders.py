@@ -1,0 +1,145 @@
+"""The compression passes on decoders of both forms: one decision (rotation, codes, masks, removed KV
+groups) in the prefill and the decode graphs alike, the cache carried between steps, generation running."""
+
+import numpy as np
+import onnx
+import pytest
+
+import graphopt
+from graphopt.evaluation.generation import Generator
+from graphopt.frontends.corpora import lm_windows
+from graphopt.frontends.decoder import ROTARY_TABLES, decoder_feeds
+from graphopt.frontends.decoder_folder import save_decoder
+from graphopt.ir.decoder import DecoderSpec, prefill_feeds
+from graphopt.lowering.decoder import DecoderGraphs
+from graphopt.passes import FoldEncodings, NMSparsity, Quantize, Rotate
+from graphopt.quant.encodings import Encodings
+from tests.decoding import PROMPT, assert_steps_match, hf_step_logits, tiny_decoder, tiny_hf
+
+FORMS = ("ort", "portable")
+STEPS = 6
+
+
+def _quiet(*_):
+    pass
+
+
+def _run(passes, model, calib=None):
+    result = graphopt.Pipeline(passes, log=_quiet, progress=False).run(model, calib=calib)
+    return result.model, {s.name: s for s in result.report.steps}
+
+
+def _calib(model):
+    return decoder_feeds(model, lm_windows(None, "calib", 2, 32))
+
+
+def _steps(model, tokens: list[int]) -> np.ndarray:
+    """Logits of a prefill of PROMPT, then `tokens` one decode step at a time (the cache carried)."""
+    decoding = Generator.load(model, threads=1, log=_quiet).start(64)
+    return np.concatenate([decoding.feed(PROMPT)] + [decoding.feed([t]) for t in tokens])
+
+
+def _one_shot(model, tokens: list[int]) -> np.ndarray:
+    """The same logits from one prefill of the whole sequence, by the model itself (FX or ONNX)."""
+    return model.run(prefill_feeds(DecoderSpec.of(model), np.array(PROMPT + tokens)))[0][0]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """transformers' logits for PROMPT and STEPS greedy decode steps, and the tokens fed."""
+    return hf_step_logits(tiny_hf(), PROMPT, STEPS)
+
+
+def _constants(graphs: DecoderGraphs, file: str) -> dict[str, np.ndarray]:
+    """Initializers of one graph by name: the shared weight arrays, and the graph's own small constants."""
+    return {t.name: graphs.weights[t.name] if t.name in graphs.weights else onnx.numpy_helper.to_array(t)
+            for t in graphs.graphs[file].graph.initializer}
+
+
+def _fed(reference):
+    return reference[1]
+
+
+# ------------------------------------------------------------------------------------ rotate
+@pytest.mark.parametrize("form", FORMS)
+def test_rotate_keeps_every_decode_step(form, reference):
+    """Catches: no rotation found (the portable form's rotary lookup taken for the embedding), a
+    rotation that changes the function in prefill or decode, the rotary tables rotated."""
+    model, steps = _run([Rotate()], tiny_decoder(form))
+    assert steps["rotate"].changed and steps["rotate"].stats["tables"] == 1, steps["rotate"].stats
+    before, after = dict(tiny_decoder(form).fx.named_buffers()), dict(model.fx.named_buffers())
+    for table in ROTARY_TABLES:
+        assert np.array_equal(before[table].numpy(), after[table].numpy()), table
+    embed = "model.embed_tokens.weight"
+    assert not np.allclose(tiny_decoder(form).fx.get_parameter(embed).detach(), model.fx.get_parameter(embed).detach())
+    logits, fed = reference
+    assert_steps_match(Generator.load(model, threads=1, log=_quiet).start(64), PROMPT, fed, logits)
+
+
+# ---------------------------------------------------------------------------------- quantize
+def test_quantize_leaves_the_rotary_tables_as_position_data(tmp_path, reference):
+    """Catches: rotary_cos / rotary_sin quantized as lookup tables (their Gather read a
+    DequantizeLinear), and a rotated, quantized portable decoder whose decode graph computes
+    other codes than its prefill."""
+    decoder = tiny_decoder("portable")
+    model, steps = _run([Rotate(), Quantize(weight_bits=8, activation_bits=8)], decoder, _calib(decoder))
+    assert steps["rotate"].changed and steps["quantize"].stats["weights"] == 16  # 15 linears, the gain matrix
+    assert not set(ROTARY_TABLES) & set(model.meta.encodings)
+    save_decoder(model, tmp_path / "q", log=_quiet)
+    for file in ("prefill.onnx", "decode.onnx"):
+        proto = onnx.load(str(tmp_path / "q" / file), load_external_data=False)
+        produced = {o for n in proto.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        gathered = {n.input[0] for n in proto.graph.node if n.op_type == "Gather"}
+        floats = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+        assert set(ROTARY_TABLES) <= gathered & floats and not set(ROTARY_TABLES) & produced, file
+    fed = _fed(reference)
+    np.testing.assert_allclose(_steps(tmp_path / "q", fed), _one_shot(model, fed), rtol=0, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------- nm_sparsity
+def _two_of_four(weight: np.ndarray) -> bool:
+    """[in, out] MatMul weight: at most 2 non-zeros in every 4 consecutive inputs."""
+    groups = (weight != 0).reshape(weight.shape[0] // 4, 4, -1)
+    return bool((groups.sum(1) <= 2).all())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_nm_sparsity_masks_prefill_and_decode_alike(form):
+    """Catches: the pass failing on a decoder (the portable form's batch of 1 refused a batched
+    calibration forward), masks missing or different in the decode graph, decode steps that do
+    not compute the pruned model."""
+    decoder = tiny_decoder(form)
+    model, steps = _run([NMSparsity(method="wanda")], decoder, _calib(decoder))
+    assert steps["nm_sparsity"].changed and len(model.meta.masks) == 14
+    graphs = DecoderGraphs.of(model, log=_quiet)
+    pruned = {}
+    for file in graphs.graphs:
+        weights = _constants(graphs, file)
+        pruned[file] = {n: weights[n] for n in weights if n.removesuffix(".T") in model.meta.masks or n in model.meta.masks}
+        assert len(pruned[file]) == 14 and all(_two_of_four(w) for w in pruned[file].values()), file
+    first = next(iter(pruned.values()))
+    assert all(set(p) == set(first) and all(np.array_equal(p[n], first[n]) for n in p) for p in pruned.values())
+    tokens = Generator.load(model, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens
+    np.testing.assert_allclose(_steps(model, tokens), _one_shot(model, tokens), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------- fold_encodings
+def test_fold_encodings_applies_one_file_to_prefill_and_decode(tmp_path):
+    """Catches: a decode graph without (or with other) scales than the prefill graph, and a fold
+    that is not the quantize pass's bytes (generation differs from the quantized decoder's)."""
+    decoder = tiny_decoder("portable")
+    quantized, _ = _run([Quantize(weight_bits=8, activation_bits=8)], decoder, _calib(decoder))
+    path = Encodings.from_meta(quantized.meta.encodings).write(tmp_path / "decoder.encodings.json")
+    folded, steps = _run([FoldEncodings(encodings=str(path))], decoder)
+    assert steps["fold_encodings"].changed and steps["fold_encodings"].stats["missing_in_graph"] == []
+    graphs = DecoderGraphs.of(folded, log=_quiet)
+    scales = []
+    for file in graphs.graphs:
+        constants, nodes = _constants(graphs, file), graphs.graphs[file].graph.node
+        scales.append({n.input[0]: constants[n.input[1]] for n in nodes if n.op_type == "QuantizeLinear"})
+    assert len(scales[0]) == 9 and scales[0].keys() == scales[1].keys()
+    assert all(np.array_equal(scales[0][n], scales[1][n]) for n in scales[0])
+    written = Encodings.read(path)
+    assert all(np.allclose(scales[0][n], written.activations[n].params()[0]) for n in scales[0])
+    expected = Generator.load(quantized, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=12).tokens
+    assert Generator.load(folded, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=12).tokens == expected
