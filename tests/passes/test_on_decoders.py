@@ -12,7 +12,7 @@ from graphopt.frontends.decoder import ROTARY_TABLES, decoder_feeds
 from graphopt.frontends.decoder_folder import save_decoder
 from graphopt.ir.decoder import DecoderSpec, prefill_feeds
 from graphopt.lowering.decoder import DecoderGraphs
-from graphopt.passes import FoldEncodings, NMSparsity, Quantize, Rotate
+from graphopt.passes import FoldEncodings, NMSparsity, PruneStructure, Quantize, Rotate
 from graphopt.quant.encodings import Encodings
 from tests.decoding import PROMPT, assert_steps_match, hf_step_logits, tiny_decoder, tiny_hf
 
@@ -143,3 +143,31 @@ def test_fold_encodings_applies_one_file_to_prefill_and_decode(tmp_path):
     assert all(np.allclose(scales[0][n], written.activations[n].params()[0]) for n in scales[0])
     expected = Generator.load(quantized, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=12).tokens
     assert Generator.load(folded, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=12).tokens == expected
+
+
+# --------------------------------------------------------------------------- prune_structure
+@pytest.mark.parametrize("form", FORMS)
+def test_prune_structure_removes_zeroed_ffn_channels_from_prefill_and_decode(form):
+    """Catches: FFN pruning refused on a decoder, channels other than the zeroed ones removed, or
+    a decode graph whose cached steps no longer compute the (unchanged) function."""
+    import torch
+
+    zeroed = graphopt.load("sample:tiny-llama", decoder={"attention": form, "capacity": 96, "prefill_chunk": 16},
+                           log=_quiet)
+    channels = torch.arange(0, 128, 4)  # 32 of 128 per layer: ffn_ratio 0.25, the l2-smallest once zero
+    with torch.no_grad():
+        for i in range(2):
+            mlp = zeroed.fx.get_submodule(f"model.layers.{i}.mlp")
+            mlp.gate_proj.weight[channels] = 0
+            mlp.up_proj.weight[channels] = 0
+            mlp.down_proj.weight[:, channels] = 0
+    model, steps = _run([PruneStructure(ffn_ratio=0.25)], zeroed)
+    assert steps["prune_structure"].stats["ffn_channels_removed"] == 64
+    assert [r["removed"] for r in model.meta.pruning] == [channels.tolist()] * 2
+    graphs = DecoderGraphs.of(model, log=_quiet)
+    for file in graphs.graphs:
+        widths = {n: w.shape for n, w in _constants(graphs, file).items() if "down_proj" in n}
+        assert sorted(widths.values()) == [(96, 64)] * 2, (file, widths)
+    tokens = Generator.load(zeroed, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens
+    assert Generator.load(model, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens == tokens
+    np.testing.assert_allclose(_steps(model, tokens), _one_shot(zeroed, tokens), rtol=0, atol=1e-4)
