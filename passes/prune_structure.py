@@ -14,6 +14,7 @@ from graphopt.analysis.pruning_graph import AttentionGroup, ConvGroup, FFNGroup,
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.files.reading import read_json, want_dict, want_list, want_number
 from graphopt.ir import Model
+from graphopt.ir.decoder import DecoderSpec, set_kv_heads
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["PruneStructure"]
@@ -198,6 +199,11 @@ class PruneStructure(Pass):
        overriding by group name) or "global" (lowest mean-normalised scores across layers).
     5. `bias_compensation`: the removed channels' mean calibration activation times their next-layer
        weights is added to that layer's bias (a new Add of a constant for bias-free MatMuls).
+    6. Decoders (ort form): attention is one GroupQueryAttention per layer; removing KV groups also
+       rewrites its `num_heads` / `kv_num_heads`, and the spec's kv_heads, heads and the cache
+       inputs/outputs shrink with them (`graphopt.ir.decoder.set_kv_heads`). The spec has one
+       kv_heads, so a pruning that keeps a different count in some layer is refused, and so is KV
+       group removal on the portable form (its attention is not matched yet).
     Does NOT fire when every ratio is 0 (`changed` False, model untouched). Refuses (clear error
     naming the node) when asked to prune a kind the graph has none of, or to remove every unit.
 
@@ -273,6 +279,12 @@ class PruneStructure(Pass):
 
     # ---------------------------------------------------------------- running
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
+        spec = DecoderSpec.of(model)
+        if spec is not None and spec.form != "ort" and self.heads != 0:
+            raise UnsupportedGraphError(
+                f"prune_structure: option 'heads' (KV group removal) is not supported on a decoder of the "
+                f"'{spec.form}' form yet (its attention reads the cache and the new rows with separate MatMuls); "
+                "build the decoder with attention 'ort', or prune only FFN channels (ffn_ratio)")
         found = find_structures(model)
         chosen = self._selected(found)
         plan = [(kind, g, self._count(g)) for kind, groups in chosen for g in groups]
@@ -293,6 +305,7 @@ class PruneStructure(Pass):
             if part:
                 scores = self._scores([g for g, _ in part], tensors, moments)
                 removed_by_group += zip([g for g, _ in part], _allocate(scores, [c for _, c in part], self.schedule), scores)
+        cache_heads = _decoder_cache_heads(spec, removed_by_group)
         stats: Counter = Counter()
         shapes_made: dict = {}
         for group, removed, scores in removed_by_group:
@@ -312,6 +325,8 @@ class PruneStructure(Pass):
             else:
                 stats["conv_channels_removed"] += removed.size
             stats["groups_pruned"] += 1
+        if cache_heads is not None:
+            stats["decoder_kv_heads"] = set_kv_heads(model, cache_heads).kv_heads
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         changed = stats["groups_pruned"] > 0
         return PassResult(model, changed, {**dict(stats), "matched": found.summary(), "unmatched": found.unmatched[:10]})
@@ -333,6 +348,8 @@ class PruneStructure(Pass):
                 edits.setdefault((site.node, site.input_index), {})[site.position] = new[site.kind]
             for (node_name, index), change in edits.items():
                 _rewrite_shape(graph, nodes[node_name], index, change, shapes_made)
+            if group.kernel:
+                nodes[group.kernel].attrs.update(num_heads=new["q_heads"], kv_num_heads=kv)
             starts, stop = [group.q, group.k, group.v], {group.o.node}
         elif isinstance(group, FFNGroup):
             starts, stop = group.inputs, {group.down.node}
@@ -345,6 +362,26 @@ class PruneStructure(Pass):
         for proj, delta in compensation:
             _add_bias(graph, tensors, proj, delta, "prune_bias")
         return total
+
+
+def _decoder_cache_heads(spec: DecoderSpec | None, removed_by_group: list) -> list[np.ndarray] | None:
+    """The KV heads removed from each layer of a decoder, in layer order (None: no decoder, or no KV
+    group removed); refuses removals that differ in count between layers (the cache has one kv_heads)."""
+    pruned = [(g, r) for g, r, _ in removed_by_group if isinstance(g, AttentionGroup) and r.size]
+    fused = next((g.kernel for g, _ in pruned if g.kernel), None)
+    if spec is None and fused:
+        raise UnsupportedGraphError(
+            f"prune_structure: GroupQueryAttention '{fused}' reads a KV cache whose inputs and outputs this "
+            "model does not describe (no decoder spec); build the model as a decoder (graphopt.load(..., decoder=...))")
+    if spec is None or not pruned:
+        return None
+    kept = sorted({g.num_kv_heads - r.size for g, r in pruned})
+    if len(pruned) != spec.layers or len(kept) != 1:
+        raise UnsupportedGraphError(
+            f"prune_structure: a decoder's cache has one kv_heads for every layer, but this pruning keeps {kept} "
+            f"KV groups in {len(pruned)} of its {spec.layers} layers; remove the same count from every layer "
+            "(schedule 'uniform', no layer_ratios on attention)")
+    return [r for _, r in pruned]  # find_structures walks the graph in order: layer by layer
 
 
 def _compensation(group: Group, tensors: dict, removed: np.ndarray, moments) -> list[tuple]:

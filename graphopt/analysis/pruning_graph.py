@@ -7,6 +7,9 @@ graph, not by parameter names:
 - attention: Softmax ← scores MatMul(Q, Kᵀ) and MatMul(probs, V); each of Q, K, V is traced back
   (through Reshape to heads, Transpose, RoPE, GQA Unsqueeze/Expand/Reshape) to one projection, the
   output is traced forward (Transpose, Reshape merging heads) to the output projection;
+- fused attention (a decoder's `com.microsoft:GroupQueryAttention`): its query, key and value inputs
+  are the q/k/v projections' outputs, its first output feeds the output projection, and its
+  `num_heads` / `kv_num_heads` attributes count the heads;
 - FFN: a projection whose input is an elementwise function (SiLU·up, GELU, ReLU) of one or more
   projections of equal width (gate/up → down);
 - conv chains: Conv → [BatchNormalization] → [unary activation] → Conv(s) reading its channels.
@@ -74,7 +77,9 @@ class AttentionGroup:
     """One attention block: q/k/v/o projections and the shape entries that count heads.
 
     Query head h belongs to KV group h // (num_heads // num_kv_heads) (HF `repeat_kv` order).
-    MHA is the case num_kv_heads == num_heads: every group is one head.
+    MHA is the case num_kv_heads == num_heads: every group is one head. `kernel` names the fused
+    attention node (GroupQueryAttention) whose `num_heads` / `kv_num_heads` attributes count the
+    heads, when attention is one such node rather than MatMuls around a Softmax.
     """
 
     name: str
@@ -86,6 +91,7 @@ class AttentionGroup:
     num_kv_heads: int
     head_dim: int
     shape_sites: list[ShapeSite] = field(default_factory=list)
+    kernel: str | None = None
 
     @property
     def group_size(self) -> int:
@@ -411,6 +417,33 @@ def _match_attention(softmax: gs.Node, tensors: dict) -> AttentionGroup | str:
                           heads, kv_heads, head_dim, sites)
 
 
+def _match_fused_attention(node: gs.Node, tensors: dict) -> AttentionGroup | str:
+    """A GroupQueryAttention node and the q/k/v/o projections around it (q, k, v unpacked)."""
+    if len(node.inputs) < 3 or not all(t.name for t in node.inputs[:3]):
+        return (f"GroupQueryAttention '{node.name}': query, key and value are packed in one input; "
+                "prune before packing them (fuse_ort_ops)")
+    branches = {}
+    for role, start in zip("qkv", node.inputs[:3]):
+        found, _, blocked = _trace_back(start, {"Add"}, limit=2)
+        proj = _projection(found[0]) if len(found) == 1 and found[0].op == "MatMul" else None
+        if blocked is not None or proj is None or proj.output != start.name:
+            return f"GroupQueryAttention '{node.name}': its {role.upper()} input '{start.name}' is not a MatMul projection's output"
+        branches[role] = proj
+    o_node, walked = _output_projection(node)
+    if o_node is None or o_node.op != "MatMul" or walked:
+        return f"GroupQueryAttention '{node.name}': its output is not read by one MatMul projection alone"
+    heads, kv_heads = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
+    q_width = _width(tensors, branches["q"])
+    head_dim = q_width // heads
+    if q_width % heads or heads % kv_heads or any(_width(tensors, branches[r]) != kv_heads * head_dim for r in "kv"):
+        return (f"GroupQueryAttention '{node.name}': projection widths do not fit num_heads {heads}, "
+                f"kv_num_heads {kv_heads}")
+    if int(tensors[o_node.inputs[1].name].values.shape[0]) != q_width:
+        return f"GroupQueryAttention '{node.name}': the output projection '{o_node.name}' is not {q_width} wide"
+    return AttentionGroup(o_node.inputs[1].name, branches["q"], branches["k"], branches["v"], _projection(o_node),
+                          heads, kv_heads, head_dim, kernel=node.name)
+
+
 # ----------------------------------------------------------------------------- FFN and conv
 def _match_ffn(node: gs.Node, tensors: dict, claimed: set[str]) -> FFNGroup | str | None:
     """An FFN down projection and its gate/up projections; None when `node` is plainly not one."""
@@ -483,9 +516,12 @@ def find_structures(model: Model) -> StructureMap:
     found = StructureMap()
     claimed: set[str] = set()
     for node in graph.nodes:
-        if node.op != "Softmax":
+        if node.op == "GroupQueryAttention":
+            match = _match_fused_attention(node, tensors)
+        elif node.op == "Softmax":
+            match = _match_attention(node, tensors)
+        else:
             continue
-        match = _match_attention(node, tensors)
         if isinstance(match, AttentionGroup):
             reason = _shared_weights(match, tensors)
             if reason is None:

@@ -32,7 +32,8 @@ import numpy as np
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.files.reading import shown, want_bool, want_dict, want_int, want_list, want_number, want_str
 
-__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY"]
+__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY",
+           "set_kv_heads"]
 
 FORMS = ("ort", "portable")
 MAX_CAPACITY = 1 << 20  # tokens; no on-device context comes near
@@ -180,6 +181,39 @@ def position_tables(model) -> frozenset[str]:
     position id (a Gather in the portable form), never an embedding to rotate or a weight to quantize."""
     spec = DecoderSpec.of(model)
     return frozenset(spec.rope.get("tables", ())) if spec is not None else frozenset()
+
+
+def set_kv_heads(model, removed: list[np.ndarray]) -> DecoderSpec:
+    """Record that decoder `model` (ONNX form) lost the key/value heads `removed[N]` in layer N, the
+    same count in every layer (the spec holds one kv_heads).
+
+    Rewrites the spec in `model.meta.extra` (kv_heads, and heads: the same query heads per KV
+    group), dim 1 of every `past_key_values.N.*` input and `present.N.*` output (graph and
+    signature), and the model's sample inputs (their cache loses the removed heads' rows); returns
+    the new spec. The graph's attention must already compute with the kept heads (a pruning pass's job).
+    """
+    model.require("onnx", "set_kv_heads")
+    spec = DecoderSpec.of(model)
+    if spec is None:
+        raise GraphoptError(f"set_kv_heads: '{model.name}' is not a decoder (no decoder spec in its metadata)")
+    counts = {len(r) for r in removed}
+    if len(removed) != spec.layers or len(counts) != 1 or not 0 < counts.pop() < spec.kv_heads:
+        raise GraphoptError(f"set_kv_heads: '{model.name}' has {spec.layers} layers of {spec.kv_heads} key/value heads; "
+                            f"removing {[len(r) for r in removed]} per layer would not leave one kv_heads for all")
+    kv_heads = spec.kv_heads - len(removed[0])
+    new = dataclasses.replace(spec, kv_heads=kv_heads, heads=spec.heads // spec.kv_heads * kv_heads)
+    layer_of = {name: i // 2 for i, name in enumerate(spec.past_names)}
+    layer_of.update({name: i // 2 for i, name in enumerate(spec.present_names)})
+    for tensor in model.graph.inputs + model.graph.outputs:
+        if tensor.name in layer_of and tensor.shape is not None:
+            tensor.shape = [tensor.shape[0], kv_heads, *tensor.shape[2:]]
+    model.inputs, model.outputs = ([dataclasses.replace(t, shape=(t.shape[0], kv_heads, *t.shape[2:]))
+                                    if t.name in layer_of else t for t in specs]
+                                   for specs in (model.inputs, model.outputs))
+    model.sample_inputs = [{name: np.delete(value, removed[layer_of[name]], axis=1) if name in layer_of else value
+                            for name, value in feeds.items()} for feeds in model.sample_inputs]
+    model.meta.extra["decoder"] = new.to_json()
+    return new
 
 
 def smart_mask(visible_slots: np.ndarray, seq: int, value: float) -> np.ndarray:

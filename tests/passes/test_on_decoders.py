@@ -171,3 +171,71 @@ def test_prune_structure_removes_zeroed_ffn_channels_from_prefill_and_decode(for
     tokens = Generator.load(zeroed, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens
     assert Generator.load(model, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens == tokens
     np.testing.assert_allclose(_steps(model, tokens), _one_shot(zeroed, tokens), rtol=0, atol=1e-4)
+
+
+KV_ZEROED = (1, 0)  # the KV group zeroed in layer 0 and layer 1: a different one per layer
+
+
+def _zeroed_kv_groups(form: str):
+    """The tiny decoder (4 query heads, 2 KV groups of head_dim 16) with KV group KV_ZEROED[N] of
+    layer N zeroed: its K/V rows, the 2 query heads that read it and their o_proj columns."""
+    import torch
+
+    model = graphopt.load("sample:tiny-llama", decoder={"attention": form, "capacity": 96, "prefill_chunk": 16},
+                          log=_quiet)
+    with torch.no_grad():
+        for layer, g in enumerate(KV_ZEROED):
+            attention = model.fx.get_submodule(f"model.layers.{layer}.self_attn")
+            for proj, width in ((attention.q_proj, 32), (attention.k_proj, 16), (attention.v_proj, 16)):
+                proj.weight[g * width:(g + 1) * width] = 0
+            attention.o_proj.weight[:, g * 32:(g + 1) * 32] = 0
+    return model
+
+
+def test_prune_structure_removes_a_zeroed_kv_group_and_shrinks_the_cache():
+    """Catches: KV groups not matched on a decoder (its attention is one GroupQueryAttention), a
+    group other than the zeroed one removed in some layer, num_heads / kv_num_heads, the cache
+    inputs and outputs or the spec's kv_heads left at 2, and prefill or decode steps that no longer
+    compute the zeroed decoder; the broken variant (the live group removed) must fail the same check."""
+    zeroed = _zeroed_kv_groups("ort")
+    model, steps = _run([PruneStructure(heads=1)], zeroed)
+    stats = steps["prune_structure"].stats
+    assert stats["kv_groups_removed"] == 2 and stats["heads_removed"] == 4 and stats["decoder_kv_heads"] == 1
+    assert [r["removed"] for r in model.meta.pruning] == [[g] for g in KV_ZEROED]
+    spec = DecoderSpec.of(model)
+    assert (spec.kv_heads, spec.heads, spec.head_dim) == (1, 2, 16)
+    proto = DecoderGraphs.of(model, log=_quiet).graphs["model.onnx"].graph
+    cache = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in [*proto.input, *proto.output]
+             if v.name in spec.past_names + spec.present_names}
+    assert len(cache) == 8 and set(cache.values()) == {1}, cache
+    heads = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")} for n in proto.node
+             if n.op_type == "GroupQueryAttention"]
+    assert heads == [{"num_heads": 2, "kv_num_heads": 1}] * 2
+    presents = model.run(prefill_feeds(spec, np.array(PROMPT)))[1:]
+    assert [p.shape for p in presents] == [(1, 1, len(PROMPT), 16)] * 4
+    tokens = Generator.load(zeroed, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens
+    assert Generator.load(model, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens == tokens
+    expected = _one_shot(zeroed, tokens)
+    np.testing.assert_allclose(_steps(model, tokens), expected, rtol=0, atol=1e-4)
+    live = {f"model.layers.{layer}.self_attn.o_proj.weight": [float(g != 1 - zeroed_g) for g in range(2)]
+            for layer, zeroed_g in enumerate(KV_ZEROED)}  # the live group scores 0: it is removed instead
+    wrong, _ = _run([PruneStructure(heads=1, importance="scores", scores=live)], zeroed)
+    assert [r["removed"] for r in wrong.meta.pruning] == [[1 - g] for g in KV_ZEROED]
+    assert not np.allclose(_steps(wrong, tokens), expected, rtol=0, atol=1e-4)
+
+
+def test_prune_structure_refuses_kv_groups_a_decoder_cannot_hold():
+    """Catches: a KV group removed from one layer only (the spec has one kv_heads for every layer:
+    the cache shapes would lie), a GroupQueryAttention pruned where no spec describes its cache,
+    and KV group removal on the portable form failing with a message that does not name the form."""
+    from graphopt.lowering import lower
+
+    decoder = tiny_decoder("ort")
+    with pytest.raises(graphopt.GraphoptError, match="one kv_heads for every layer.*1 of its 2 layers"):
+        _run([PruneStructure(heads=1, layer_ratios={"model.layers.1.self_attn.o_proj.weight": 0.0})], decoder)
+    unspecified = lower(decoder, log=_quiet).copy()
+    del unspecified.meta.extra["decoder"]
+    with pytest.raises(graphopt.GraphoptError, match=r"GroupQueryAttention .* \(no decoder spec\)"):
+        _run([PruneStructure(heads=1)], unspecified)
+    with pytest.raises(graphopt.GraphoptError, match="'heads'.*'portable' form"):
+        _run([PruneStructure(heads=1)], tiny_decoder("portable"))
