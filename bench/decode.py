@@ -44,7 +44,7 @@ from bench.context import Context, package_path
 from bench.peers import missing_package
 from bench.spec import ROOT, Row, SuiteError, Table
 
-__all__ = ["DecoderRow", "Reference", "measure_decode_table", "agreement", "model_bytes", "worker"]
+__all__ = ["DecoderRow", "Reference", "measure_decode_table", "agreement", "model_bytes", "worker", "peak_rss"]
 
 GENAI = "onnxruntime_genai.models.builder"
 PROTOCOL_KEYS = ("corpus", "prompts", "prompt_tokens", "new_tokens", "contexts", "prefill", "steps", "rounds")
@@ -112,7 +112,7 @@ def make_reference(hf, tokenizer, ctx: Context, folder: Path) -> Reference:
     logits = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32,
                                        shape=(count, new, hf.config.vocab_size))
     tokens = np.zeros((count, new), np.int64)
-    torch.set_num_threads(ctx.protocol["threads"])
+    torch.set_num_threads(1)  # not timed; on a busy machine torch's spinning threads slow it tenfold
     with torch.no_grad():
         for p, prompt in enumerate(prompts):
             cache, ids = DynamicCache(config=hf.config), prompt.tolist()
@@ -386,8 +386,22 @@ def worker(job: dict) -> dict:
                 token = int(np.argmax(sequence.step(token)))
             rate[str(context)] = steps / (time.perf_counter() - start)
         out.update(prefill_s=prefill, tok_s=rate)
-    out["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["peak_rss"] = peak_rss()
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it started its program: VmHWM of
+    /proc/self/status (on Linux, ru_maxrss of a process also counts what its parent held when it
+    started it, so a worker of a large bench process would report the bench's memory)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _build_main(source: str, options: str, folder: str) -> None:

@@ -174,6 +174,18 @@ def test_a_table_names_a_calibration_set_its_rows_and_recipes_share(protocol, ti
         builder._check_calibration(other, "row")
 
 
+def test_the_report_describes_a_calibration_set_only_where_the_result_recorded_it(protocol, tiny):
+    suite, result = tiny
+    sets = {"tiny-mixed": {"windows": 3, "length": 32, "sources": ["sample:pydoc-topics"]}}
+    data = json.loads(json.dumps(TINY))
+    data["tiny"]["tables"][0]["calibration"] = "tiny-mixed"
+    named = parse_suites(data, "test", protocol.replace(calibration={"sets": sets}))["tiny"]
+    assert "the set 'tiny-mixed'" not in render_suite(named, result)  # a result recorded before the set existed
+    cal = {**result["protocol"]["calibration"], "sets": sets}
+    assert "the set 'tiny-mixed', 3 windows" in render_suite(named, {**result, "protocol": {**result["protocol"],
+                                                                                             "calibration": cal}})
+
+
 def test_the_memory_measure_runs_convert_in_a_process_of_its_own(protocol, tmp_path, monkeypatch):
     """A small synthetic chain (2 x 256) through the memory suite's convert rows: peak RSS, bytes,
     the report's fidelity; a recipe that fails names the row."""
@@ -317,3 +329,20 @@ def test_a_decode_recipe_row_needs_a_decoder_section(decode_protocol):
     table = parse_suites(data, "test", decode_protocol)["decode"].tables[0]
     with pytest.raises(SuiteError, match="row 'prefill-only'.*cleanup.yaml has no decoder: section"):
         build_row(Context(decode_protocol), table, table.rows[-1], ROOT / "unused", lambda: ROOT)
+
+
+def test_a_worker_reports_its_own_peak_memory_not_its_parents(tmp_path):
+    """A worker started by a process holding 800 MB reports its own peak (ru_maxrss would report
+    the parent's: Linux counts what the parent held when it started the worker)."""
+    from bench.decode import DecoderRow, _worker, peak_rss
+    from graphopt.frontends.decoder_folder import save_decoder
+    from tests.decoding import tiny_decoder
+
+    save_decoder(tiny_decoder("ort"), tmp_path / "ort", log=lambda *_: None)
+    np.save(tmp_path / "speed.npy", np.arange(64) % 200)
+    held = np.ones(100_000_000)  # 800 MB, touched
+    assert peak_rss() > 800e6
+    answer = _worker(DecoderRow(tmp_path / "ort", "graphopt", 0.0), "speed",
+                     {"threads": 1, "speed": str(tmp_path / "speed.npy"), "contexts": [16], "steps": 2}, "test")
+    del held
+    assert 20e6 < answer["peak_rss"] < 600e6 and answer["tok_s"]["16"] > 0
