@@ -1,4 +1,4 @@
-"""fuse_ort_ops: RMSNorms as onnxruntime's fused norms, linears that share an input as one kernel."""
+"""fuse_ort_ops: residual Adds and RMSNorms as onnxruntime's fused norm, linears that share an input as one kernel."""
 
 from __future__ import annotations
 
@@ -183,17 +183,19 @@ class FuseOrtOps(Pass):
     Reads the ONNX graph (float, or after `use_ort_kernels`); no calibration. Rules:
     1. `norms`: an RMSNorm decomposed as the exporters write it (Pow(x, 2) -> ReduceMean over the
        last axis -> Add(eps) -> Sqrt -> Reciprocal -> Mul by x, then an optional Mul by a constant
-       gain vector, each intermediate read only by the next) becomes SimplifiedLayerNormalization
-       (x, gain; ones where there is no gain Mul); when x is the sum of two computed tensors of
-       rank 2 or 3 (the residual Add), the Add and the norm become one com.microsoft
-       SkipSimplifiedLayerNormalization whose fourth output is that sum for its other readers.
+       gain vector, each intermediate read only by the next) of a residual sum x = Add(a, b) (two
+       computed tensors of rank 2 or 3) becomes, with that Add, one com.microsoft
+       SkipSimplifiedLayerNormalization(a, b, gain; ones where there is no gain Mul) whose fourth
+       output is the sum for x's other readers. A norm of anything else (the embedding's) stays:
+       its fused op, SimplifiedLayerNormalization, lives in onnxruntime's copy of the ONNX domain,
+       which the ONNX checker rejects.
     2. `pack`: linears reading the same tensor with constant weights of the same kind
        (MatMulNBits with equal K, bits, block size and accuracy level; MatMulIntegerToFloat with
        the same activation codes and encoding; float MatMul) become one node whose weights are
        theirs side by side along N, and a Split gives each reader its columns; when the pack is
        a GroupQueryAttention's query, key and value in that order, the attention reads the packed
        tensor as its query and the Split is not written.
-    Does NOT fire on: norms with another consumer in the middle, a non-constant epsilon or gain, a
+    Does NOT fire on: norms not of a residual sum, norms with another consumer in the middle, a non-constant epsilon or gain, a
     gain of the wrong size, or an unknown hidden size without a gain; linears with computed
     weights or bias / group-index inputs. `changed` is False when nothing matched.
 
@@ -205,13 +207,13 @@ class FuseOrtOps(Pass):
     mutates_input: ClassVar[bool] = True
 
     norms: bool = field(default=True, metadata={
-        "help": "RMSNorm -> SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization"})
+        "help": "residual Add + RMSNorm -> SkipSimplifiedLayerNormalization"})
     pack: bool = field(default=True, metadata={
         "help": "linears sharing an input -> one kernel (q/k/v packed into GroupQueryAttention's query)"})
 
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
         graph = model.graph
-        stats = {"SimplifiedLayerNormalization": 0, "SkipSimplifiedLayerNormalization": 0, "packed": 0,
+        stats = {"SkipSimplifiedLayerNormalization": 0, "packed": 0,
                  "packed_into_attention": 0}
         if self.norms:
             self._fuse_norms(graph, stats)
@@ -234,28 +236,22 @@ class FuseOrtOps(Pass):
             if not pow_node.outputs:
                 continue
             norm = _match_norm(pow_node, users, outputs)
-            if norm is None:
+            add = _skip_add(norm.x, len(norm.x.shape)) if norm is not None and norm.x.shape is not None else None
+            if add is None:
                 continue
             x, out, base = norm.x, norm.out, pow_node.name
             gain = gs.Constant(f"{base}_rms_gain", norm.gain.astype(np.float32))
             for node in norm.nodes:
                 node.outputs.clear()
                 node.inputs.clear()
-            add = _skip_add(x, len(x.shape) if x.shape is not None else None)
-            if add is not None:
-                first, second = add.inputs
-                add.inputs.clear()
-                add.outputs.clear()
-                graph.nodes.append(gs.Node(
-                    "SkipSimplifiedLayerNormalization", name=f"{base}_skip_rms", domain=MS,
-                    inputs=[first, second, gain], outputs=[out, gs.Variable.empty(), gs.Variable.empty(), x],
-                    attrs={"epsilon": norm.epsilon}))
-                stats["SkipSimplifiedLayerNormalization"] += 1
-            else:
-                graph.nodes.append(gs.Node("SimplifiedLayerNormalization", name=f"{base}_rms", inputs=[x, gain],
-                                           outputs=[out], attrs={"axis": -1, "epsilon": norm.epsilon,
-                                                                 "stash_type": 1}))
-                stats["SimplifiedLayerNormalization"] += 1
+            first, second = add.inputs
+            add.inputs.clear()
+            add.outputs.clear()
+            graph.nodes.append(gs.Node(
+                "SkipSimplifiedLayerNormalization", name=f"{base}_skip_rms", domain=MS,
+                inputs=[first, second, gain], outputs=[out, gs.Variable.empty(), gs.Variable.empty(), x],
+                attrs={"epsilon": norm.epsilon}))
+            stats["SkipSimplifiedLayerNormalization"] += 1
 
     def _pack(self, graph: gs.Graph, stats: dict) -> None:
         groups: dict[tuple, list[gs.Node]] = {}
