@@ -152,6 +152,8 @@ def _protocol_line(suite: Suite, protocol: dict) -> str:
         calibration += f", {emb['calib_batches']} batches of {emb['batch']} sentences for embeddings"
     parts.append(calibration + ", the same for every calibrated row, graphopt's and the peers'")
     for name in dict.fromkeys(t.calibration for t in suite.tables if t.calibration):
+        if name not in cal.get("sets", {}):  # a result recorded before the suite named this set
+            continue
         cal_set = cal["sets"][name]
         tables = ", ".join(f"`{t.name}`" for t in suite.tables if t.calibration == name)
         parts.append(f"calibration of {tables} instead: the set '{name}', {cal_set['windows']} windows × "
