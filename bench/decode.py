@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bench.build import Skipped
 from bench.context import Context, package_path
 from bench.peers import missing_package
 from bench.spec import ROOT, Row, SuiteError, Table
+from graphopt.evaluation.generation import peak_rss
 
 __all__ = ["DecoderRow", "Reference", "measure_decode_table", "agreement", "model_bytes", "worker", "peak_rss"]
 
@@ -388,20 +388,6 @@ def worker(job: dict) -> dict:
         out.update(prefill_s=prefill, tok_s=rate)
     out["peak_rss"] = peak_rss()
     return out
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes since it started its program: VmHWM of
-    /proc/self/status (on Linux, ru_maxrss of a process also counts what its parent held when it
-    started it, so a worker of a large bench process would report the bench's memory)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _build_main(source: str, options: str, folder: str) -> None:

@@ -57,9 +57,23 @@ class GenerationResult:
         return asdict(self)
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes since it started its program: VmHWM of
+    /proc/self/status (on Linux, ru_maxrss of a process also counts what its parent held when it
+    started it, so a process started by a large one would report its parent's memory)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_rss_mib() -> float:
-    """The process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident set size so far, in MiB."""
+    return peak_rss() / (1 << 20)
 
 
 # ------------------------------------------------------------------------------------ caches
