@@ -230,7 +230,8 @@ class TextStream:
 
 # ---------------------------------------------------------------------------- generator
 class Generator:
-    """A decoder's sessions and tokenizer, ready to generate (see the module docstring)."""
+    """A decoder's sessions and tokenizer (a `graphopt.frontends.tokenizer.Tokenizer`, None when the
+    model reads bytes), ready to generate (see the module docstring)."""
 
     def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0):
         self.spec = spec
@@ -245,8 +246,11 @@ class Generator:
         from graphopt.lowering.decoder import DecoderGraphs
 
         if isinstance(source, Model):
+            from graphopt.frontends.tokenizer import Tokenizer
+
             graphs = DecoderGraphs.of(source, log=log)
-            return cls(graphs.spec, graphs, source.tokenizer, threads=threads)
+            tokenizer = Tokenizer.of(source.tokenizer) if source.tokenizer is not None else None
+            return cls(graphs.spec, graphs, tokenizer, threads=threads)
         from graphopt.frontends.decoder_folder import is_decoder_folder, read_decoder_folder
 
         path = Path(source)
@@ -268,17 +272,14 @@ class Generator:
                 raise GraphoptError("--chat: this model reads bytes and has no chat template")
             return list(prompt.encode("utf-8"))
         if chat:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise GraphoptError("--chat: this model's tokenizer has no chat template")
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return list(self.tokenizer(prompt)["input_ids"])
+            text = self.tokenizer.render_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(text, special=False)
+        return self.tokenizer.encode(prompt)
 
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
             return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return self.tokenizer.decode(tokens)
 
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None, chat: bool = False,

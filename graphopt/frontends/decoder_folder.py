@@ -6,7 +6,7 @@ A decoder folder holds
   (`model.onnx.data` / `weights.data`);
 - `decoder.json`: {"format": "graphopt-decoder", "version": 1, "spec": the DecoderSpec};
 - the tokenizer's files (tokenizer.save_pretrained, chat template included) unless the model
-  reads bytes;
+  reads bytes; generation reads them back without transformers (`graphopt.frontends.tokenizer`);
 - for the ort form, `genai_config.json`, the file onnxruntime-genai reads (the builder's fields;
   past and present share one buffer), so that runtime runs the folder as it is.
 
@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.files.reading import read_json, shown, want_dict, want_int
 from graphopt.files.writing import OutputSet, check_manifest
+from graphopt.frontends.tokenizer import Tokenizer
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec
 from graphopt.ir.onnx_files import load_onnx, load_onnx_mapped
@@ -46,7 +46,7 @@ class DecoderFolder:
 
     spec: DecoderSpec
     graphs: DecoderGraphs
-    tokenizer: Any = None
+    tokenizer: Tokenizer | None = None
     path: Path | None = None
 
 
@@ -143,13 +143,12 @@ def read_decoder_folder(folder: str | Path) -> DecoderFolder:
                                  f"(inputs {names[:3]}..., outputs {[o.name for o in proto.graph.output][:3]}...)")
         protos[file] = proto
         weights = {**mapped, **weights}  # a weight both graphs read is mapped once more, not copied
-    tokenizer = None
-    if spec.tokenizer == "hf":
-        tokenizer = _read_tokenizer(folder)
+    tokenizer = Tokenizer.read(folder) if spec.tokenizer == "hf" else None
     return DecoderFolder(spec, DecoderGraphs(spec, protos, weights), tokenizer, folder)
 
 
-def _read_tokenizer(folder: Path):
+def _read_hf_tokenizer(folder: Path):
+    """transformers' tokenizer of a folder, for a Model that may be written again (save_pretrained)."""
     import transformers
 
     from graphopt.frontends.huggingface import check_tokenizer_files
@@ -173,5 +172,5 @@ def load_decoder_model(folder: Path) -> Model:
     model = Model.from_onnx(load_onnx(folder / "model.onnx"), source=folder / "model.onnx", name=folder.name)
     model.task = "causal-lm"
     model.meta.extra["decoder"] = spec.to_json()
-    model.tokenizer = _read_tokenizer(folder) if spec.tokenizer == "hf" else None
+    model.tokenizer = _read_hf_tokenizer(folder) if spec.tokenizer == "hf" else None
     return model
