@@ -12,6 +12,7 @@ from graphopt.errors import OptionError
 from graphopt.ir import Model, consumers
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 from graphopt.quant.ort_layouts import NBITS, nbits_weight
+from graphopt.quant.plan import weight_matches
 
 __all__ = ["UseOrtKernels"]
 
@@ -79,8 +80,15 @@ class UseOrtKernels(Pass):
        per block inside the kernel, faster and slightly off; 8-bit codes at 0 run slower than float weights).
     3. A weight table whose DequantizeLinear a Gather also reads (an embedding, tied or not) is
        gathered as codes, then dequantized row by row (Gather -> Cast -> Sub -> Mul, Transpose
-       back to the lookup's layout); an 8-bit table whose MatMul became MatMulNBits is gathered
-       from that kernel's codes, so the file holds the table once.
+       back to the lookup's layout). An 8-bit table [K, N] (per channel, or in blocks along K)
+       looked up along N whose MatMul became MatMulNBits is gathered from that kernel's B
+       [N, blocks, block], scales [N, blocks] and zero points (128 when absent), a scale per
+       block, so the file holds the table once; a 4-bit table keeps its MatMul in QDQ form.
+    4. `split_inputs`: a MatMulNBits at accuracy level 4 whose weight matches reads, instead of x
+       [..., K], x and x - q concatenated along the leading axis, and the two halves of its output
+       are added (Split -> Add), q being x rounded as the kernel rounds it (int8 per block of its
+       block_size along K, symmetric, scale max|x| / 127). The kernel's int8 rounding of x then
+       cancels but for the rounding of x - q: about 15-bit activations, one kernel call of twice the rows.
     Does NOT fire on: 16-bit codes, per-block scales along another axis than K, weights a
     non-MatMul op reads, MatMuls with a weight of another rank; those stay QDQ, and `changed`
     is False when nothing matched. Weight encodings moved into kernels leave `model.meta.encodings`
@@ -88,8 +96,10 @@ class UseOrtKernels(Pass):
 
     Guarantees: with both accuracy levels 0, outputs equal the QDQ model's within float
     accumulation order; every weight kept its codes (`dequantize_nbits` of a kernel's inputs is the
-    DequantizeLinear's output, bit for bit). The QDQ form (before this pass) is what NPU backends
-    read; this pass is for onnxruntime CPU.
+    DequantizeLinear's output, bit for bit, and so is every lookup of rule 3). The QDQ form
+    (before this pass) is what NPU backends read; this pass is for onnxruntime CPU. OptionError
+    when a `split_inputs` pattern matches no weight that became a MatMulNBits at accuracy level 4,
+    or a matched weight's K is not a multiple of its kernel's block.
     """
 
     name: ClassVar[str] = "use_ort_kernels"
@@ -102,6 +112,10 @@ class UseOrtKernels(Pass):
     integer_matmul: bool = field(default=True, metadata={
         "help": "8-bit weights read through static 8-bit activations run as MatMulIntegerToFloat"})
 
+    split_inputs: tuple[str, ...] = field(default=(), metadata={
+        "help": "weights (names, globs, 're:...') of accuracy-level-4 MatMulNBits that read their input as "
+                "int8 plus its int8 residual (two rows, one call)"})
+
     def check(self) -> None:
         for option in ("accuracy_level_4bit", "accuracy_level_8bit"):
             if getattr(self, option) not in _ACCURACY:
@@ -110,9 +124,10 @@ class UseOrtKernels(Pass):
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
         graph = model.graph
         users = consumers(graph)
-        stats = {"MatMulIntegerToFloat": 0, "MatMulNBits": 0, "gathered_tables": 0}
-        nbits_of: dict[int, tuple] = {}  # id(weight DQ) -> (B, per-row scale, per-row zero point)
+        stats = {"MatMulIntegerToFloat": 0, "MatMulNBits": 0, "gathered_tables": 0, "split_inputs": 0}
+        nbits_of: dict[int, list[gs.Constant]] = {}  # id(weight DQ) -> its MatMulNBits' B, scales[, zero points]
         moved: set[str] = set()
+        split: list[str] = []
         for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
             dq = _weight_dq(node.inputs[1])
             kind = _codes_kind(dq) if dq is not None else None
@@ -128,6 +143,15 @@ class UseOrtKernels(Pass):
             graph.nodes.append(made)
             stats[made.op] += 1
             moved.add(dq.outputs[0].name)
+            if made.op == "MatMulNBits" and made.attrs["accuracy_level"] == 4 and weight_matches(
+                    dq.outputs[0].name, self.split_inputs):
+                graph.nodes.extend(self._split_input(made, dq.outputs[0].name))
+                split.append(dq.outputs[0].name)
+        for pattern in self.split_inputs:
+            if not any(weight_matches(name, (pattern,)) for name in split):
+                raise OptionError(f"'{self.name}': option 'split_inputs': '{pattern}' matches no weight that became "
+                                  "a MatMulNBits at accuracy level 4")
+        stats["split_inputs"] = len(split)
         users = consumers(graph)
         for gather in [n for n in graph.nodes if n.op == "Gather"]:
             dq = _weight_dq(gather.inputs[0])
@@ -148,6 +172,13 @@ class UseOrtKernels(Pass):
         return PassResult(model, True, stats)
 
     # ------------------------------------------------------------------------------ rules
+    def _split_input(self, kernel: gs.Node, weight: str) -> list[gs.Node]:
+        """Rule 4, for a K the kernel's blocks divide (the rounding is emulated on whole blocks)."""
+        if kernel.attrs["K"] % kernel.attrs["block_size"]:
+            raise OptionError(f"'{self.name}': option 'split_inputs': weight '{weight}' has K = {kernel.attrs['K']}, "
+                              f"not a multiple of its MatMulNBits block {kernel.attrs['block_size']}")
+        return _split_input(kernel)
+
     def _integer_matmul(self, node: gs.Node, dq: gs.Node, kind: tuple[int, bool]) -> gs.Node | None:
         """Rule 1."""
         activation = _static_int8_input(node.inputs[0])
@@ -183,12 +214,8 @@ class UseOrtKernels(Pass):
         inputs = [node.inputs[0], packed, gs.Constant(f"{name}_nbits_scales", weight.scales)]
         if weight.zero_points is not None:
             inputs.append(gs.Constant(f"{name}_nbits_zero_points", weight.zero_points))
-        if gathered:
-            if block is not None:
-                return None
-            rows = np.broadcast_to(scale.reshape(-1), (weight.N,)).astype(np.float32)
-            offset = (0 if zero is None else zero) + (128 if signed else 0)
-            nbits_of[id(dq)] = (packed, rows, np.broadcast_to(offset, (weight.N,)).astype(np.float32))
+        if gathered:  # the lookups read the kernel's codes, scales and zero points: the table is held once
+            nbits_of[id(dq)] = inputs[1:]
         level = self.accuracy_level_4bit if bits == 4 else self.accuracy_level_8bit
         output = node.outputs[0]
         node.outputs.clear()
@@ -216,45 +243,48 @@ def _import_domain(graph: gs.Graph) -> None:
         graph.import_domains = [*(graph.import_domains or []), onnx.helper.make_opsetid(MS, 1)]
 
 
-def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: tuple[gs.Constant, np.ndarray, np.ndarray] | None) -> list[gs.Node]:
+def _builder(base: str, nodes: list[gs.Node]):
+    """`make(op, inputs, suffix, dtype, **attrs)`: appends a node named after `base` to `nodes` and
+    returns its new output."""
+    def make(op: str, inputs: list, suffix: str, dtype=np.float32, **attrs) -> gs.Variable:
+        result = gs.Variable(f"{base}_{suffix}", dtype=dtype)
+        nodes.append(gs.Node(op, name=f"{base}_{op}_{suffix}", inputs=inputs, outputs=[result], attrs=attrs))
+        return result
+    return make
+
+
+def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) -> list[gs.Node]:
     """Rule 3: Gather(DequantizeLinear(table), ids) as the dequantized rows of gathered codes."""
     table, ids, out = dq.outputs[0], gather.inputs[1], gather.outputs[0]
     axis = gather.attrs.get("axis", 0) % 2
     codes, scale, zero = dq.inputs[0], np.asarray(dq.inputs[1].values, np.float32), dq.inputs[2:]
-    if "block_size" in dq.attrs or ids.shape is None:
+    if ids.shape is None or nbits is None and "block_size" in dq.attrs:
         return []
     channel = dq.attrs.get("axis", 1) % 2
     if nbits is None and scale.size > 1 and channel != axis:
         return []  # scales across the looked-up rows: not an embedding layout graphopt writes
+    if nbits is not None and axis != 1:
+        return []
     base = f"{table.name}_rows_{gather.name}"
     nodes: list[gs.Node] = []
-
-    def var(suffix: str, dtype=np.float32) -> gs.Variable:
-        return gs.Variable(f"{base}_{suffix}", dtype=dtype)
-
-    def node(op: str, inputs: list, suffix: str, dtype=np.float32, **attrs) -> gs.Variable:
-        result = var(suffix, dtype)
-        nodes.append(gs.Node(op, name=f"{base}_{op}_{suffix}", inputs=inputs, outputs=[result], attrs=attrs))
-        return result
-
-    if nbits is not None:  # an 8-bit table [K, N] looked up along N from MatMulNBits codes [N, blocks, block]
-        if axis != 1:
-            return []
-        packed, rows, offsets = nbits
-        k = table.shape[0] if table.shape else codes.values.shape[0]
-        picked = node("Gather", [packed, ids], "codes", np.uint8, axis=0)
-        shape = gs.Constant(f"{base}_shape", np.array([0] * len(ids.shape) + [-1], np.int64))
-        flat = node("Reshape", [picked, shape], "flat", np.uint8)
-        cut = node("Slice", [flat, gs.Constant(f"{base}_start", np.array([0], np.int64)),
-                             gs.Constant(f"{base}_end", np.array([k], np.int64)),
-                             gs.Constant(f"{base}_axes", np.array([-1], np.int64))], "cut", np.uint8)
-        values = node("Cast", [cut], "float", to=1)
-        row_offset = gs.Constant(f"{base}_row_offset", offsets.reshape(-1, 1))
-        centred = node("Sub", [values, node("Gather", [row_offset, ids], "offset", axis=0)], "centred")
-        row_scale = gs.Constant(f"{base}_row_scale", rows.reshape(-1, 1))
-        scaled = node("Mul", [centred, node("Gather", [row_scale, ids], "scale", axis=0)], "scaled")
-        rank = len(ids.shape)
-        nodes.append(gs.Node("Transpose", name=f"{base}_Transpose", inputs=[scaled], outputs=[out],
+    node = _builder(base, nodes)
+    if nbits is not None:  # table [K, N] looked up along N from MatMulNBits' B [N, blocks, block], scales [N, blocks]
+        packed, block_scales, *block_zeros = nbits
+        rank, k = len(ids.shape), codes.values.shape[0]
+        values = node("Cast", [node("Gather", [packed, ids], "codes", np.uint8, axis=0)], "float", to=1)
+        last = gs.Constant(f"{base}_last", np.array([-1], np.int64))
+        if block_zeros:
+            zeros = node("Cast", [node("Gather", [block_zeros[0], ids], "zeros", np.uint8, axis=0)], "zeros_float", to=1)
+            zeros = node("Unsqueeze", [zeros, last], "zeros_block")
+        else:
+            zeros = gs.Constant(f"{base}_zero", np.array(128, np.float32))  # MatMulNBits' default zero point
+        scales = node("Unsqueeze", [node("Gather", [block_scales, ids], "scales", axis=0), last], "scales_block")
+        scaled = node("Mul", [node("Sub", [values, zeros], "centred"), scales], "scaled")
+        rows = node("Reshape", [scaled, gs.Constant(f"{base}_shape", np.array([0] * rank + [-1], np.int64))], "flat")
+        if packed.values.shape[1] * packed.values.shape[2] != k:  # K padded to whole blocks
+            rows = node("Slice", [rows, gs.Constant(f"{base}_start", np.array([0], np.int64)),
+                                  gs.Constant(f"{base}_end", np.array([k], np.int64)), last], "cut")
+        nodes.append(gs.Node("Transpose", name=f"{base}_Transpose", inputs=[rows], outputs=[out],
                              attrs={"perm": [rank, *range(rank)]}))
     else:
         picked = node("Gather", [codes, ids], "codes", codes.values.dtype, axis=axis)
@@ -274,4 +304,30 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: tuple[gs.Constant, np.ndar
         nodes.append(gs.Node("Mul", name=f"{base}_Mul", inputs=[centred, params[0]], outputs=[out]))
     gather.outputs.clear()
     gather.inputs.clear()
+    return nodes
+
+
+def _split_input(kernel: gs.Node) -> list[gs.Node]:
+    """Rule 4: the MatMulNBits `kernel` (accuracy level 4) reads x and x - q concatenated along the
+    leading axis and its two halves of products are added, q being x rounded as the kernel rounds it
+    (int8 per block of its block_size along K, scale max|x| / 127, codes round(x · (1 / scale)), half to even)."""
+    x, out, block, base = kernel.inputs[0], kernel.outputs[0], kernel.attrs["block_size"], f"{kernel.name}_split"
+    nodes: list[gs.Node] = []
+    node = _builder(base, nodes)
+
+    def const(suffix: str, values, dtype=np.float32) -> gs.Constant:
+        return gs.Constant(f"{base}_{suffix}", np.array(values, dtype))
+
+    blocks = node("Reshape", [x, const("blocks_shape", [-1, block], np.int64)], "blocks")
+    amax = node("ReduceMax", [node("Abs", [blocks], "abs"), const("last", [-1], np.int64)], "amax", keepdims=1)
+    scale = node("Div", [node("Max", [amax, const("tiny", 1e-30)], "guarded"), const("int8_max", 127.0)], "scale")
+    codes = node("Round", [node("Mul", [blocks, node("Reciprocal", [scale], "inverse")], "scaled")], "codes")
+    rounded = node("Reshape", [node("Mul", [codes, scale], "q"), node("Shape", [x], "shape", np.int64)], "rounded")
+    kernel.inputs[0] = node("Concat", [x, node("Sub", [x, rounded], "rest")], "stacked", axis=0)
+    products = gs.Variable(f"{base}_products", dtype=np.float32)
+    kernel.outputs[0] = products
+    halves = [gs.Variable(f"{base}_{half}", dtype=np.float32) for half in ("of_x", "of_rest")]
+    nodes.append(gs.Node("Split", name=f"{base}_Split", inputs=[products], outputs=halves,
+                         attrs={"axis": 0, "num_outputs": 2}))
+    nodes.append(gs.Node("Add", name=f"{base}_Add", inputs=halves, outputs=[out]))
     return nodes

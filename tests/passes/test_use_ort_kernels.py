@@ -10,10 +10,14 @@ import pytest
 
 import graphopt
 from graphopt.errors import OptionError
+from graphopt.ir import Model
 from graphopt.ir.runtime import ort_session
-from graphopt.passes import Quantize, UseOrtKernels
+from graphopt.passes import FuseOrtOps, Quantize, UseOrtKernels, use_ort_kernels
 from graphopt.pipeline.passes import PassContext
 from graphopt.quant import ort_layouts
+from graphopt.quant.encodings import Encoding, Encodings
+from graphopt.quant.qdq import apply_encodings
+from graphopt.quant.spec import QuantSpec
 from tests.decoding import tiny_decoder, tiny_feeds
 
 RECIPES = {
@@ -152,3 +156,142 @@ def test_nothing_to_do_and_bad_options(tiny_onnx):
     assert not UseOrtKernels().run(wide, PassContext(progress=False)).changed  # 16-bit codes have no kernel here
     with pytest.raises(OptionError, match="'accuracy_level_4bit'.*0 or 4"):
         UseOrtKernels(accuracy_level_4bit=2)
+
+
+# ------------------------------------------------------------------ block tables (rule 3) and split inputs (rule 4)
+def _block_encoding(name: str, table: np.ndarray, block: int | None, symmetric: bool = True):
+    """An 8-bit encoding of a [k, n] MatMul weight (int8 symmetric, or uint8 min/max), per block of
+    `block` along k or per column."""
+    k, n = table.shape
+    dtype = "int8" if symmetric else "uint8"
+    if block is None:
+        spec, groups = QuantSpec(dtype, "channel", axis=1, symmetric=symmetric), table[None]
+    else:
+        spec, groups = QuantSpec(dtype, "block", axis=0, block_size=block, symmetric=symmetric), table.reshape(
+            k // block, block, n)
+    lo, hi = np.minimum(groups.min(-2), 0), np.maximum(groups.max(-2), 0)
+    if symmetric:
+        scale, zero = np.maximum(-lo, hi) / 127, np.zeros(lo.shape, np.int64)
+    else:
+        scale = (hi - lo) / 255
+        zero = np.round(-lo / scale).astype(np.int64)
+    if block is None:
+        scale, zero = scale[0], zero[0]
+    return Encoding.from_params(name, scale.astype(np.float32), zero, spec)
+
+
+def _table_model(k: int, n: int, *, block: int | None = 32, lookup: bool = True, rank: int = 3, seed: int = 0,
+                 symmetric: bool = True):
+    """A [k, n] int8 symmetric table `table` read by MatMul(x [..., k]) -> y and, with `lookup`, by
+    Gather(axis=1, ids) -> rows; quantized per block of `block` along k (None: per output channel)."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(seed)
+    table = rng.standard_normal((k, n)).astype(np.float32) * rng.uniform(0.2, 2.0, (k, 1)).astype(np.float32)
+    batch = ["b", "s"][3 - rank:]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*batch, k])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*batch, n])]
+    nodes = [helper.make_node("MatMul", ["x", "table"], ["y"], name="head")]
+    if lookup:
+        inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"]))
+        outputs.append(helper.make_tensor_value_info("rows", TensorProto.FLOAT, [k, "b", "s"]))
+        nodes.append(helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed", axis=1))
+    graph = helper.make_graph(nodes, "table", inputs, outputs, [onnx.numpy_helper.from_array(table, "table")])
+    model = Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    apply_encodings(model.graph, Encodings(params={"table": _block_encoding("table", table, block, symmetric)}))
+    return model
+
+
+def _activations(rows: int, k: int, seed: int = 1) -> np.ndarray:
+    """Activations with a few outlier channels, as a transformer's hidden state has."""
+    x = np.random.default_rng(seed).standard_normal((rows, k)).astype(np.float32)
+    x[:, [3, k // 3, k - 5]] *= 60
+    return x
+
+
+@pytest.mark.parametrize("symmetric", [True, False])  # zero points 128, or the kernel's own (looked up too)
+def test_block_table_is_held_once_and_looked_up_exactly(symmetric):
+    k, n = 96, 200
+    qdq = _table_model(k, n, symmetric=symmetric)
+    result = EXACT.run(qdq.copy(), PassContext(progress=False))
+    ops = collections.Counter(node.op for node in result.model.graph.nodes)
+    assert result.changed and ops["MatMulNBits"] == 1 and ops["DequantizeLinear"] == 0 and ops["MatMul"] == 0
+    tables = [t for t in result.model.graph.tensors().values() if isinstance(t, gs.Constant) and t.values.size >= k * n]
+    assert len(tables) == 1 and tables[0].values.dtype == np.uint8  # the kernel's B, read by the lookup too
+    kernel = next(node for node in result.model.graph.nodes if node.op == "MatMulNBits")
+    assert kernel.attrs["block_size"] == 32 and kernel.attrs["bits"] == 8 and len(kernel.inputs) == 4 - symmetric
+    scales = kernel.inputs[2].values
+    assert not np.allclose(scales[:, :1], scales)  # scales differ per block: a scale per row would fail below
+    feeds = [{"x": _activations(6, k).reshape(2, 3, k), "ids": np.array([[0, 5, n - 1], [7, 7, 2]], np.int64)}]
+    (y, rows), = [result.model.session(threads=1).run(None, f) for f in feeds]
+    (qdq_y, qdq_rows), = _qdq_outputs(qdq, feeds)
+    assert np.array_equal(rows, qdq_rows)  # bit for bit: the DequantizeLinear's values
+    assert np.abs(y - qdq_y).max() <= 1e-5 * np.abs(qdq_y).max()
+    kernel.inputs[2].values = np.repeat(scales.mean(1, keepdims=True), scales.shape[1], 1)  # one scale per row
+    assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[1], qdq_rows)
+
+
+def _product_errors(model, feeds: list[dict], exact: list[np.ndarray]) -> float:
+    """Largest relative RMS error of the kernel model's y against the exact products."""
+    session = model.session(threads=1)
+    return max(float(np.sqrt(np.mean((session.run(None, f)[0] - e) ** 2) / np.mean(e ** 2)))
+               for f, e in zip(feeds, exact))
+
+
+@pytest.mark.parametrize("block", [32, None])  # per-channel weights: MatMulNBits blocks of 64 (K = 576)
+@pytest.mark.parametrize("rank", [2, 3])
+def test_split_input_cancels_the_kernels_int8_rounding(block, rank, monkeypatch):
+    k, n = 576, 256
+    qdq = _table_model(k, n, block=block, lookup=False, rank=rank)
+    dq = next(node for node in qdq.graph.nodes if node.op == "DequantizeLinear")
+    weight = ort_session(gs.export_onnx(gs.Graph(nodes=[dq], outputs=[dq.outputs[0]], opset=21)),
+                         optimization="none").run(None, {})[0].astype(np.float64)
+    shapes = [(1, 128, k), (1, 1, k)] if rank == 3 else [(128, k), (1, k)]  # a prefill chunk and a decode step
+    feeds = [{"x": _activations(int(np.prod(s[:-1])), k, seed=i).reshape(s)} for i, s in enumerate(shapes)]
+    exact = [f["x"].astype(np.float64) @ weight for f in feeds]
+    fast = UseOrtKernels(accuracy_level_8bit=4)
+    plain = fast.run(qdq.copy(), PassContext(progress=False))
+    split = UseOrtKernels(accuracy_level_8bit=4, split_inputs=("tab*",)).run(qdq.copy(), PassContext(progress=False))
+    assert split.stats["split_inputs"] == 1 and plain.stats["split_inputs"] == 0
+    assert collections.Counter(node.op for node in split.model.graph.nodes)["MatMulNBits"] == 1
+    plain_error, split_error = (_product_errors(m.model, feeds, exact) for m in (plain, split))
+    assert split_error * 10 <= plain_error, (split_error, plain_error)
+    # broken: the residual rounded in blocks other than the kernel's leaves the kernel's own rounding in place
+    original = use_ort_kernels._split_input
+
+    def other_blocks(kernel):
+        kernel.attrs["block_size"] //= 2
+        nodes = original(kernel)
+        kernel.attrs["block_size"] *= 2
+        return nodes
+
+    monkeypatch.setattr(use_ort_kernels, "_split_input", other_blocks)
+    broken = UseOrtKernels(accuracy_level_8bit=4, split_inputs=("table",)).run(qdq.copy(), PassContext(progress=False))
+    assert _product_errors(broken.model, feeds, exact) * 10 > plain_error
+
+
+def test_split_inputs_name_weights_of_fast_kernels():
+    qdq = _table_model(64, 32, lookup=False)
+    with pytest.raises(OptionError, match="'split_inputs'.*'lm_head\\*' matches no weight"):
+        UseOrtKernels(split_inputs=("lm_head*",)).run(qdq.copy(), PassContext(progress=False))
+    with pytest.raises(OptionError, match="'split_inputs'.*'table'.*accuracy level 4"):  # exact kernels need no split
+        UseOrtKernels(accuracy_level_8bit=0, split_inputs=("table",)).run(qdq.copy(), PassContext(progress=False))
+
+
+def test_split_tied_lm_head_of_a_decoder_then_fused_ops():
+    """The tiny Llama's tied table [64, 256] in int8 blocks of 32: one MatMulNBits (split input) and the
+    embedding lookup read the same codes, and fuse_ort_ops still fuses around them."""
+    qdq = graphopt.lower(tiny_decoder("ort"), log=_quiet)
+    table = qdq.graph.tensors()["lm_head.weight.T"].values
+    apply_encodings(qdq.graph, Encodings(params={"lm_head.weight.T": _block_encoding("lm_head.weight.T", table, 32)}))
+    _, feeds = tiny_feeds()
+    reference = [outputs[:1] for outputs in _qdq_outputs(qdq, feeds)]  # the logits
+    errors = {}
+    for split in ((), ("lm_head*",)):
+        kernels = UseOrtKernels(split_inputs=split).run(qdq.copy(), PassContext(progress=False))
+        assert kernels.stats["MatMulNBits"] == kernels.stats["gathered_tables"] == 1
+        fused = FuseOrtOps().run(kernels.model, PassContext(progress=False))
+        assert fused.stats["SkipSimplifiedLayerNormalization"] == 4  # the final norm too, read by the split
+        session = fused.model.session(threads=1)
+        errors[split] = max(float(np.abs(session.run(None, f)[0] - ref[0]).max()) for f, ref in zip(feeds, reference))
+    assert errors[("lm_head*",)] <= 1e-3 < errors[()] / 10, errors  # logits of magnitude ~10
