@@ -58,6 +58,9 @@ class FakeQuantize(QuantOptions, Pass):
         if self.weight_granularity == "block":
             raise self.option_error("weight_granularity", ": 'block' is not supported in the FX form (tensor, channel); "
                                     "quantize blocks with the ONNX 'quantize' pass")
+        for option in ("weight_offset", "embedding_block_size"):
+            if getattr(self, option):
+                raise self.option_error(option, " is not supported in the FX form; use the ONNX 'quantize' pass")
         if self.weight_rounding == "gptq" and not self.activation_bits:
             raise self.option_error("weight_rounding", ": 'gptq' takes its Hessians from the activation quantizers; "
                                     "it needs 'activation_bits' 8 or 16")

@@ -47,12 +47,14 @@ class Quantize(QuantOptions, Pass):
 
     1. Weights of MatMul/Gemm/Conv (and tables read by Gather, e.g. a tied embedding/lm_head)
        become integer initializers + DequantizeLinear: per channel (the output axis), per tensor,
-       or per block along the input axis (opset 21 `block_size`); RTN with min-max or MSE-clipped
+       or per block along the input axis (opset 21 `block_size`); with `weight_offset`, a MatMul
+       weight's codes have zero point 0 and each group's float offset (its minimum) is added back as
+       MatMul(block sums of the input, offsets) (graphopt.quant.qdq.add_weight_offsets); RTN with min-max or MSE-clipped
        ranges, or GPTQ (graphopt.quant.gptq; `gptq_damp`, `gptq_act_order`) on the same grids. With
        `scale_estimation`, a MatMul weight's scales are then refit to its output error on the
        calibration inputs (graphopt.quant.scale_search: for GPTQ's codes once, for RTN alternating
        with rounding; never worse than without, on those inputs). Tables use `embedding_bits` per
-       channel and RTN (their rounding serves the lookup as much as the lm_head). Weights matching
+       channel (or `embedding_block_size` symmetric blocks) and RTN (their rounding serves the lookup as much as the lm_head). Weights matching
        `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes);
        weights matching `exclude` stay float, and so does an input only they read.
     2. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
@@ -85,6 +87,10 @@ class Quantize(QuantOptions, Pass):
         super().check()
         if not 0.0 <= self.gptq_damp < 1.0:
             raise self.option_error("gptq_damp", f" must be in [0, 1), got {self.gptq_damp}")
+        if self.weight_offset and (self.weight_rounding != "rtn" or self.weight_range != "minmax"
+                                   or self.scale_estimation):
+            raise self.option_error("weight_offset", " takes each group's exact min-max range: it needs weight_rounding "
+                                                     "'rtn', weight_range 'minmax' and no scale_estimation")
         if self.scale_estimation and self.weight_granularity == "tensor":
             raise self.option_error("scale_estimation", " needs weight scales per channel or per block, "
                                                         "not weight_granularity 'tensor'")
@@ -116,12 +122,15 @@ class Quantize(QuantOptions, Pass):
             spec = self.activation_spec(16 if i in plan.wide else None)
             encodings.add(Encoding.from_params(point, *observers[point].params(spec), spec), "activation")
         tensors = graph.tensors()
-        codes = self._weight_encodings(model, sites, tensors, hessians, encodings, ctx)
+        offsets: dict[str, tuple[np.ndarray, QuantSpec]] = {}
+        codes = self._weight_encodings(model, sites, tensors, hessians, encodings, ctx, offsets)
         result = qdq.apply_encodings(graph, encodings, codes=codes, quantize_bias=self.quantize_bias)
+        corrected = qdq.add_weight_offsets(graph, offsets)
         _check_masks(model, encodings, tensors)
         model.meta.encodings.update(encodings.to_meta())
         return PassResult(model, True, {
             "weights": len(result.weights), "activations": len(result.activations), "int16_points": len(int16),
+            "offset_weights": len(corrected),
             "biases": len(result.biases), "int16_share": plan.share, "int16": int16[:64]})
 
     # ----------------------------------------------------------------- calibration
@@ -147,7 +156,9 @@ class Quantize(QuantOptions, Pass):
         return observers, hessians
 
     # ----------------------------------------------------------------------- weights
-    def _weight_encodings(self, model, sites, tensors, hessians, encodings: Encodings, ctx) -> dict:
+    def _weight_encodings(self, model, sites, tensors, hessians, encodings: Encodings, ctx, offsets: dict) -> dict:
+        """Each weight's encoding into `encodings`; returns the codes chosen here (GPTQ, scale
+        estimation, offsets) by weight name, and fills `offsets` {MatMul weight: (offset, spec)}."""
         readers = consumers(model.graph)
         users = {n: readers[id(t)] for n, t in tensors.items() if isinstance(t, gs.Constant) and id(t) in readers}
         names = list(OrderedDict.fromkeys(s.weight for s in sites))
@@ -176,7 +187,13 @@ class Quantize(QuantOptions, Pass):
             spec = specs[name]
             values = np.asarray(tensors[name].values, np.float32)
             code = None
-            if name in found:
+            if self.weight_offset and not spec.symmetric and spec.granularity != "tensor" and name in site_of \
+                    and site_of[name].op == "MatMul" and name not in tables:
+                scale, offset = numerics.offset_params(values, spec)
+                zero_point = np.zeros(scale.shape, np.int64)
+                code = numerics.quantize_with_offset(values, scale, offset, spec)
+                offsets[name] = (offset, spec)
+            elif name in found:
                 scale, zero_point, code = found[name].scale, found[name].zero_point, found[name].codes
             elif self.weight_range == "mse":
                 scale, zero_point = numerics.mse_params(values, spec)

@@ -23,6 +23,7 @@ from graphopt.quant.spec import QuantSpec
 __all__ = [
     "scale_zero_point", "tensor_range", "params_for", "quantize", "dequantize", "fake_quant",
     "to_blocks", "from_blocks", "expand_param", "mse_params", "smooth_scales", "MIN_SCALE",
+    "offset_params", "quantize_with_offset",
 ]
 
 MIN_SCALE = 1e-12  # an all-zero range still gets a usable positive scale
@@ -109,6 +110,23 @@ def params_for(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """Min-max scale and zero point of x itself (weights, RTN)."""
     lo, hi = tensor_range(x, spec)
     return scale_zero_point(lo, hi, spec)
+
+
+def offset_params(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and float offset of x's exact range per group of an unsigned spec: x̂ = q · scale + offset,
+    scale = (max − min) / qmax, offset = min. Unlike a zero point, the range is not widened to hold 0,
+    so a group whose values lie on such a grid (a GGUF Q4_1 block) is reproduced exactly."""
+    if spec.signed:
+        raise OptionError(f"offset quantization needs unsigned codes, got {spec.dtype}")
+    lo, hi = tensor_range(x, spec)
+    scale = np.maximum((hi.astype(np.float64) - lo) / spec.qmax, MIN_SCALE).astype(np.float32)
+    return scale, np.asarray(lo, np.float32)
+
+
+def quantize_with_offset(x: np.ndarray, scale, offset, spec: QuantSpec) -> np.ndarray:
+    """Codes q of x̂ = q · scale + offset (`offset_params`' layout), zero point 0."""
+    shifted = np.asarray(x, np.float32) - expand_param(np.asarray(offset, np.float32), np.shape(x), spec)
+    return quantize(shifted, scale, np.zeros(np.shape(scale), np.int64), spec)
 
 
 CHUNK_BYTES = 32 << 20  # rows of a large tensor handled at a time: temporaries stay this small

@@ -54,7 +54,12 @@ class QuantOptions:
     weight_symmetric: bool = field(default=False, metadata={"help": "signed codes, zero point 0"})
     weight_range: Literal["minmax", "mse"] = field(default="minmax", metadata={"help": "weight clipping: full range or MSE-optimal"})
     weight_rounding: Literal["rtn", "gptq"] = field(default="rtn", metadata={"help": "round to nearest, or GPTQ (needs calibration)"})
+    weight_offset: bool = field(default=False, metadata={
+        "help": "asymmetric MatMul weights as code * scale + a float offset per scale group (the exact min-max "
+                "range, as GGUF Q4_1 and MLX store them) instead of an integer zero point"})
     embedding_bits: int = field(default=0, metadata={"help": "bits of embedding tables (0: weight_bits); per channel"})
+    embedding_block_size: int = field(default=0, metadata={
+        "help": "embedding tables in symmetric blocks of this many elements along each row (0: per channel)"})
     activation_bits: int = field(default=8, metadata={"help": "8 or 16; 0 leaves activations float (weight-only)"})
     activation_symmetric: bool = field(default=False, metadata={"help": "signed activations, zero point 0"})
     observer: Literal["minmax", "percentile", "mse"] = field(default="minmax", metadata={"help": "activation range"})
@@ -86,6 +91,13 @@ class QuantOptions:
         size = self.weight_block_size
         if self.weight_granularity == "block" and (size < 2 or size & (size - 1)):
             raise self.option_error("weight_block_size", f" must be a power of two >= 2, got {size}")
+        size = self.embedding_block_size
+        if size and (size < 2 or size & (size - 1)):
+            raise self.option_error("embedding_block_size", f" must be 0 or a power of two >= 2, got {size}")
+        if self.weight_offset and self.weight_symmetric:
+            raise self.option_error("weight_offset", " needs asymmetric weights: set weight_symmetric false")
+        if self.weight_offset and self.weight_granularity == "tensor":
+            raise self.option_error("weight_offset", " needs weight scales per channel or per block")
         if not 0.0 <= self.int16_budget <= 1.0:
             raise self.option_error("int16_budget", f" must be in [0, 1], got {self.int16_budget}")
         if not 50.0 < self.percentile <= 100.0:
@@ -105,10 +117,14 @@ class QuantOptions:
                     rows: int = 0) -> QuantSpec:
         """The spec of weight `name` with its output channels on `channel_axis`: 16 bits per channel
         when `int16_weights` names it, `embedding_bits` per channel for an embedding `table`, else
-        `weight_bits` at `weight_granularity` (blocks of `weight_block_size` of the `rows` along `block_axis`)."""
+        `weight_bits` at `weight_granularity` (blocks of `weight_block_size` of the `rows` along `block_axis`);
+        a table with `embedding_block_size` gets symmetric blocks of that size along `block_axis`."""
         symmetric = self.weight_symmetric
         if weight_matches(name, self.int16_weights):
             return QuantSpec(dtype_for(16, symmetric), "channel", channel_axis, symmetric=symmetric)
+        if table and self.embedding_block_size:
+            bits = self.embedding_bits or self.weight_bits
+            return self._block_spec(name, dtype_for(bits, True), block_axis, rows, "embedding_block_size", True)
         if table and self.embedding_bits:
             return QuantSpec(dtype_for(self.embedding_bits, symmetric), "channel", channel_axis, symmetric=symmetric)
         dtype = dtype_for(self.weight_bits, symmetric)
@@ -116,11 +132,14 @@ class QuantOptions:
             return QuantSpec(dtype, "tensor", symmetric=symmetric)
         if self.weight_granularity == "channel":
             return QuantSpec(dtype, "channel", channel_axis, symmetric=symmetric)
-        if block_axis is None or rows % self.weight_block_size:
+        return self._block_spec(name, dtype, block_axis, rows, "weight_block_size", symmetric)
+
+    def _block_spec(self, name: str, dtype: str, axis: int | None, rows: int, option: str, symmetric: bool) -> QuantSpec:
+        size = getattr(self, option)
+        if axis is None or rows % size:
             raise UnsupportedGraphError(
-                f"'{self.name}': weight '{name}' has {rows} input rows, not a multiple of "
-                f"weight_block_size {self.weight_block_size}")
-        return QuantSpec(dtype, "block", block_axis, self.weight_block_size, symmetric)
+                f"'{self.name}': weight '{name}' has {rows} input rows, not a multiple of {option} {size}")
+        return QuantSpec(dtype, "block", axis, size, symmetric)
 
     def excluded(self, weight: str) -> bool:
         """Whether `exclude` leaves this weight (and the input only it reads) float."""

@@ -27,8 +27,9 @@ from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import consumers
 from graphopt.quant import numerics
 from graphopt.quant.encodings import Encoding, Encodings
+from graphopt.quant.spec import QuantSpec
 
-__all__ = ["QDQResult", "apply_encodings", "constant", "weight_axes", "bias_of"]
+__all__ = ["QDQResult", "apply_encodings", "add_weight_offsets", "constant", "weight_axes", "bias_of"]
 
 
 @dataclass
@@ -196,6 +197,51 @@ def apply_encodings(graph: gs.Graph, encodings: Encodings, *, codes: dict[str, n
     graph.nodes.extend(new_nodes)
     graph.toposort()
     return result
+
+
+def add_weight_offsets(graph: gs.Graph, offsets: dict[str, tuple[np.ndarray, QuantSpec]]) -> list[str]:
+    """Add back the float offsets of weights quantized as code · scale + offset (in place).
+
+    `offsets` maps a MatMul weight W [K, N], already DequantizeLinear(codes, scale, zero point 0)
+    under its own name, to (offset, spec): [K / block, N] per block along K, or [N] per channel
+    (one block of K). Each MatMul(x, W) becomes MatMul(x, W) + MatMul(S(x), offset), where S(x)
+    sums x over each block of K: one MatMul by a 0/1 matrix [K, K / block], shared by every weight
+    that reads x in the same blocks. Standard ops, any rank of x; the sum equals x times the
+    offset-quantized weight up to float rounding. Returns the weights corrected.
+    """
+    tensors, users = graph.tensors(), consumers(graph)
+    ones: dict[tuple[int, int], gs.Constant] = {}
+    sums: dict[tuple[int, int], gs.Variable] = {}
+    nodes, corrected = [], []
+    for name, (offset, spec) in offsets.items():
+        weight = tensors.get(name)
+        readers = [u for u in users.get(id(weight), []) if u.op == "MatMul" and u.inputs[1] is weight]
+        if weight is None or not readers:
+            continue
+        k, n = weight.shape
+        block = spec.block_size if spec.granularity == "block" else k
+        table = gs.Constant(f"{name}_offset", np.asarray(offset, np.float32).reshape(k // block, n))
+        if (k, block) not in ones:
+            summing = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+            ones[(k, block)] = gs.Constant(f"block_sums_{k}x{block}", summing)
+        for index, node in enumerate(readers):
+            x, y = node.inputs[0], node.outputs[0]
+            key = (id(x), block)
+            if key not in sums:
+                sums[key] = gs.Variable(f"{x.name}_block{block}_sums", dtype=np.float32)
+                nodes.append(gs.Node("MatMul", name=f"{x.name}_block{block}_sums", inputs=[x, ones[(k, block)]],
+                                     outputs=[sums[key]]))
+            main = gs.Variable(f"{y.name}_without_offset", dtype=np.float32)
+            node.outputs.clear()
+            node.outputs.append(main)
+            shift = gs.Variable(f"{name}_offset_out{index or ''}", dtype=np.float32)
+            nodes.append(gs.Node("MatMul", name=f"{name}_offset_MatMul{index or ''}", inputs=[sums[key], table],
+                                 outputs=[shift]))
+            nodes.append(gs.Node("Add", name=f"{name}_offset_Add{index or ''}", inputs=[main, shift], outputs=[y]))
+        corrected.append(name)
+    graph.nodes.extend(nodes)
+    graph.toposort()
+    return corrected
 
 
 def _activation_source(tensor: gs.Tensor) -> str | None:

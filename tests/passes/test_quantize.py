@@ -297,3 +297,89 @@ def test_smollm2_w8a8_int16_budget(smollm2_onnx, smollm2_calib, smollm2_eval, sc
     assert close_to_float(result.model)
     scale_times_four(MinMaxObserver, "params")
     assert not close_to_float(Quantize(int16_budget=0.15).run(smollm2_onnx.copy(), ctx).model)
+
+
+def _grid_model(block: int = 32) -> tuple[Model, np.ndarray]:
+    """Two MatMuls reading one input [2, 3, 64] whose weights lie on a GGUF Q4_1 grid: per block of
+    `block` input rows, code · d + m with codes 0..15 (both ends present)."""
+    rng = np.random.default_rng(0)
+    weights = []
+    for n in (8, 5):
+        codes = rng.integers(0, 16, (64 // block, block, n))
+        codes[:, 0], codes[:, 1] = 0, 15
+        d = rng.uniform(0.01, 0.05, (64 // block, 1, n)).astype(np.float16).astype(np.float32)
+        m = -rng.uniform(0.1, 0.4, (64 // block, 1, n)).astype(np.float16).astype(np.float32)
+        weights.append((codes * d + m).reshape(64, n).astype(np.float32))
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["y0"]), helper.make_node("MatMul", ["x", "w1"], ["y1"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 64])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y0", "y1")],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    return Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])), x
+
+
+def _unfused(model: Model, feeds: dict) -> list[np.ndarray]:
+    """The QDQ model's own math: onnxruntime without graph optimizations (its DQ + MatMul fusion
+    would quantize activations to int8 inside MatMulNBits)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.to_onnx().SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def test_offset_weights_reproduce_an_offset_grid(monkeypatch):
+    """weight_offset keeps each block's exact min-max range: weights already on such a grid (GGUF
+    Q4_1) come back exactly, where an integer zero point rounds the offset away."""
+    options = dict(weight_bits=4, weight_granularity="block", weight_block_size=32, activation_bits=0)
+    model, x = _grid_model()
+    reference = model.run({"x": x})
+    out = Quantize(weight_offset=True, **options).run(model.copy(), PassContext(progress=False))
+    assert out.stats["offset_weights"] == 2
+    counts = ops(out.model)
+    assert counts["MatMul"] == 2 + 1 + 2 and counts["Add"] == 2  # one block-sum MatMul for the shared input
+    assert out.model.parameters()["w0_quantized"][1] == "uint4"
+    got = _unfused(out.model, {"x": x})
+    offset_error = max(np.abs(g - r).max() for g, r in zip(got, reference))
+    assert offset_error < 1e-5
+    plain = _unfused(Quantize(**options).run(model.copy(), PassContext(progress=False)).model, {"x": x})
+    assert max(np.abs(g - r).max() for g, r in zip(plain, reference)) > 100 * offset_error
+    exact = numerics.offset_params
+
+    def shifted_offsets(values, spec):  # half a step off: the exactness check must notice
+        scale, offset = exact(values, spec)
+        return scale, offset + scale / 2
+
+    monkeypatch.setattr(numerics, "offset_params", shifted_offsets)
+    shifted = Quantize(weight_offset=True, **options).run(model.copy(), PassContext(progress=False)).model
+    assert max(np.abs(g - r).max() for g, r in zip(_unfused(shifted, {"x": x}), reference)) > 1e-3
+
+
+def test_offset_weights_on_the_tiny_llama(tiny_onnx, tiny_calib, tiny_eval):
+    """On weights not on any grid, the offset form is min-max asymmetric quantization without 0 forced
+    into the range: at least as close as the integer zero point."""
+    options = dict(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=0, embedding_bits=8)
+    offset = Quantize(weight_offset=True, **options).run(tiny_onnx.copy(), tiny_calib)
+    assert offset.stats["offset_weights"] == 14  # the tied table is a lookup: no offset
+    integer = Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model
+    assert sqnr(offset.model, tiny_eval) >= sqnr(integer, tiny_eval) - 0.1
+
+
+def test_embedding_blocks(tiny_onnx, tiny_calib):
+    out = Quantize(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=0,
+                   embedding_bits=8, embedding_block_size=32).run(tiny_onnx.copy(), tiny_calib).model
+    assert out.parameters()["lm_head.weight.T_quantized"][1] == "int8"  # symmetric blocks: signed codes
+    dq = next(n for n in out.graph.nodes if n.outputs[0].name == "lm_head.weight.T")
+    assert dq.attrs == {"axis": 0, "block_size": 32}
+    with pytest.raises(OptionError, match="embedding_block_size"):
+        Quantize(embedding_block_size=24)
+
+
+def test_offset_option_errors():
+    with pytest.raises(OptionError, match="'weight_offset' needs asymmetric"):
+        Quantize(weight_offset=True, weight_symmetric=True)
+    with pytest.raises(OptionError, match="'weight_offset' takes each group's exact min-max"):
+        Quantize(weight_offset=True, weight_rounding="gptq")
+    with pytest.raises(OptionError, match="'weight_offset' is not supported in the FX form"):
+        get_pass("fake_quantize")(weight_offset=True)
