@@ -109,16 +109,18 @@ def _slice(tensors: dict, name: str, axis: int, drop: np.ndarray) -> int:
 def _rewrite_shape(graph: gs.Graph, node: gs.Node, index: int, edits: dict[int, int], made: dict) -> None:
     """Give `node` a shape input with `edits` (position → value) applied, never touching shared tensors.
 
-    `made` maps (original shape tensor, edits) to the rewritten tensor, so layers pruned alike share one.
+    `made` maps (original shape tensor, edits) to the rewritten tensor, so layers pruned alike share one
+    (and (Concat piece, new values) to the rewritten piece, so Concats sharing a piece share its edit).
     """
     shape = node.inputs[index]
     key = (id(shape), tuple(sorted(edits.items())))
     if key not in made:
-        made[key] = _edited_shape(graph, shape, edits, f"pruned_{'_'.join(f'{p}to{v}' for p, v in sorted(edits.items()))}")
+        tag = f"pruned_{'_'.join(f'{p}to{v}' for p, v in sorted(edits.items()))}"
+        made[key] = _edited_shape(graph, shape, edits, tag, made)
     node.inputs[index] = made[key]
 
 
-def _edited_shape(graph: gs.Graph, shape: gs.Tensor, edits: dict[int, int], tag: str) -> gs.Tensor:
+def _edited_shape(graph: gs.Graph, shape: gs.Tensor, edits: dict[int, int], tag: str, made: dict) -> gs.Tensor:
     if isinstance(shape, gs.Constant):
         values = np.array(shape.values, copy=True)
         for pos, value in edits.items():
@@ -133,7 +135,11 @@ def _edited_shape(graph: gs.Graph, shape: gs.Tensor, edits: dict[int, int], tag:
             values = np.array(piece.values, copy=True).reshape(-1)
             for pos, value in hits.items():
                 values[pos] = value
-            pieces[i] = gs.Constant(f"{piece.name}__{tag}", values.reshape(piece.values.shape))
+            key = (id(piece), tuple(values.tolist()))
+            if key not in made:
+                name = f"{piece.name}__pruned_{'_'.join(str(v) for v in values.tolist())}"
+                made[key] = gs.Constant(name, values.reshape(piece.values.shape))
+            pieces[i] = made[key]
         offset += length
     out = gs.Variable(f"{shape.name}__{tag}", dtype=shape.dtype, shape=shape.shape)
     graph.nodes.append(gs.Node("Concat", f"{concat.name}__{tag}", dict(concat.attrs), pieces, [out]))
@@ -199,11 +205,16 @@ class PruneStructure(Pass):
        overriding by group name) or "global" (lowest mean-normalised scores across layers).
     5. `bias_compensation`: the removed channels' mean calibration activation times their next-layer
        weights is added to that layer's bias (a new Add of a constant for bias-free MatMuls).
-    6. Decoders (ort form): attention is one GroupQueryAttention per layer; removing KV groups also
-       rewrites its `num_heads` / `kv_num_heads`, and the spec's kv_heads, heads and the cache
-       inputs/outputs shrink with them (`graphopt.ir.decoder.set_kv_heads`). The spec has one
-       kv_heads, so a pruning that keeps a different count in some layer is refused, and so is KV
-       group removal on the portable form (its attention is not matched yet).
+    6. Decoders: removing KV groups also shrinks the cache: the spec's kv_heads and heads, and dim 1
+       of every `past_key_values.N.*` input and `present.N.*` output (`graphopt.ir.decoder.set_kv_heads`).
+       Ort form: attention is one GroupQueryAttention per layer, whose `num_heads` / `kv_num_heads`
+       are rewritten. Portable form: attention reads the cache and the new rows as two key blocks
+       (Q·Kᵀ MatMuls joined on the key axis, probabilities sliced per block for V), queries grouped
+       per KV head; its shape entries counting heads (the grouping Reshapes of Q, scores and
+       probabilities, the heads' split and merge) are rewritten as in rule 1. Its prefill and decode
+       graphs are specialised from the one pruned graph, so both lose the same groups. The spec has
+       one kv_heads, so a pruning that keeps a different count in some layer is refused, and so is
+       attention reading cache inputs that no decoder spec describes.
     Does NOT fire when every ratio is 0 (`changed` False, model untouched). Refuses (clear error
     naming the node) when asked to prune a kind the graph has none of, or to remove every unit.
 
@@ -280,11 +291,6 @@ class PruneStructure(Pass):
     # ---------------------------------------------------------------- running
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
         spec = DecoderSpec.of(model)
-        if spec is not None and spec.form != "ort" and self.heads != 0:
-            raise UnsupportedGraphError(
-                f"prune_structure: option 'heads' (KV group removal) is not supported on a decoder of the "
-                f"'{spec.form}' form yet (its attention reads the cache and the new rows with separate MatMuls); "
-                "build the decoder with attention 'ort', or prune only FFN channels (ffn_ratio)")
         found = find_structures(model)
         chosen = self._selected(found)
         plan = [(kind, g, self._count(g)) for kind, groups in chosen for g in groups]
@@ -334,7 +340,7 @@ class PruneStructure(Pass):
     def _apply(self, graph: gs.Graph, tensors: dict, group: Group, removed: np.ndarray, moments, shapes_made: dict) -> int:
         """Slice every coupled tensor of one group, rewrite its shapes, compensate; returns params removed."""
         nodes = {n.name: n for n in graph.nodes}
-        compensation = []
+        compensation, read_cache = [], []
         if self.bias_compensation and moments is not None:
             compensation = _compensation(group, tensors, removed, moments)  # before the rows are sliced away
         total = 0
@@ -351,6 +357,7 @@ class PruneStructure(Pass):
             if group.kernel:
                 nodes[group.kernel].attrs.update(num_heads=new["q_heads"], kv_num_heads=kv)
             starts, stop = [group.q, group.k, group.v], {group.o.node}
+            read_cache = [t for name in group.cache for reader in tensors[name].outputs for t in reader.outputs]
         elif isinstance(group, FFNGroup):
             starts, stop = group.inputs, {group.down.node}
         else:
@@ -358,7 +365,8 @@ class PruneStructure(Pass):
             for t in (bn.inputs[1:] if bn else []):
                 total += _slice(tensors, t.name, 0, removed)
             starts, stop = [group.conv], {f.node for f in group.followers}
-        _forget_shapes(graph, [tensors[p.output] for p in starts] + [nodes[p.node].outputs[0] for p in starts], stop)
+        outputs = [tensors[p.output] for p in starts] + [nodes[p.node].outputs[0] for p in starts]
+        _forget_shapes(graph, outputs + read_cache, stop)
         for proj, delta in compensation:
             _add_bias(graph, tensors, proj, delta, "prune_bias")
         return total
@@ -366,22 +374,33 @@ class PruneStructure(Pass):
 
 def _decoder_cache_heads(spec: DecoderSpec | None, removed_by_group: list) -> list[np.ndarray] | None:
     """The KV heads removed from each layer of a decoder, in layer order (None: no decoder, or no KV
-    group removed); refuses removals that differ in count between layers (the cache has one kv_heads)."""
+    group removed). Refuses removals that differ in count between layers (the cache has one kv_heads),
+    attention reading a cache no spec describes, and attention that does not read one layer's past."""
     pruned = [(g, r) for g, r, _ in removed_by_group if isinstance(g, AttentionGroup) and r.size]
-    fused = next((g.kernel for g, _ in pruned if g.kernel), None)
-    if spec is None and fused:
+    cached = next((g for g, _ in pruned if g.cache), None)
+    if spec is None and cached is not None:
+        what = f"GroupQueryAttention '{cached.kernel}'" if cached.kernel else f"attention '{cached.name}'"
         raise UnsupportedGraphError(
-            f"prune_structure: GroupQueryAttention '{fused}' reads a KV cache whose inputs and outputs this "
+            f"prune_structure: {what} reads a KV cache ({', '.join(cached.cache)}) whose inputs and outputs this "
             "model does not describe (no decoder spec); build the model as a decoder (graphopt.load(..., decoder=...))")
     if spec is None or not pruned:
         return None
+    layer_of = {name: i // 2 for i, name in enumerate(spec.past_names)}
+    by_layer = {}
+    for g, r in pruned:
+        layers = {layer_of.get(name) for name in g.cache}
+        if len(g.cache) != 2 or len(layers) != 1 or None in layers:
+            raise UnsupportedGraphError(
+                f"prune_structure: attention '{g.name}' reads {list(g.cache)} as its cache, not one layer's "
+                "past key and value (past_key_values.N.key/value); its cache could not shrink with it")
+        by_layer[layers.pop()] = r
     kept = sorted({g.num_kv_heads - r.size for g, r in pruned})
-    if len(pruned) != spec.layers or len(kept) != 1:
+    if len(pruned) != spec.layers or len(by_layer) != spec.layers or len(kept) != 1:
         raise UnsupportedGraphError(
             f"prune_structure: a decoder's cache has one kv_heads for every layer, but this pruning keeps {kept} "
             f"KV groups in {len(pruned)} of its {spec.layers} layers; remove the same count from every layer "
             "(schedule 'uniform', no layer_ratios on attention)")
-    return [r for _, r in pruned]  # find_structures walks the graph in order: layer by layer
+    return [by_layer[layer] for layer in range(spec.layers)]
 
 
 def _compensation(group: Group, tensors: dict, removed: np.ndarray, moments) -> list[tuple]:

@@ -6,10 +6,13 @@ graph, not by parameter names:
 
 - attention: Softmax ← scores MatMul(Q, Kᵀ) and MatMul(probs, V); each of Q, K, V is traced back
   (through Reshape to heads, Transpose, RoPE, GQA Unsqueeze/Expand/Reshape) to one projection, the
-  output is traced forward (Transpose, Reshape merging heads) to the output projection;
+  output is traced forward (Transpose, Reshape merging heads) to the output projection. Keys may
+  come in blocks (a portable decoder's cache and new rows): one scores MatMul per block joined by a
+  Concat on the key axis, one MatMul(probs slice, V) per block summed by Adds; exactly one block
+  reads the K/V projections, the others read graph inputs (the cache, recorded in `cache`);
 - fused attention (a decoder's `com.microsoft:GroupQueryAttention`): its query, key and value inputs
-  are the q/k/v projections' outputs, its first output feeds the output projection, and its
-  `num_heads` / `kv_num_heads` attributes count the heads;
+  are the q/k/v projections' outputs, its past key/value inputs the cache, its first output feeds
+  the output projection, and its `num_heads` / `kv_num_heads` attributes count the heads;
 - FFN: a projection whose input is an elementwise function (SiLU·up, GELU, ReLU) of one or more
   projections of equal width (gate/up → down);
 - conv chains: Conv → [BatchNormalization] → [unary activation] → Conv(s) reading its channels.
@@ -40,8 +43,13 @@ ELEMENTWISE = {
 }
 UNARY_ACTIVATIONS = {"Relu", "Clip", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "LeakyRelu", "Gelu", "Elu", "Identity"}
 # Ops between a Q/K/V projection and the attention MatMuls that only move heads and positions around.
-HEAD_LAYOUT = {"Reshape", "Transpose", "Unsqueeze", "Expand", "Mul", "Add", "Div", "Slice", "Neg", "Concat", "Squeeze", "Cast"}
+HEAD_LAYOUT = {"Reshape", "Transpose", "Unsqueeze", "Expand", "Mul", "Add", "Div", "Slice", "Neg", "Concat", "Squeeze", "Cast",
+               "Split", "Sub"}
 SHAPE_OPS = ("Reshape", "Expand")
+# Ops between the scores MatMul(s) and the Softmax, and between the Softmax and the MatMul(s) with V.
+SCORES_PATH = {"Add", "Mul", "Div", "Where", "Sub", "Cast", "Reshape"}
+PROBS_PATH = {"Where", "IsNaN", "Cast", "Dropout", "Identity", "Reshape", "Slice"}
+CACHE_READ = {"Transpose", "Cast", "Identity"}  # how a cache input may reach the attention MatMuls
 
 
 @dataclass(frozen=True)
@@ -63,7 +71,7 @@ class Projection:
 class ShapeSite:
     """One entry of a Reshape/Expand shape that counts heads: `kind` says which count.
 
-    kind: "q_heads", "kv_heads" or "q_width" (q_heads × head_dim).
+    kind: "q_heads", "kv_heads" or "q_width" (q_heads × head_dim); `node` reads the shape at `input_index`.
     """
 
     node: str
@@ -79,7 +87,9 @@ class AttentionGroup:
     Query head h belongs to KV group h // (num_heads // num_kv_heads) (HF `repeat_kv` order).
     MHA is the case num_kv_heads == num_heads: every group is one head. `kernel` names the fused
     attention node (GroupQueryAttention) whose `num_heads` / `kv_num_heads` attributes count the
-    heads, when attention is one such node rather than MatMuls around a Softmax.
+    heads, when attention is one such node rather than MatMuls around a Softmax. `cache` names the
+    graph inputs read as past keys and values ([batch, kv_heads, positions, head_dim]): they lose
+    the removed groups too, which only the model's signature can record.
     """
 
     name: str
@@ -92,6 +102,7 @@ class AttentionGroup:
     head_dim: int
     shape_sites: list[ShapeSite] = field(default_factory=list)
     kernel: str | None = None
+    cache: tuple[str, ...] = ()
 
     @property
     def group_size(self) -> int:
@@ -273,42 +284,124 @@ def shape_entries(tensor: gs.Tensor) -> list[int | None] | None:
 
 
 # ----------------------------------------------------------------------------- attention
-def _attention_mats(softmax: gs.Node):
-    """(scores MatMul, values MatMul) around a Softmax, or a reason string."""
-    scores = None
-    queue = deque([(softmax.inputs[0], 0)])
+def _activation_matmul(node: gs.Node | None) -> bool:
+    return node is not None and node.op == "MatMul" and not any(_const(t) for t in node.inputs)
+
+
+def _key_blocks(node: gs.Node) -> list[gs.Node] | None:
+    """The scores MatMuls a Concat joins on the last (key) axis, one per key block; None if it is no such Concat."""
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else None
+    if node.op != "Concat" or node.attrs.get("axis") not in (-1, rank and rank - 1):
+        return None
+    mats = [_producer(t) for t in node.inputs]
+    return mats if all(_activation_matmul(m) for m in mats) else None
+
+
+def _score_mats(softmax: gs.Node) -> tuple[list[gs.Node], list[gs.Node]] | None:
+    """The scores MatMul(s) within 4 ops before a Softmax (one, or one per key block) and the Reshapes
+    between them and the Softmax."""
+    queue = deque([(softmax.inputs[0], 0, ())])
     while queue:
-        tensor, depth = queue.popleft()
+        tensor, depth, reshapes = queue.popleft()
         node = _producer(tensor)
         if node is None or depth > 4:
             continue
-        if node.op == "MatMul" and not any(_const(t) for t in node.inputs):
-            scores = node
-            break
-        if node.op in ("Add", "Mul", "Div", "Where", "Sub", "Cast"):
-            queue.extend((t, depth + 1) for t in node.inputs if not _const(t))
-    if scores is None:
-        return f"Softmax '{softmax.name}': no MatMul(Q, Kᵀ) of two activations within 4 ops before it"
-    values, frontier = None, [softmax.outputs[0]]
+        if _activation_matmul(node):
+            return [node], list(reshapes)
+        blocks = _key_blocks(node)
+        if blocks is not None:
+            return blocks, list(reshapes)
+        if node.op == "Reshape":
+            queue.append((node.inputs[0], depth + 1, (*reshapes, node)))
+        elif node.op in SCORES_PATH:
+            queue.extend((t, depth + 1, reshapes) for t in node.inputs if not _const(t))
+    return None
+
+
+def _value_mats(softmax: gs.Node) -> tuple[list[gs.Node], list[gs.Node]]:
+    """The MatMul(probs, V) nodes nearest after a Softmax (through Reshape/Slice/casts, within 4 ops)
+    and the Reshapes on their way."""
+    frontier: list[tuple[gs.Tensor, tuple]] = [(softmax.outputs[0], ())]
     for _ in range(4):
-        nxt = []
-        for tensor in frontier:
+        nxt, found, reshapes = [], [], []
+        for tensor, path in frontier:
             for consumer in tensor.outputs:
                 if consumer.op == "MatMul" and consumer.inputs[0] is tensor and not _const(consumer.inputs[1]):
-                    values = consumer
-                elif consumer.op in ("Where", "IsNaN", "Cast", "Dropout", "Identity"):
-                    nxt.extend(consumer.outputs)
-        if values is not None:
-            break
+                    found.append(consumer)
+                    reshapes.extend(n for n in path if n not in reshapes)
+                elif consumer.op in PROBS_PATH and consumer.inputs[0] is tensor:
+                    step = (consumer,) if consumer.op == "Reshape" else ()
+                    nxt.extend((t, (*path, *step)) for t in consumer.outputs)
+        if found:
+            return found, reshapes
         frontier = nxt
-    if values is None:
+    return [], []
+
+
+def _summed(values: list[gs.Node]) -> gs.Tensor | None:
+    """The tensor holding the sum of the MatMuls' outputs (a chain of Adds), or their one output."""
+    tensor, left = values[0].outputs[0], {id(v.outputs[0]) for v in values[1:]}
+    while left:
+        if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Add":
+            return None
+        add = tensor.outputs[0]
+        other = [t for t in add.inputs if t is not tensor]
+        if len(other) != 1 or id(other[0]) not in left:
+            return None
+        left.discard(id(other[0]))
+        tensor = add.outputs[0]
+    return tensor
+
+
+def _attention_mats(softmax: gs.Node):
+    """(scores MatMuls, values MatMuls, attention output, Reshapes on the scores/probs path) around a
+    Softmax, one MatMul of each per key block; or a reason string."""
+    found = _score_mats(softmax)
+    if found is None:
+        return f"Softmax '{softmax.name}': no MatMul(Q, Kᵀ) of two activations within 4 ops before it"
+    scores, score_reshapes = found
+    values, prob_reshapes = _value_mats(softmax)
+    if not values:
         return f"Softmax '{softmax.name}': no MatMul(probs, V) within 4 ops after it"
-    return scores, values
+    if len(values) != len(scores):
+        return (f"Softmax '{softmax.name}': {len(scores)} key blocks ({', '.join(m.name for m in scores)}) but "
+                f"{len(values)} MatMul(probs, V) after it")
+    out = _summed(values)
+    if out is None:
+        return f"Softmax '{softmax.name}': the MatMul(probs, V) blocks {', '.join(m.name for m in values)} are not summed by Adds"
+    return scores, values, out, score_reshapes + prob_reshapes
 
 
-def _output_projection(values: gs.Node):
-    """Follow the attention output through Transpose/Reshape to the output projection."""
-    tensor, walked = values.outputs[0], []
+def _cache_input(tensor: gs.Tensor, inputs: set[int]) -> gs.Tensor | None:
+    """The graph input that `tensor` is, or reads through Transpose/Cast/Identity: a cached K/V block."""
+    for _ in range(3):
+        if id(tensor) in inputs:
+            return tensor
+        node = _producer(tensor)
+        if node is None or node.op not in CACHE_READ:
+            return None
+        tensor = node.inputs[0]
+    return None
+
+
+def _new_block(mats: list[gs.Node], inputs: set[int]) -> tuple[gs.Tensor | None, list[str]]:
+    """Of the K (or V) inputs of one attention's blocks: the one not read from a graph input, and the
+    graph inputs the others read (a single block is always the new one)."""
+    if len(mats) == 1:
+        return mats[0].inputs[1], []
+    new, cache = [], []
+    for mat in mats:
+        past = _cache_input(mat.inputs[1], inputs)
+        if past is None:
+            new.append(mat.inputs[1])
+        else:
+            cache.append(past.name)
+    return (new[0] if len(new) == 1 else None), cache
+
+
+def _output_projection(tensor: gs.Tensor):
+    """Follow the attention output `tensor` through Transpose/Reshape to the output projection."""
+    walked = []
     for _ in range(4):
         if len(tensor.outputs) != 1:
             return None, walked
@@ -337,10 +430,16 @@ def _head_dim(reshapes: list[gs.Node], proj_out: gs.Tensor) -> int | None:
 
 
 def _classify_shape(node: gs.Node, role: str, entries: list[int | None], counts: dict[str, int]) -> list[ShapeSite] | str:
-    """Which entries of a Reshape/Expand shape on a q/k/v/o path count heads.
+    """Which entries of a Reshape/Expand shape on a q/k/v/o or scores path count heads.
 
-    Rules (layout [batch, seq, heads, head_dim] after the split; GQA repeat as HF's repeat_kv):
+    Rules (layout [batch, seq, heads, head_dim] after the split, [batch, heads, seq, head_dim] after
+    the transpose; GQA repeat as HF's repeat_kv, or queries grouped per KV head instead):
+    - on the scores/probabilities path (role "scores"), a Reshape to rank 5 [b, kv, rep, s, t]:
+      entry 1 counts KV heads; to rank 4: entry 1 is the heads axis, KV heads where queries are
+      grouped per KV head ([b, kv, rep·s, t]), else query heads ([b, heads, s, t]): its value says which;
     - split Reshape (rank 3 → 4) of a projection: entry -2 counts that branch's heads;
+    - Reshape rank 4 → 4 grouping queries per KV head ([b, kv, rep·s, d], q path): entry 1 counts
+      KV heads; and back ([b, heads, s, d], o path): entry 1 counts query heads;
     - Expand to rank 5 [b, kv, rep, s, d]: entry 1 counts KV heads;
     - Reshape rank 5 → 4 after the Expand: entry 1 counts query heads;
     - merge Reshape (rank 4 → 3) before the output projection: entry -1 is q_heads × head_dim.
@@ -350,16 +449,22 @@ def _classify_shape(node: gs.Node, role: str, entries: list[int | None], counts:
     rank_in = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
     n = len(entries)
     heads_kind = "q_heads" if role in ("q", "o") else "kv_heads"
-    if node.op == "Reshape" and n == 4 and rank_in == 3:
+    if all(e is None or e <= 0 for e in entries):
+        return []
+    if role == "scores" and node.op == "Reshape" and n in (4, 5):
+        pos, kind = 1, "kv_heads" if n == 5 or entries[1] == counts["kv_heads"] else "q_heads"
+    elif role == "scores":
+        return f"{node.op} '{node.name}': cannot tell which entry of its shape {entries} counts heads (scores path)"
+    elif node.op == "Reshape" and n == 4 and rank_in == 3:
         pos, kind = n - 2, heads_kind
+    elif node.op == "Reshape" and n == 4 and rank_in == 4 and role in ("q", "o"):
+        pos, kind = 1, "kv_heads" if role == "q" else "q_heads"
     elif node.op == "Expand" and n == 5:
         pos, kind = 1, "kv_heads"
     elif node.op == "Reshape" and n == 4 and rank_in == 5:
         pos, kind = 1, "q_heads"
     elif node.op == "Reshape" and n == 3 and rank_in == 4 and role == "o":
         pos, kind = 2, "q_width"
-    elif all(e is None or e <= 0 for e in entries):
-        return []
     else:
         return f"{node.op} '{node.name}': cannot tell which entry of its shape {entries} counts heads"
     value = entries[pos]
@@ -370,26 +475,35 @@ def _classify_shape(node: gs.Node, role: str, entries: list[int | None], counts:
     return [ShapeSite(node.name, 1, pos, kind)]
 
 
-def _match_attention(softmax: gs.Node, tensors: dict) -> AttentionGroup | str:
+def _match_attention(softmax: gs.Node, tensors: dict, inputs: set[int]) -> AttentionGroup | str:
     mats = _attention_mats(softmax)
     if isinstance(mats, str):
         return mats
-    scores, values = mats
+    scores, values, out, path = mats
+    if len({id(m.inputs[0]) for m in scores}) != 1:
+        return f"Softmax '{softmax.name}': its key blocks {', '.join(m.name for m in scores)} read different queries"
+    starts, cache = {"q": scores[0].inputs[0]}, []
+    for role, blocks in (("k", scores), ("v", values)):
+        starts[role], read = _new_block(blocks, inputs)
+        if starts[role] is None:
+            return (f"Softmax '{softmax.name}': of its {role.upper()} blocks ({', '.join(m.name for m in blocks)}), "
+                    "not exactly one reads a projection with the others reading graph inputs (a cache)")
+        cache += read
     branches = {}
     walked_by_role = {}
-    for role, start in (("q", scores.inputs[0]), ("k", scores.inputs[1]), ("v", values.inputs[1])):
+    for role, start in starts.items():
         found, walked, _ = _trace_back(start, HEAD_LAYOUT)
         if len(found) != 1:
             what = "no projection" if not found else f"{len(found)} projections ({', '.join(n.name for n in found)})"
-            return f"Softmax '{softmax.name}': the {role.upper()} input of '{scores.name if role != 'v' else values.name}' traces back to {what}"
+            return f"Softmax '{softmax.name}': the {role.upper()} input '{start.name}' traces back to {what}"
         proj = _projection(found[0])
         if proj is None or found[0].op != "MatMul":
             return f"Softmax '{softmax.name}': {role.upper()} projection '{found[0].name}' is not a MatMul with an [in, out] weight"
         branches[role], walked_by_role[role] = proj, walked
-    o_node, o_walked = _output_projection(values)
+    o_node, o_walked = _output_projection(out)
     if o_node is None or o_node.op != "MatMul":
-        return f"Softmax '{softmax.name}': no output projection after '{values.name}' (through Transpose/Reshape only)"
-    branches["o"], walked_by_role["o"] = _projection(o_node), o_walked
+        return f"Softmax '{softmax.name}': no output projection after '{out.name}' (through Transpose/Reshape only)"
+    branches["o"], walked_by_role["o"], walked_by_role["scores"] = _projection(o_node), o_walked, path
     q_width = _width(tensors, branches["q"])
     kv_width = _width(tensors, branches["k"])
     if _width(tensors, branches["v"]) != kv_width:
@@ -414,10 +528,10 @@ def _match_attention(softmax: gs.Node, tensors: dict) -> AttentionGroup | str:
                 return found
             sites.extend(found)
     return AttentionGroup(branches["o"].weight, branches["q"], branches["k"], branches["v"], branches["o"],
-                          heads, kv_heads, head_dim, sites)
+                          heads, kv_heads, head_dim, sites, cache=tuple(cache))
 
 
-def _match_fused_attention(node: gs.Node, tensors: dict) -> AttentionGroup | str:
+def _match_fused_attention(node: gs.Node, tensors: dict, inputs: set[int]) -> AttentionGroup | str:
     """A GroupQueryAttention node and the q/k/v/o projections around it (q, k, v unpacked)."""
     if len(node.inputs) < 3 or not all(t.name for t in node.inputs[:3]):
         return (f"GroupQueryAttention '{node.name}': query, key and value are packed in one input; "
@@ -429,7 +543,7 @@ def _match_fused_attention(node: gs.Node, tensors: dict) -> AttentionGroup | str
         if blocked is not None or proj is None or proj.output != start.name:
             return f"GroupQueryAttention '{node.name}': its {role.upper()} input '{start.name}' is not a MatMul projection's output"
         branches[role] = proj
-    o_node, walked = _output_projection(node)
+    o_node, walked = _output_projection(node.outputs[0])
     if o_node is None or o_node.op != "MatMul" or walked:
         return f"GroupQueryAttention '{node.name}': its output is not read by one MatMul projection alone"
     heads, kv_heads = int(node.attrs["num_heads"]), int(node.attrs["kv_num_heads"])
@@ -440,8 +554,9 @@ def _match_fused_attention(node: gs.Node, tensors: dict) -> AttentionGroup | str
                 f"kv_num_heads {kv_heads}")
     if int(tensors[o_node.inputs[1].name].values.shape[0]) != q_width:
         return f"GroupQueryAttention '{node.name}': the output projection '{o_node.name}' is not {q_width} wide"
+    cache = tuple(t.name for t in node.inputs[3:5] if id(t) in inputs)
     return AttentionGroup(o_node.inputs[1].name, branches["q"], branches["k"], branches["v"], _projection(o_node),
-                          heads, kv_heads, head_dim, kernel=node.name)
+                          heads, kv_heads, head_dim, kernel=node.name, cache=cache)
 
 
 # ----------------------------------------------------------------------------- FFN and conv
@@ -515,11 +630,12 @@ def find_structures(model: Model) -> StructureMap:
     tensors = graph.tensors()
     found = StructureMap()
     claimed: set[str] = set()
+    inputs = {id(t) for t in graph.inputs}
     for node in graph.nodes:
         if node.op == "GroupQueryAttention":
-            match = _match_fused_attention(node, tensors)
+            match = _match_fused_attention(node, tensors, inputs)
         elif node.op == "Softmax":
-            match = _match_attention(node, tensors)
+            match = _match_attention(node, tensors, inputs)
         else:
             continue
         if isinstance(match, AttentionGroup):

@@ -192,25 +192,30 @@ def _zeroed_kv_groups(form: str):
     return model
 
 
-def test_prune_structure_removes_a_zeroed_kv_group_and_shrinks_the_cache():
-    """Catches: KV groups not matched on a decoder (its attention is one GroupQueryAttention), a
-    group other than the zeroed one removed in some layer, num_heads / kv_num_heads, the cache
-    inputs and outputs or the spec's kv_heads left at 2, and prefill or decode steps that no longer
-    compute the zeroed decoder; the broken variant (the live group removed) must fail the same check."""
-    zeroed = _zeroed_kv_groups("ort")
+@pytest.mark.parametrize("form", FORMS)
+def test_prune_structure_removes_a_zeroed_kv_group_and_shrinks_the_cache(form):
+    """Catches: KV groups not matched on a decoder (ort: one GroupQueryAttention per layer; portable:
+    the cache and the new rows as two key blocks, queries grouped per KV head), a group other than
+    the zeroed one removed in some layer, num_heads / kv_num_heads, a shape constant counting heads,
+    the cache inputs and outputs of any graph (portable: prefill and decode) or the spec's kv_heads
+    left at 2, and prefill or decode steps that no longer compute the zeroed decoder; the broken
+    variant (the live group removed) must fail the same check."""
+    zeroed = _zeroed_kv_groups(form)
     model, steps = _run([PruneStructure(heads=1)], zeroed)
     stats = steps["prune_structure"].stats
     assert stats["kv_groups_removed"] == 2 and stats["heads_removed"] == 4 and stats["decoder_kv_heads"] == 1
     assert [r["removed"] for r in model.meta.pruning] == [[g] for g in KV_ZEROED]
     spec = DecoderSpec.of(model)
     assert (spec.kv_heads, spec.heads, spec.head_dim) == (1, 2, 16)
-    proto = DecoderGraphs.of(model, log=_quiet).graphs["model.onnx"].graph
-    cache = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in [*proto.input, *proto.output]
-             if v.name in spec.past_names + spec.present_names}
-    assert len(cache) == 8 and set(cache.values()) == {1}, cache
-    heads = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")} for n in proto.node
-             if n.op_type == "GroupQueryAttention"]
-    assert heads == [{"num_heads": 2, "kv_num_heads": 1}] * 2
+    graphs = DecoderGraphs.of(model, log=_quiet)
+    assert len(graphs.graphs) == (1 if form == "ort" else 2)
+    for file, proto in graphs.graphs.items():
+        cache = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in [*proto.graph.input, *proto.graph.output]
+                 if v.name in spec.past_names + spec.present_names}
+        assert len(cache) == 8 and set(cache.values()) == {1}, (file, cache)
+        heads = [{a.name: a.i for a in n.attribute if a.name.endswith("num_heads")} for n in proto.graph.node
+                 if n.op_type == "GroupQueryAttention"]
+        assert heads == ([{"num_heads": 2, "kv_num_heads": 1}] * 2 if form == "ort" else []), file
     presents = model.run(prefill_feeds(spec, np.array(PROMPT)))[1:]
     assert [p.shape for p in presents] == [(1, 1, len(PROMPT), 16)] * 4
     tokens = Generator.load(zeroed, threads=1, log=_quiet).generate(PROMPT, max_new_tokens=STEPS).tokens
@@ -224,18 +229,19 @@ def test_prune_structure_removes_a_zeroed_kv_group_and_shrinks_the_cache():
     assert not np.allclose(_steps(wrong, tokens), expected, rtol=0, atol=1e-4)
 
 
-def test_prune_structure_refuses_kv_groups_a_decoder_cannot_hold():
+@pytest.mark.parametrize("form", FORMS)
+def test_prune_structure_refuses_kv_groups_a_decoder_cannot_hold(form):
     """Catches: a KV group removed from one layer only (the spec has one kv_heads for every layer:
-    the cache shapes would lie), a GroupQueryAttention pruned where no spec describes its cache,
-    and KV group removal on the portable form failing with a message that does not name the form."""
+    the cache shapes would lie), on either form, and attention whose cache no spec describes
+    (GroupQueryAttention, or the portable form's MatMuls reading past_key_values.N.*) pruned anyway."""
     from graphopt.lowering import lower
 
-    decoder = tiny_decoder("ort")
+    decoder = tiny_decoder(form)
     with pytest.raises(graphopt.GraphoptError, match="one kv_heads for every layer.*1 of its 2 layers"):
         _run([PruneStructure(heads=1, layer_ratios={"model.layers.1.self_attn.o_proj.weight": 0.0})], decoder)
     unspecified = lower(decoder, log=_quiet).copy()
     del unspecified.meta.extra["decoder"]
-    with pytest.raises(graphopt.GraphoptError, match=r"GroupQueryAttention .* \(no decoder spec\)"):
+    what = "GroupQueryAttention '.*'" if form == "ort" else "attention 'model.layers.0.self_attn.o_proj.weight'"
+    with pytest.raises(graphopt.GraphoptError, match=rf"{what} reads a KV cache \(past_key_values.0.key, "
+                                                     r"past_key_values.0.value\) .*\(no decoder spec\)"):
         _run([PruneStructure(heads=1)], unspecified)
-    with pytest.raises(graphopt.GraphoptError, match="'heads'.*'portable' form"):
-        _run([PruneStructure(heads=1)], tiny_decoder("portable"))
