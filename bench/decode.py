@@ -17,7 +17,9 @@ DynamicCache; end-of-sequence tokens do not stop it), each row gets:
 - speed, rows interleaved round by round (one process per row and round), medians over the rounds:
   `prefill_s` (the protocol's longest context as one prompt), `tok_s@N` (decode tokens/s after a
   prompt of N tokens), `load` (the machine's 1-minute load average before the row's runs);
-- `bytes` (graphs and weights on disk), `peak_rss` (the largest of the row's processes).
+- `bytes` (graphs and weights on disk), `peak_rss` (the largest of the row's speed processes: the
+  runtime, its model, the longest prompt and the decode steps; the fidelity process also maps
+  transformers' reference logits, which are not the runtime's memory).
 Token ids are fed directly to every runtime (onnxruntime-genai's tokenizer mis-encodes a
 tokenizer saved from a GGUF model).
 """
@@ -262,7 +264,6 @@ def measure_decode_table(table: Table, ctx: Context, rows: list[Row]) -> dict[st
         for name, row in built.items():
             ctx.log(f"bench: {table.name}: fidelity of {name} ...")
             answer = _worker(row, "fidelity", job, f"table '{table.name}', row '{name}'")
-            rss[name].append(answer["peak_rss"])
             values[name] = {"bytes": model_bytes(row.folder), **agreement(np.array(answer["greedy"]), reference.tokens),
                             "tf_overlap@1": float(np.mean(np.array(answer["top1"]) == reference.tokens)),
                             "logits_max_diff": answer["max_diff"], "build_s": row.seconds}
