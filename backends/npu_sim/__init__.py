@@ -7,8 +7,11 @@ simulator on the model's sample inputs and compares with onnxruntime on the QDQ 
 
 A portable decoder compiles to prefill.* and decode.* (each such a set of files) and decode_cost.{json,md}:
 the per-token cost of a decode step at several contexts, with the KV cache resident in the memory
-model (`graphopt.backends.npu_sim.decoder`). validate runs a prefill and decode steps in the
+model (`graphopt.backends.npu_sim.decoder`); the JSON also holds the decoder's spec and compile-time
+prompt, so the folder runs on its own. validate runs a prefill and decode steps in the
 simulator, each program fed by the host's static cache, against onnxruntime on the same graphs.
+`simulate` runs an emitted folder of either kind: one program on its feeds, or a decoder's prefill
+and greedy decode steps with their per-step cost.
 """
 
 from __future__ import annotations
@@ -21,7 +24,17 @@ import numpy as np
 
 from graphopt.backends.npu_sim.compiler import compile_model
 from graphopt.backends.npu_sim.cost import estimate, load_profile
-from graphopt.backends.npu_sim.decoder import ProgramSession, cost_markdown, step_cost, step_feeds
+from graphopt.backends.npu_sim.decoder import (
+    PACKAGE_INDEX,
+    cost_markdown,
+    greedy_steps,
+    is_package,
+    program_prefix,
+    program_sessions,
+    read_package,
+    step_cost,
+    step_feeds,
+)
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
 from graphopt.errors import BackendError, OptionError
@@ -45,6 +58,7 @@ DEFAULT_SEQ = 128
 MAX_BATCH = 1024  # a simulated NPU runs one batch at a time; these bound what compile allocates
 MAX_SEQ_LEN = 1 << 15
 MIN_VALID_COSINE = 0.99  # validate fails below this mean cosine against onnxruntime on the QDQ model
+DECODE_STEPS = 8  # greedy decode steps `simulate` runs after a decoder's prefill by default
 
 
 def _fit(array: np.ndarray, batch: int, seq: int) -> np.ndarray:
@@ -149,6 +163,7 @@ class NpuSim(Backend):
         require_portable(spec, self.name, model.name)
         contexts = self._contexts(spec.capacity)
         ids = validation_feeds(model)[0][0]["input_ids"]
+        prompt = np.asarray(ids, np.int64).reshape(-1)[:spec.prefill_chunk]  # the prefill example's tokens
         profile = load_profile(self.profile)
         programs, reports = {}, {}
         for file, seq in graph_files(spec).items():
@@ -161,16 +176,17 @@ class NpuSim(Backend):
         files = []
         with OutputSet(out_dir, inputs=[model.source], force=force) as out:
             for file, program in programs.items():
-                prefix = f"{Path(file).stem}."
+                prefix = program_prefix(file)
                 program.save(out.staging, prefix)
                 atomic_write_text(out.path(f"{prefix}cost.csv"), reports[file].to_csv())
                 atomic_write_text(out.path(f"{prefix}cost.md"), reports[file].to_markdown())
                 write_json(out.path(f"{prefix}host_partition.json"), program.host_partition)
                 files += [out_dir / f"{prefix}{n}" for n in ("program.json", "weights.npz", "cost.csv", "cost.md",
                                                                "host_partition.json")]
-            write_json(out.path("decode_cost.json"), {"profile": profile.name, "per_token": per_token})
+            write_json(out.path(PACKAGE_INDEX), {"profile": profile.name, "per_token": per_token,
+                                                 "decoder": spec.to_json(), "prompt": prompt.tolist()})
             atomic_write_text(out.path("decode_cost.md"), cost_markdown(model.name, profile.name, per_token))
-            files += [out_dir / "decode_cost.json", out_dir / "decode_cost.md"]
+            files += [out_dir / PACKAGE_INDEX, out_dir / "decode_cost.md"]
         return Artifact(self.name, out_dir, files, report={
             "graphs": {file: {"npu_ops": p.count("npu"), "host_ops": p.count("host"), "cost": reports[file].totals,
                               "host_partition": _partition_summary(p)} for file, p in programs.items()},
@@ -181,8 +197,7 @@ class NpuSim(Backend):
         spec = graphs.spec
         require_portable(spec, self.name, model.name)
         profile = load_profile(self.profile)
-        sims = {file: ProgramSession(Program.load(artifact.out_dir, f"{Path(file).stem}."), profile, spec)
-                for file in graphs.graphs}
+        sims = program_sessions(artifact.out_dir, profile, spec)
         start = time.perf_counter()
         pairs = decoder_steps(spec, graphs.sessions(), sims, model)
         seconds = time.perf_counter() - start
@@ -223,7 +238,6 @@ class NpuSim(Backend):
                                f"(mean cosine {found['cosine']:.4f} < {MIN_VALID_COSINE})")
         return found
 
-
     def simulate(self, folder: str | Path, feeds: dict[str, np.ndarray] | None = None) -> dict:
         """Run an emitted program folder on `feeds` (default: its compile-time example) and cost it
         on this backend's profile: {"program", "outputs" (by name), "simulate_s", NPU/host op
@@ -240,6 +254,31 @@ class NpuSim(Backend):
         return {"program": program, "outputs": dict(zip(program.output_names, outputs)),
                 "simulate_s": time.perf_counter() - start, "npu_ops": program.count("npu"),
                 "host_ops": program.count("host"), "profile": profile.name, "cost": estimate(program, profile).totals}
+
+    def simulate_decoder(self, folder: str | Path, prompt: list[int] | None = None,
+                         steps: int = DECODE_STEPS) -> dict:
+        """Run an emitted decoder package: a prefill of `prompt` (default: the package's compile-time
+        prompt) and `steps` greedy decode steps, the cache carried between them as validation
+        carries it, each step costed on this backend's profile. Returns {"package", "profile",
+        "prompt", "tokens" (one per step), "steps" (per step: token, context, cycles, time_ms,
+        bytes_moved, ...; `decoder.greedy_steps`), "totals", "simulate_s", "logits" [steps + 1,
+        vocab]}. A package missing a file, or whose files come from two runs, is refused."""
+        spec, example = read_package(folder)
+        profile = load_profile(self.profile)
+        sessions = program_sessions(folder, profile, spec)
+        prompt = example if prompt is None else [int(t) for t in prompt]
+        start = time.perf_counter()
+        rows, logits = greedy_steps(spec, sessions, prompt, steps)
+        seconds = time.perf_counter() - start
+        totals = {key: sum(row[key] for row in rows) for key in ("cycles", "time_ms", "bytes_moved")}
+        return {"package": str(folder), "profile": profile.name, "prompt": prompt,
+                "tokens": [row["token"] for row in rows], "steps": rows, "totals": totals, "simulate_s": seconds,
+                "logits": logits}
+
+    @staticmethod
+    def is_decoder_package(folder: str | Path) -> bool:
+        """Whether `folder` is an emitted decoder package (run it with `simulate_decoder`)."""
+        return is_package(folder)
 
 
 def _partition_summary(program: Program) -> dict[str, int]:

@@ -10,19 +10,35 @@ cost of the program's ops (`cost.estimate`, which takes the cache inputs as alre
 a decode step's cycles and bytes grow with the context while its weights stream stays the same.
 `ProgramSession` runs a program where `graphopt.evaluation.generation.Decoding` expects an
 onnxruntime session, and records each run's cost at the context its mask shows.
+
+The package (`NpuSim.emit`): `prefix`program.json + weights.npz per graph (`program_prefix`) and
+decode_cost.json, which also holds the decoder's spec and its compile-time prompt, so
+`read_package` + `program_sessions` + `greedy_steps` run it with nothing but the folder.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from graphopt.backends.npu_sim.cost import Profile, estimate
 from graphopt.backends.npu_sim.program import Program
 from graphopt.backends.npu_sim.simulator import Simulator
-from graphopt.errors import BackendError
+from graphopt.errors import BackendError, OptionError
+from graphopt.evaluation.generation import Decoding
+from graphopt.files.reading import read_json, want_dict, want_int, want_list
+from graphopt.files.writing import check_manifest
 from graphopt.ir.decoder import DecoderSpec, smart_mask
+from graphopt.lowering.decoder import graph_files
 
-__all__ = ["step_feeds", "step_cost", "ProgramSession", "cost_markdown"]
+__all__ = ["step_feeds", "step_cost", "ProgramSession", "cost_markdown", "program_prefix", "program_sessions",
+           "is_package", "read_package", "greedy_steps", "PACKAGE_INDEX"]
+
+PACKAGE_INDEX = "decode_cost.json"  # a decoder package's per-token costs, spec and compile-time prompt
+PROGRAM_FILES = ("program.json", "weights.npz")
+MAX_INDEX_BYTES = 1 << 24
+SUMMED = ("cycles", "cache_cycles", "time_ms", "cache_read_bytes", "cache_write_bytes", "bytes_moved")
 
 
 def step_feeds(spec: DecoderSpec, ids: np.ndarray, seq: int) -> dict[str, np.ndarray]:
@@ -84,3 +100,74 @@ def cost_markdown(name: str, profile: str, rows: list[dict]) -> str:
               f"{r['weight_bytes']:,} | {r['cache_read_bytes']:,} | {r['cache_write_bytes']:,} | "
               f"{r['bytes_moved']:,} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def program_prefix(file: str) -> str:
+    """The prefix of graph `file`'s program files in a decoder package (prefill.onnx: "prefill.")."""
+    return f"{Path(file).stem}."
+
+
+def program_sessions(folder: str | Path, profile: Profile, spec: DecoderSpec) -> dict[str, ProgramSession]:
+    """A `ProgramSession` of each program of a decoder package, by its graph's file name."""
+    return {file: ProgramSession(Program.load(folder, program_prefix(file)), profile, spec) for file in graph_files(spec)}
+
+
+def is_package(folder: str | Path) -> bool:
+    """Whether `folder` holds a decoder's programs (its index or a prefixed program) and no single program."""
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / "program.json").exists():
+        return False
+    return (folder / PACKAGE_INDEX).exists() or any(folder.glob("*.program.json"))
+
+
+def read_package(folder: str | Path) -> tuple[DecoderSpec, list[int]]:
+    """The spec and compile-time prompt of the decoder package in `folder`, after checking that its
+    index and every program file are there and are the files its manifest recorded (one run's).
+    A missing or malformed file is a BackendError naming it."""
+    folder = Path(folder)
+    index = folder / PACKAGE_INDEX
+    if not index.is_file():
+        raise BackendError(f"{index}: missing: {folder} holds decoder programs but not the index npu-sim writes "
+                           "beside them; emit the package again")
+    data = want_dict(read_json(index, max_bytes=MAX_INDEX_BYTES, error=BackendError, what="npu-sim decoder index"),
+                     str(index), BackendError)
+    if "decoder" not in data:
+        raise BackendError(f"{index}: no 'decoder' spec (written by an older graphopt); emit the package again")
+    spec = DecoderSpec.from_json(data["decoder"], f"{index}: 'decoder'", BackendError)
+    if spec.form != "portable":
+        raise BackendError(f"{index}: 'decoder': form {spec.form!r}; an npu-sim package holds a portable decoder")
+    names = [f"{program_prefix(file)}{name}" for file in graph_files(spec) for name in PROGRAM_FILES]
+    for name in names:
+        if not (folder / name).is_file():
+            raise BackendError(f"{folder / name}: missing from the npu-sim decoder package {folder}; emit it again")
+    check_manifest(folder, [PACKAGE_INDEX, *names])
+    prompt = want_list(data.get("prompt", []), f"{index}: 'prompt'", BackendError, max_len=spec.capacity)
+    return spec, [want_int(t, f"{index}: 'prompt' entry {i}", BackendError, lo=0, hi=spec.vocab - 1)
+                  for i, t in enumerate(prompt)]
+
+
+def greedy_steps(spec: DecoderSpec, sessions: dict, prompt: list[int], steps: int) -> tuple[list[dict], np.ndarray]:
+    """A prefill of `prompt` and `steps` greedy decode steps, each feeding the token the step before
+    chose, through `sessions` (file name -> `ProgramSession`) with one static cache carried between
+    them by `Decoding`, as validation runs them. Returns a row per step (what it fed, the token it
+    chose, the cache slots its first run saw, how many program runs it took and their summed cost)
+    and the logits each token was chosen from [steps + 1, vocab]."""
+    if not prompt:
+        raise OptionError("the prompt has no token ids")
+    if len(prompt) + steps > spec.capacity:
+        raise OptionError(f"a prompt of {len(prompt)} tokens and {steps} decode steps do not fit the decoder's "
+                          f"cache of {spec.capacity} slots; use fewer steps or a shorter prompt")
+    bad = [t for t in prompt if not 0 <= t < spec.vocab]
+    if bad:
+        raise OptionError(f"token id {bad[0]} is outside the decoder's vocabulary of {spec.vocab}")
+    decoding = Decoding(spec, sessions, len(prompt) + steps)
+    rows, logits, ids = [], [], [int(t) for t in prompt]
+    for index in range(steps + 1):
+        marks = {file: len(session.costs) for file, session in sessions.items()}
+        logits.append(decoding.feed(ids, last=True))
+        runs = [cost for file, session in sessions.items() for cost in session.costs[marks[file]:]]
+        rows.append({"step": f"decode {index}" if index else "prefill", "fed": len(ids),
+                     "token": int(np.argmax(logits[-1])), "context": runs[0]["context"], "runs": len(runs),
+                     **{key: sum(run[key] for run in runs) for key in SUMMED}})
+        ids = [rows[-1]["token"]]
+    return rows, np.stack(logits)

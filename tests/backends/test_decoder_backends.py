@@ -2,6 +2,7 @@
 encodings, and validates them on a prefill and decode steps with a KV cache."""
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -11,8 +12,7 @@ import graphopt
 from graphopt import cli
 from graphopt.backends.npu_sim import NpuSim, kernels
 from graphopt.backends.npu_sim.cost import load_profile
-from graphopt.backends.npu_sim.decoder import ProgramSession
-from graphopt.backends.npu_sim.program import Program
+from graphopt.backends.npu_sim.decoder import program_sessions
 from graphopt.backends.ort_mobile import _config_ops
 from graphopt.backends.qnn import Qnn
 from graphopt.errors import BackendError, OptionError
@@ -22,6 +22,7 @@ from graphopt.frontends.decoder import decoder_feeds
 from graphopt.lowering.decoder import DecoderGraphs
 from graphopt.passes import Quantize
 from graphopt.pipeline import export
+from graphopt.pipeline.backends import validation_feeds
 from tests.decoding import tiny_decoder
 
 
@@ -133,7 +134,7 @@ def test_npu_sim_decodes_with_the_cache_in_its_memory_model(w8a8, tmp_path, monk
     # the simulator generates onnxruntime's greedy tokens, carrying the cache between its own steps
     graphs = DecoderGraphs.of(w8a8, log=_quiet)
     profile = load_profile("default")
-    sims = {f: ProgramSession(Program.load(tmp_path / "npu", f"{f[:-5]}."), profile, spec) for f in graphs.graphs}
+    sims = program_sessions(tmp_path / "npu", profile, spec)
     prompt = [int(t) for t in lm_windows(None, "eval", 3, 64)[2].ravel()]
     tokens, logits = _greedy(spec, graphs.sessions(), prompt, 12)
     # the W8A8 tiny Llama soon repeats one token, so the broken variant is judged on the logits
@@ -144,6 +145,68 @@ def test_npu_sim_decodes_with_the_cache_in_its_memory_model(w8a8, tmp_path, monk
     monkeypatch.setattr(kernels, "matmul_accumulate", lambda a, b, a_zp, b_zp: accumulate(a, b, a_zp, np.asarray(b_zp) + 1))
     got, got_logits = _greedy(spec, sims, prompt, 12)
     assert np.abs(got_logits - logits).max() > 1e-2
+
+
+def _simulate(argv: list[str], capsys) -> dict:
+    assert cli.main(["simulate", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_simulate_runs_a_decoder_package_greedily_with_per_step_costs(w8a8, tmp_path, capsys, monkeypatch):
+    """Catches: `graphopt simulate` on a decoder package choosing other tokens than onnxruntime's greedy
+    decoding of the same graphs (a cache not carried between steps, a kernel whose weight zero point is
+    off by one), and per-step costs that do not follow the context."""
+    folder = tmp_path / "npu"
+    export(w8a8, "npu-sim", folder, validate=False)
+    graphs = DecoderGraphs.of(w8a8, log=_quiet)
+    spec = graphs.spec
+    found = _simulate([str(folder), "--steps", "6"], capsys)
+    example = np.ravel(validation_feeds(w8a8)[0][0]["input_ids"])[:spec.prefill_chunk]
+    assert found["prompt"] == example.tolist() and len(example) == spec.prefill_chunk  # the compile-time prompt
+    tokens, _ = _greedy(spec, graphs.sessions(), found["prompt"], 7)
+    assert found["tokens"] == tokens and [r["step"] for r in found["steps"]][:2] == ["prefill", "decode 1"]
+    decode = found["steps"][1:]
+    assert [r["context"] for r in decode] == list(range(spec.prefill_chunk, spec.prefill_chunk + 6))
+    assert all(a["cycles"] < b["cycles"] and a["bytes_moved"] < b["bytes_moved"] for a, b in zip(decode, decode[1:]))
+    assert found["totals"]["cycles"] == sum(r["cycles"] for r in found["steps"])
+    # a prompt of two prefill chunks, its logits saved: onnxruntime's within 1e-4, the broken kernel's not
+    prompt = [int(t) for t in lm_windows(None, "eval", 3, 64)[2].ravel()][:spec.prefill_chunk + 4]
+    tokens, logits = _greedy(spec, graphs.sessions(), prompt, 9)
+    argv = [str(folder), "--prompt-ids", ",".join(map(str, prompt)), "--steps", "8", "--save", str(tmp_path / "g")]
+    found = _simulate(argv, capsys)
+    assert found["tokens"] == tokens and found["steps"][0]["runs"] == 2
+    saved = np.load(tmp_path / "g.npz")
+    assert saved["tokens"].tolist() == tokens and np.abs(saved["logits"] - logits).max() <= 1e-4
+    accumulate = kernels.matmul_accumulate
+    monkeypatch.setattr(kernels, "matmul_accumulate", lambda a, b, a_zp, b_zp: accumulate(a, b, a_zp, np.asarray(b_zp) + 1))
+    _simulate([*argv[:-1], str(tmp_path / "broken")], capsys)
+    assert np.abs(np.load(tmp_path / "broken.npz")["logits"] - logits).max() > 1e-2
+    monkeypatch.undo()
+    assert cli.main(["simulate", str(folder), "--steps", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "decode 2" in table and "decode 3" not in table and "total" in table and "cycles" in table
+
+
+def test_simulate_refuses_a_broken_decoder_package_naming_the_file(w8a8, tmp_path, capsys):
+    """Catches: a package missing its decode program, or holding one of another run, being run anyway,
+    and options that do not fit the decoder failing outside the CLI's one-line errors."""
+    folder = tmp_path / "npu"
+    export(w8a8, "npu-sim", folder, validate=False)
+    for argv, message in [(["--steps", "200"], "do not fit the decoder's cache of 96"),
+                          (["--prompt-ids", "1,x"], "--prompt-ids: expected comma-separated token ids"),
+                          (["--prompt-ids", "1,9999"], "token id 9999 is outside the decoder's vocabulary"),
+                          (["--inputs", str(tmp_path / "f.npz")], "--inputs: .* is a decoder package")]:
+        assert cli.main(["simulate", str(folder), *argv]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and err.count("\n") == 1
+    (folder / "decode.weights.npz").write_bytes((folder / "prefill.weights.npz").read_bytes())
+    assert cli.main(["simulate", str(folder)]) == 2
+    assert f"{folder / 'decode.weights.npz'}: does not match" in capsys.readouterr().err
+    (folder / "decode.program.json").unlink()
+    assert cli.main(["simulate", str(folder)]) == 2
+    assert f"{folder / 'decode.program.json'}: missing from the npu-sim decoder package" in capsys.readouterr().err
+    with pytest.raises(BackendError, match="decode.program.json: missing"):
+        NpuSim().simulate_decoder(folder)
 
 
 def test_npu_sim_and_qnn_refuse_the_ort_form_naming_the_portable_one(tmp_path):
