@@ -33,6 +33,9 @@ from graphopt.ir.decoder import DecoderSpec, smart_mask
 # (sampling, the cache's bookkeeping), and on a phone or a shared machine spinning threads take the
 # cores that work needs.
 SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+# a prefill chunk's activations (its logits, [chunk, vocab]) are the largest a decoder allocates; onnxruntime's
+# arena keeps them for the rest of the session unless a run asks it to shrink after
+SHRINK_AFTER = {"memory.enable_memory_arena_shrinkage": "cpu:0"}
 
 __all__ = ["generate", "Generator", "GenerationResult", "Decoding", "StaticCache", "SharedBufferCache",
            "TextStream", "sample_next", "check_sampling"]
@@ -183,16 +186,29 @@ class Decoding:
         io.bind_cpu_input("input_ids", ids[None])
         io.bind_output("logits")  # first: outputs come back in the order they were bound
         self.cache.bind(io, ids.size)
-        session.run_with_iobinding(io)
+        session.run_with_iobinding(io, _run_options(ids.size))
         return io.get_outputs()[0].numpy()[0]
 
     def _portable_step(self, ids: np.ndarray) -> np.ndarray:
         file, seq = ("decode.onnx", 1) if ids.size == 1 else ("prefill.onnx", self.spec.prefill_chunk)
         padded = np.zeros((1, seq), np.int64)
         padded[0, :ids.size] = ids
-        outputs = self.sessions[file].run(None, {"input_ids": padded, **self.cache.inputs(seq)})
+        outputs = self.sessions[file].run(None, {"input_ids": padded, **self.cache.inputs(seq)}, _run_options(seq))
         self.cache.write(outputs[1:], ids.size)
         return outputs[0][0, :ids.size]
+
+
+def _run_options(tokens: int):
+    """Run options of a step of `tokens` tokens: a prefill chunk gives its arena memory back when it
+    ends (peak RSS then stays near one chunk's need); a decode step keeps it, for speed."""
+    if tokens == 1:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    for key, value in SHRINK_AFTER.items():
+        options.add_run_config_entry(key, value)
+    return options
 
 
 # ------------------------------------------------------------------------------ sampling

@@ -108,3 +108,24 @@ def test_evaluate_causal_lm_runs_a_decoder_as_prefills(form, tiny_fx):
     lowered = graphopt.lower(tiny_decoder(form), log=lambda *_: None)
     row, _ = evaluate_causal_lm(lowered, windows, plain_top)
     assert row["ppl"] == pytest.approx(plain["ppl"], rel=1e-5) and row["overlap@1"] == 1.0
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_prefill_chunks_give_their_arena_memory_back(form, monkeypatch):
+    """Prefill runs ask onnxruntime to shrink its arena after them; decode steps do not (speed)."""
+    import graphopt.evaluation.generation as generation
+
+    seen = []
+    real = generation._run_options
+
+    def spy(tokens):
+        options = real(tokens)
+        seen.append((tokens, options and options.get_run_config_entry("memory.enable_memory_arena_shrinkage")))
+        return options
+
+    monkeypatch.setattr(generation, "_run_options", spy)
+    result = tiny_generator(form).generate(PROMPT, max_new_tokens=3)
+    assert len(result.tokens) == 3
+    prefills, steps = [s for n, s in seen if n > 1], [s for n, s in seen if n == 1]
+    assert prefills and set(prefills) == {"cpu:0"}  # the prompt's chunks
+    assert steps == [None, None]  # two decode steps after the prompt's pick
