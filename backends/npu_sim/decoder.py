@@ -71,8 +71,9 @@ def step_cost(program: Program, profile: Profile, spec: DecoderSpec, context: in
 
 
 class ProgramSession:
-    """A program with onnxruntime's `run(None, feeds)`; `costs` gets `step_cost` of each run, at the
-    number of cache slots its attention mask makes visible."""
+    """A program with onnxruntime's `run(None, feeds[, run_options])` (run options, which tune
+    onnxruntime's memory, mean nothing here); `costs` gets `step_cost` of each run, at the number of
+    cache slots its attention mask makes visible."""
 
     def __init__(self, program: Program, profile: Profile, spec: DecoderSpec):
         self.program, self.profile, self.spec = program, profile, spec
@@ -80,7 +81,7 @@ class ProgramSession:
         self.totals = estimate(program, profile).totals
         self.costs: list[dict] = []
 
-    def run(self, _names, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def run(self, _names, feeds: dict[str, np.ndarray], _run_options=None) -> list[np.ndarray]:
         if set(feeds) != set(self.program.inputs):
             raise BackendError(f"npu-sim: program '{self.program.name}' takes {', '.join(self.program.inputs)}")
         outputs = self.simulator.run(feeds)
