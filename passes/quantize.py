@@ -55,7 +55,8 @@ class Quantize(QuantOptions, Pass):
        calibration inputs (graphopt.quant.scale_search: for GPTQ's codes once, for RTN alternating
        with rounding; never worse than without, on those inputs). Tables use `embedding_bits` per
        channel (or `embedding_block_size` symmetric blocks) and RTN (their rounding serves the lookup as much as the lm_head). Weights matching
-       `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes);
+       `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes), those
+       matching `int8_weights` 8 bits per channel (a 4-bit recipe's most sensitive weights);
        weights matching `exclude` stay float, and so does an input only they read.
     2. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
        the `observer` over the calibration feeds); `plan_int16` picks the 16-bit ones: the inputs

@@ -8,7 +8,14 @@ import onnx_graphsurgeon as gs
 
 from graphopt.ir import Model
 
-__all__ = ["LinearSite", "linear_sites"]
+__all__ = ["LinearSite", "linear_sites", "ONLINE_ROTATION", "is_online_rotation"]
+
+ONLINE_ROTATION = "online_rotation"  # weights named ONLINE_ROTATION.* are rotations computed at run time
+
+
+def is_online_rotation(weight: str) -> bool:
+    """Whether a MatMul weight is a rotation the `online_rotate` pass placed (not a linear layer)."""
+    return weight.startswith(ONLINE_ROTATION + ".")
 
 
 @dataclass(frozen=True)
@@ -38,8 +45,10 @@ def _constant(tensor) -> bool:
 def linear_sites(model: Model, *, min_size: int = 2) -> list[LinearSite]:
     """Every MatMul/Gemm/Conv whose weight is a constant (graph order).
 
-    MatMuls between two activations (attention scores) are not sites. Weights with fewer than
-    `min_size` elements on an axis are skipped (they are not linear layers).
+    MatMuls between two activations (attention scores) are not sites, nor are the online
+    rotations `online_rotate` places (`is_online_rotation`): fixed orthogonal matrices whose
+    input stays float. Weights with fewer than `min_size` elements on an axis are skipped (they
+    are not linear layers).
     """
     model.require("onnx", "linear_sites")
     sites = []
@@ -48,6 +57,8 @@ def linear_sites(model: Model, *, min_size: int = 2) -> list[LinearSite]:
             continue
         x, w = node.inputs[0], node.inputs[1]
         if not _constant(w) or _constant(x) or w.values.ndim < 2 or min(w.values.shape[:2]) < min_size:
+            continue
+        if is_online_rotation(w.name):
             continue
         if node.op == "MatMul" and w.values.ndim != 2:
             continue

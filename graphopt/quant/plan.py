@@ -68,6 +68,9 @@ class QuantOptions:
         "help": "weights (names, globs, 're:...') whose input activation is kept at 16 bits"})
     int16_weights: tuple[str, ...] = field(default=(), metadata={
         "help": "weights (names, globs, 're:...') quantized at 16 bits per channel"})
+    int8_weights: tuple[str, ...] = field(default=(), metadata={
+        "help": "weights (names, globs, 're:...') quantized at 8 bits per channel, whatever weight_bits "
+                "(a 4-bit recipe's most sensitive few)"})
     int16_budget: float = field(default=0.0, metadata={"help": "fraction of points at 16 bits (see int16_budget_over)"})
     int16_budget_over: Literal["activations", "points"] = field(default="activations", metadata={
         "help": "what int16_budget is a fraction of: 'activations' (activation points) or 'points' "
@@ -116,12 +119,14 @@ class QuantOptions:
     def weight_spec(self, name: str, channel_axis: int, *, table: bool = False, block_axis: int | None = None,
                     rows: int = 0) -> QuantSpec:
         """The spec of weight `name` with its output channels on `channel_axis`: 16 bits per channel
-        when `int16_weights` names it, `embedding_bits` per channel for an embedding `table`, else
+        when `int16_weights` names it, 8 bits per channel when `int8_weights` does, `embedding_bits` per channel for an embedding `table`, else
         `weight_bits` at `weight_granularity` (blocks of `weight_block_size` of the `rows` along `block_axis`);
         a table with `embedding_block_size` gets symmetric blocks of that size along `block_axis`."""
         symmetric = self.weight_symmetric
         if weight_matches(name, self.int16_weights):
             return QuantSpec(dtype_for(16, symmetric), "channel", channel_axis, symmetric=symmetric)
+        if weight_matches(name, self.int8_weights):
+            return QuantSpec(dtype_for(8, symmetric), "channel", channel_axis, symmetric=symmetric)
         if table and self.embedding_block_size:
             bits = self.embedding_bits or self.weight_bits
             return self._block_spec(name, dtype_for(bits, True), block_axis, rows, "embedding_block_size", True)
@@ -173,10 +178,10 @@ def int16_share(wide_activations: int, activations: int, wide_weights: int, weig
 
 
 def check_weight_patterns(options: QuantOptions, weights: Collection[str], model_name: str) -> None:
-    """Every `int16_inputs` and `int16_weights` pattern must match a quantized linear weight of the
-    model (OptionError naming the option and the pattern otherwise). Cheap: passes call it before
-    calibrating."""
-    for option in ("int16_inputs", "int16_weights"):
+    """Every `int16_inputs`, `int16_weights` and `int8_weights` pattern must match a quantized linear
+    weight of the model (OptionError naming the option and the pattern otherwise). Cheap: passes call
+    it before calibrating."""
+    for option in ("int16_inputs", "int16_weights", "int8_weights"):
         for pattern in getattr(options, option):
             if not any(weight_matches(w, (pattern,)) for w in weights):
                 raise options.option_error(

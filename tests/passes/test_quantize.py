@@ -199,6 +199,21 @@ def test_int16_weights(tiny_onnx, tiny_calib, scale_times_four):
     assert worst_error_in_steps(Quantize(int16_weights=[wide]).run(tiny_onnx.copy(), tiny_calib).model) > 0.5 + 1e-3
 
 
+def test_int8_weights_in_a_4_bit_recipe(tiny_onnx, tiny_calib, tiny_eval):
+    """int8_weights: the weights it matches get 8 bits per channel, the rest stay in 4-bit blocks,
+    and the output is closer to float than with every weight at 4 bits; a pattern matching no
+    weight is refused by name."""
+    options = dict(weight_bits=4, weight_granularity="block", weight_block_size=16, activation_bits=0)
+    mixed = Quantize(**options, int8_weights=["*.mlp.down_proj.*"]).run(tiny_onnx.copy(), tiny_calib).model
+    params = {n: e for n, e in mixed.meta.encodings.items() if e["kind"] == "param"}
+    eight = {n for n, e in params.items() if e["bw"] == 8}
+    assert eight == {f"model.layers.{i}.mlp.down_proj.weight" for i in (0, 1)}
+    assert {e["bw"] for n, e in params.items() if n not in eight} == {4}
+    assert sqnr(mixed, tiny_eval) > sqnr(Quantize(**options).run(tiny_onnx.copy(), tiny_calib).model, tiny_eval)
+    with pytest.raises(OptionError, match="'int8_weights': '\\*nothing\\*' matches no weight"):
+        Quantize(**options, int8_weights=["*nothing*"]).run(tiny_onnx.copy(), tiny_calib)
+
+
 def test_masked_zeros_stay_zero(tiny_onnx, tiny_calib):
     model = tiny_onnx.copy()
     weight = model.graph.tensors()["model.layers.0.mlp.up_proj.weight"]
