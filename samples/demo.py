@@ -1,7 +1,7 @@
 """The job behind `make demo`: SmolLM2 compressed to W8A8 as a decoder that generates, next to the float one.
 
 Runs samples/recipes/smollm2-decoder-w8a8.yaml as a verified pipeline: SmolLM2 becomes a decoder
-with a KV cache (ONNX Runtime's GroupQueryAttention), its residual stream is rotated, weights and
+with a KV cache (ONNX Runtime's GroupQueryAttention), its residual stream and down_proj inputs are rotated, weights and
 activations go to 8 bits (the 15 % least accurate activation points at 16) calibrated once, and the
 linears become the integer kernels ONNX Runtime's CPU runs fastest. It prints the per-step report
 (time, sizes, diff, fidelity against each step's input) and the fidelity on held-out text, writes
