@@ -36,6 +36,7 @@ CASES = {
     "fold_encodings": ({"encodings": "<file>"}, None),
     "fuse_ort_ops": ({}, "again"),
     "nm_sparsity": ({"method": "magnitude"}, "again"),
+    "online_rotate": ({}, None),
     "prune_structure": ({"heads": 1, "ffn_ratio": 0.25}, {}),
     "smooth_quant": ({"alpha": 0.5}, {"weights": ("no-such-weight",)}),
     "upgrade_opset": ({"opset": 22}, "again"),  # the tiny Llama is at opset 21
