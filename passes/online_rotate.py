@@ -33,7 +33,7 @@ class OnlineRotate(Pass):
     [block, block] MatMul per `block` input channels per token (SmolLM2's down_proj at blocks of 64: 1536·64 MACs,
     11 % of its own); mixing the weight's rows within a block also evens out int4 weight blocks.
     Graph: x → Reshape [-1, block] → MatMul(H) → Reshape(Shape(x)) → the linears that matched.
-    H is one shared constant named `ONLINE_ROTATION.BLOCK`; `linear_sites` does not list it, so
+    H is one shared constant named `ONLINE_ROTATION.BLOCK` (.SEED for a seed other than 0); `linear_sites` does not list it, so
     `quantize` leaves it and its input float, and quantizes its output (the linear's input).
     Does NOT fire on a weight that other nodes read too (a tied table) or whose input width is not
     a multiple of `block`: OptionError naming it, as for a pattern that matches no linear weight.
@@ -69,8 +69,9 @@ class OnlineRotate(Pass):
             if len(readers.get(id(weight), [])) > 1:
                 raise OptionError(f"'online_rotate': weight '{site.weight}' is read by other nodes too")
         h = rotation(self.block, self.seed)
-        matrix = gs.Constant(f"{ONLINE_ROTATION}.{self.block}", h.astype(np.float32))
-        rows = gs.Constant(f"{ONLINE_ROTATION}.{self.block}.rows", np.array([-1, self.block], np.int64))
+        name = f"{ONLINE_ROTATION}.{self.block}" + (f".{self.seed}" if self.seed else "")
+        matrix = tensors.get(name) or gs.Constant(name, h.astype(np.float32))  # a second run shares the first's
+        rows = tensors.get(f"{name}.rows") or gs.Constant(f"{name}.rows", np.array([-1, self.block], np.int64))
         nodes = {n.name: n for n in graph.nodes}
         rotated: dict[str, gs.Variable] = {}
         for site in sites:

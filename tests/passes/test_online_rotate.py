@@ -47,6 +47,21 @@ def test_rotation_is_exact_in_float(tiny_onnx):
     assert _worst(reference, _outputs(unfolded, windows)) > 0.01
 
 
+def test_a_second_run_stays_exact(tiny_onnx):
+    """Rotating again (another recipe step, here with other signs) stays exact: each (block, seed)
+    has its matrix under a name of its own, and the saved model passes onnx's checker."""
+    import onnx
+
+    windows = lm_windows(None, "eval", 1, 64)
+    once = OnlineRotate(block=16).run(tiny_onnx.copy(), PassContext(progress=False)).model
+    twice = OnlineRotate(block=16, seed=1).run(once, PassContext(progress=False)).model
+    assert _worst(_outputs(tiny_onnx, windows), _outputs(twice, windows)) < TOLERANCE
+    proto = twice.to_onnx()
+    names = [t.name for t in proto.graph.initializer]
+    assert len(names) == len(set(names))
+    onnx.checker.check_model(proto)
+
+
 def test_quantize_keeps_the_rotation_float_and_quantizes_its_output(tiny_onnx, tiny_calib):
     """The rotation is no linear site: quantize neither quantizes H nor its input; the down_proj
     input (H's output) is an activation point like before, and fidelity is not worse for it."""
