@@ -123,10 +123,9 @@ class QuantOptions:
         `weight_bits` at `weight_granularity` (blocks of `weight_block_size` of the `rows` along `block_axis`);
         a table with `embedding_block_size` gets symmetric blocks of that size along `block_axis`."""
         symmetric = self.weight_symmetric
-        if weight_matches(name, self.int16_weights):
-            return QuantSpec(dtype_for(16, symmetric), "channel", channel_axis, symmetric=symmetric)
-        if weight_matches(name, self.int8_weights):
-            return QuantSpec(dtype_for(8, symmetric), "channel", channel_axis, symmetric=symmetric)
+        for bits, patterns in ((16, self.int16_weights), (8, self.int8_weights)):
+            if weight_matches(name, patterns):
+                return QuantSpec(dtype_for(bits, symmetric), "channel", channel_axis, symmetric=symmetric)
         if table and self.embedding_block_size:
             bits = self.embedding_bits or self.weight_bits
             return self._block_spec(name, dtype_for(bits, True), block_axis, rows, "embedding_block_size", True)
