@@ -58,7 +58,7 @@ class FakeQuantize(QuantOptions, Pass):
         if self.weight_granularity == "block":
             raise self.option_error("weight_granularity", ": 'block' is not supported in the FX form (tensor, channel); "
                                     "quantize blocks with the ONNX 'quantize' pass")
-        for option in ("weight_offset", "embedding_block_size"):
+        for option in ("weight_offset", "embedding_block_size", "half_scales"):
             if getattr(self, option):
                 raise self.option_error(option, " is not supported in the FX form; use the ONNX 'quantize' pass")
         if self.weight_rounding == "gptq" and not self.activation_bits:

@@ -57,7 +57,8 @@ class Quantize(QuantOptions, Pass):
        channel (or `embedding_block_size` symmetric blocks) and RTN (their rounding serves the lookup as much as the lm_head). Weights matching
        `int16_weights` get 16 bits per channel (e.g. the near-identity MatMul `rotate` makes), those
        matching `int8_weights` 8 bits per channel (a 4-bit recipe's most sensitive weights);
-       weights matching `exclude` stay float, and so does an input only they read.
+       weights matching `exclude` stay float, and so does an input only they read. With
+       `half_scales` (RTN only) the scales and offsets are float16 values (`store_half` writes them so).
     2. Activations entering those ops get QuantizeLinear → DequantizeLinear (per tensor, range from
        the `observer` over the calibration feeds); `plan_int16` picks the 16-bit ones: the inputs
        of weights matching `int16_inputs`, then the most sensitive up to `int16_budget` (by the
@@ -92,6 +93,9 @@ class Quantize(QuantOptions, Pass):
                                    or self.scale_estimation):
             raise self.option_error("weight_offset", " takes each group's exact min-max range: it needs weight_rounding "
                                                      "'rtn', weight_range 'minmax' and no scale_estimation")
+        if self.half_scales and (self.weight_rounding != "rtn" or self.scale_estimation):
+            raise self.option_error("half_scales", " rounds the scales before the codes are chosen: it needs "
+                                                   "weight_rounding 'rtn' and no scale_estimation")
         if self.scale_estimation and self.weight_granularity == "tensor":
             raise self.option_error("scale_estimation", " needs weight scales per channel or per block, "
                                                         "not weight_granularity 'tensor'")
@@ -191,6 +195,8 @@ class Quantize(QuantOptions, Pass):
             if self.weight_offset and not spec.symmetric and spec.granularity != "tensor" and name in site_of \
                     and site_of[name].op == "MatMul" and name not in tables:
                 scale, offset = numerics.offset_params(values, spec)
+                if self.half_scales:
+                    scale, offset = _half(name, scale, positive=True), _half(name, offset)
                 zero_point = np.zeros(scale.shape, np.int64)
                 code = numerics.quantize_with_offset(values, scale, offset, spec)
                 offsets[name] = (offset, spec)
@@ -200,6 +206,8 @@ class Quantize(QuantOptions, Pass):
                 scale, zero_point = numerics.mse_params(values, spec)
             else:
                 scale, zero_point = numerics.params_for(values, spec)
+            if self.half_scales and name not in offsets:
+                scale = _half(name, scale, positive=True)
             if self.scale_estimation and name in calibrated and spec.granularity != "tensor":
                 hessian = calibrated[name].hessian
                 if code is None:
@@ -210,6 +218,14 @@ class Quantize(QuantOptions, Pass):
                 codes[name] = np.asarray(code).astype(np.int32).astype(spec.np_dtype)
             encodings.add(Encoding.from_params(name, scale, zero_point, spec), "param")
         return codes
+
+
+def _half(weight: str, values: np.ndarray, *, positive: bool = False) -> np.ndarray:
+    try:
+        return numerics.to_half(values, positive=positive)
+    except OverflowError as exc:
+        raise UnsupportedGraphError(f"'quantize': option 'half_scales': weight '{weight}' has a scale or offset "
+                                    f"float16 cannot hold ({exc})") from exc
 
 
 def _shared_input_groups(names: list[str], site_of: dict, specs: dict) -> list[list[str]]:

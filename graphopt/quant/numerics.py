@@ -22,7 +22,7 @@ from graphopt.quant.spec import QuantSpec
 
 __all__ = [
     "scale_zero_point", "tensor_range", "params_for", "quantize", "dequantize", "fake_quant",
-    "to_blocks", "from_blocks", "expand_param", "mse_params", "smooth_scales", "MIN_SCALE",
+    "to_blocks", "from_blocks", "expand_param", "mse_params", "smooth_scales", "MIN_SCALE", "to_half",
     "offset_params", "quantize_with_offset",
 ]
 
@@ -121,6 +121,17 @@ def offset_params(x: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarra
     lo, hi = tensor_range(x, spec)
     scale = np.maximum((hi.astype(np.float64) - lo) / spec.qmax, MIN_SCALE).astype(np.float32)
     return scale, np.asarray(lo, np.float32)
+
+
+def to_half(x: np.ndarray, *, positive: bool = False) -> np.ndarray:
+    """x rounded to the nearest float16 value, as float32 (GGUF and MLX store scales and offsets so);
+    `positive`: a value that rounds to 0 becomes float16's smallest positive one (a usable scale).
+    OverflowError for a value past float16's range (65504)."""
+    x = np.asarray(x, np.float32)
+    if np.any(np.abs(x) > np.finfo(np.float16).max):
+        raise OverflowError(f"{float(np.abs(x).max()):g} is past float16's range")
+    half = x.astype(np.float16).astype(np.float32)
+    return np.maximum(half, np.float32(2.0 ** -24)) if positive else half
 
 
 def quantize_with_offset(x: np.ndarray, scale, offset, spec: QuantSpec) -> np.ndarray:

@@ -57,6 +57,9 @@ class QuantOptions:
     weight_offset: bool = field(default=False, metadata={
         "help": "asymmetric MatMul weights as code * scale + a float offset per scale group (the exact min-max "
                 "range, as GGUF Q4_1 and MLX store them) instead of an integer zero point"})
+    half_scales: bool = field(default=False, metadata={
+        "help": "weight scales (and offsets) rounded to float16 before the codes are chosen, as GGUF stores "
+                "them: store_half then keeps them at half the bytes, exactly"})
     embedding_bits: int = field(default=0, metadata={"help": "bits of embedding tables (0: weight_bits); per channel"})
     embedding_block_size: int = field(default=0, metadata={
         "help": "embedding tables in symmetric blocks of this many elements along each row (0: per channel)"})

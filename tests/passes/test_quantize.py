@@ -398,3 +398,29 @@ def test_offset_option_errors():
         Quantize(weight_offset=True, weight_rounding="gptq")
     with pytest.raises(OptionError, match="'weight_offset' is not supported in the FX form"):
         get_pass("fake_quantize")(weight_offset=True)
+
+
+def test_half_scales(tiny_onnx, tiny_calib):
+    """half_scales: every weight scale (and offset) is a float16 value, the codes were chosen with it, and a
+    GGUF grid whose d and m are float16 still comes back exactly; it refuses GPTQ and the FX form."""
+    out = Quantize(weight_bits=8, activation_bits=0, half_scales=True).run(tiny_onnx.copy(), tiny_calib).model
+    params = Encodings.from_meta(out.meta.encodings).params
+    assert params
+    for name, encoding in params.items():
+        scale = np.asarray(encoding.scale, np.float32)
+        assert np.array_equal(scale, scale.astype(np.float16).astype(np.float32)), name
+    plain = Encodings.from_meta(Quantize(weight_bits=8, activation_bits=0).run(tiny_onnx.copy(), tiny_calib)
+                                .model.meta.encodings).params
+    assert any(not np.array_equal(plain[n].scale, params[n].scale) for n in params)  # it did round something
+    options = dict(weight_bits=4, weight_granularity="block", weight_block_size=32, activation_bits=0,
+                   weight_offset=True, half_scales=True)
+    model, x = _grid_model()
+    reference = model.run({"x": x})
+    grid = Quantize(**options).run(model.copy(), PassContext(progress=False)).model
+    assert max(np.abs(g - r).max() for g, r in zip(_unfused(grid, {"x": x}), reference)) < 1e-5
+    assert np.array_equal(grid.graph.tensors()["w0_offset"].values,
+                          grid.graph.tensors()["w0_offset"].values.astype(np.float16).astype(np.float32))
+    with pytest.raises(OptionError, match="'half_scales' rounds the scales"):
+        Quantize(half_scales=True, weight_rounding="gptq")
+    with pytest.raises(OptionError, match="'half_scales' is not supported in the FX form"):
+        get_pass("fake_quantize")(half_scales=True)

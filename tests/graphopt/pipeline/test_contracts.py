@@ -39,10 +39,13 @@ CASES = {
     "online_rotate": ({}, None),
     "prune_structure": ({"heads": 1, "ffn_ratio": 0.25}, {}),
     "smooth_quant": ({"alpha": 0.5}, {"weights": ("no-such-weight",)}),
+    "store_half": ({"min_elements": 16}, "again"),
     "upgrade_opset": ({"opset": 22}, "again"),  # the tiny Llama is at opset 21
     "use_ort_kernels": ({}, "again"),
 }
-PREPARE = {"use_ort_kernels": ("quantize",)}  # passes whose input must be another pass's output
+# passes whose input must be other passes' output: (pass, options) in order
+PREPARE = {"use_ort_kernels": (("quantize", {}),),
+           "store_half": (("quantize", {"activation_bits": 0, "half_scales": True}), ("use_ort_kernels", {}))}
 
 
 def test_every_registered_pass_has_a_case():
@@ -68,7 +71,7 @@ def test_pass_keeps_its_contract(name, tiny_fx, tiny_onnx, tmp_path):
     for form in cls.forms():
         model = tiny_fx if form == "fx" else tiny_onnx
         if name in PREPARE:
-            steps = [available_passes()[p]() for p in PREPARE[name]]
+            steps = [available_passes()[p].from_options(o) for p, o in PREPARE[name]]
             model = Pipeline(steps, verify=False, check=False, log=None).run(model, calib=model.sample_inputs).model
         step, out = _run(name, work, model, tmp_path, tiny_onnx)
         assert step.changed, f"{name} ({form}) found nothing to do on the tiny Llama"
