@@ -20,6 +20,8 @@ def _generate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the sampler")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     parser.add_argument("--threads", type=int, default=0, metavar="N", help="onnxruntime threads (0: one per core)")
+    parser.add_argument("--no-spin", action="store_true",
+                        help="worker threads sleep between kernels instead of spinning (for a machine busy with other work)")
     parser.add_argument("--json", action="store_true", help="print the tokens and figures as JSON at the end")
 
 
@@ -31,7 +33,7 @@ def _generate_run(args) -> int:
         raise OptionError("--top-p: sampling needs --temperature T (without it generation is greedy)")
     check_sampling(args.max_new_tokens, args.temperature or 0.0, args.top_p)
     log(f"loading {args.model} ...")
-    generator = Generator.load(args.model, threads=args.threads, log=log)
+    generator = Generator.load(args.model, threads=args.threads, spin=not args.no_spin, log=log)
 
     def show(token: int, piece: str) -> None:
         sys.stdout.write(piece)

@@ -29,10 +29,14 @@ from graphopt.errors import GraphoptError, OptionError
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec, smart_mask
 
-# Worker threads sleep between runs instead of spinning: between decode steps the host runs Python
-# (sampling, the cache's bookkeeping), and on a phone or a shared machine spinning threads take the
-# cores that work needs.
-SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
+
+def session_config(spin: bool) -> dict[str, str]:
+    """onnxruntime session entries of a generator. `spin`: worker threads spin between the kernels of a
+    step and between steps (onnxruntime's and onnxruntime-genai's default; SmolLM2 decodes about 20 %
+    faster on 2 idle cores); off, they sleep, which a machine busy with other work needs (a spinning
+    thread takes a core that work wants: half the tokens/s on 2 busy cores)."""
+    return {"session.intra_op.allow_spinning": "1" if spin else "0"}
+
 # a prefill chunk's activations (its logits, [chunk, vocab]) are the largest a decoder allocates; onnxruntime's
 # arena keeps them for the rest of the session unless a run asks it to shrink after
 SHRINK_AFTER = {"memory.enable_memory_arena_shrinkage": "cpu:0"}
@@ -249,14 +253,16 @@ class Generator:
     """A decoder's sessions and tokenizer (a `graphopt.frontends.tokenizer.Tokenizer`, None when the
     model reads bytes), ready to generate (see the module docstring)."""
 
-    def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0):
+    def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0, spin: bool = True):
         self.spec = spec
         self.tokenizer = tokenizer
-        self.sessions = graphs.sessions(threads, config=SESSION_CONFIG)
+        self.sessions = graphs.sessions(threads, config=session_config(spin))
 
     @classmethod
-    def load(cls, source: "str | Path | Model | Generator", *, threads: int = 0, log=print) -> "Generator":
-        """A generator for a decoder folder, a decoder Model (FX form: lowered) or a Generator itself."""
+    def load(cls, source: "str | Path | Model | Generator", *, threads: int = 0, spin: bool = True,
+             log=print) -> "Generator":
+        """A generator for a decoder folder, a decoder Model (FX form: lowered) or a Generator itself
+        (`threads`: onnxruntime's intra-op threads, 0 one per core; `spin`: see `session_config`)."""
         if isinstance(source, Generator):
             return source
         from graphopt.lowering.decoder import DecoderGraphs
@@ -266,7 +272,7 @@ class Generator:
 
             graphs = DecoderGraphs.of(source, log=log)
             tokenizer = Tokenizer.of(source.tokenizer) if source.tokenizer is not None else None
-            return cls(graphs.spec, graphs, tokenizer, threads=threads)
+            return cls(graphs.spec, graphs, tokenizer, threads=threads, spin=spin)
         from graphopt.frontends.decoder_folder import is_decoder_folder, read_decoder_folder
 
         path = Path(source)
@@ -274,7 +280,7 @@ class Generator:
             raise GraphoptError(f"{path}: not a decoder folder (no decoder.json); write one with `graphopt convert "
                                 "MODEL --recipe R -o OUT` and a recipe with a decoder: section")
         folder = read_decoder_folder(path)
-        return cls(folder.spec, folder.graphs, folder.tokenizer, threads=threads)
+        return cls(folder.spec, folder.graphs, folder.tokenizer, threads=threads, spin=spin)
 
     def start(self, length: int | None = None) -> Decoding:
         """A new sequence whose cache takes `length` tokens (at most, and by default, the capacity)."""
@@ -351,12 +357,13 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
 
 def generate(model: "str | Path | Model | Generator", prompt: str | list[int], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, chat: bool = False,
-             stream: Callable[[int, str], None] | None = None, threads: int = 0, log=print) -> GenerationResult:
+             stream: Callable[[int, str], None] | None = None, threads: int = 0, spin: bool = True,
+             log=print) -> GenerationResult:
     """Generate text with a decoder folder, a decoder Model or a Generator (see `Generator.generate`).
 
     Building the sessions takes seconds for a real model: for many prompts, make a
     `Generator.load(...)` once and pass it here (or call its `generate`).
     """
-    generator = Generator.load(model, threads=threads, log=log)
+    generator = Generator.load(model, threads=threads, spin=spin, log=log)
     return generator.generate(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               seed=seed, chat=chat, stream=stream)

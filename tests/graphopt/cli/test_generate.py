@@ -44,6 +44,25 @@ def test_streams_text_and_prints_the_figures(folder, capsys):
     assert "time to first token" in captured.err and "peak memory" in captured.err
 
 
+def test_no_spin_reaches_the_sessions(folder, capsys, monkeypatch):
+    """--no-spin: the sessions' worker threads sleep between kernels; by default they spin (onnxruntime's default)."""
+    from graphopt.evaluation import generation
+
+    made = []
+    real = generation.Generator.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(generation.Generator, "__init__", recording)
+    for flags in ([], ["--no-spin"]):
+        assert cli.main(["generate", str(folder), "--prompt", TEXT, "--max-new-tokens", "2", "--json", *flags]) == 0
+    spinning = [{s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+                 for s in g.sessions.values()} for g in made]
+    assert spinning == [{"1"}, {"0"}]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--top-p", "0.5"], "--top-p: sampling needs --temperature"),
     (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
