@@ -161,18 +161,38 @@ def _packed_node(group: list[gs.Node], output: gs.Variable) -> gs.Node:
     return gs.Node("MatMul", name=name, inputs=[first.inputs[0], joined(1, 1)], outputs=[output])
 
 
-def _feeds_gqa_in_order(group: list[gs.Node], users: dict, outputs: set[str]) -> gs.Node | None:
-    """The GroupQueryAttention whose query, key and value are exactly the group's three outputs, in
-    that order, and read by nothing else: it can take them packed (its query input, key/value empty)."""
-    if len(group) != 3:
+def _feeds_gqa_in_order(tensors: list[gs.Tensor], users: dict, outputs: set[str]) -> gs.Node | None:
+    """The GroupQueryAttention whose query, key and value are exactly these three tensors, in that
+    order, and read by nothing else: it can take them packed (its query input, key/value empty)."""
+    if len(tensors) != 3:
         return None
-    readers = [users.get(id(n.outputs[0]), []) for n in group]
-    if any(len(r) != 1 or n.outputs[0].name in outputs for r, n in zip(readers, group)):
+    readers = [users.get(id(t), []) for t in tensors]
+    if any(len(r) != 1 or t.name in outputs for r, t in zip(readers, tensors)):
         return None
     gqa = readers[0][0]
     if gqa.op != "GroupQueryAttention" or any(r[0] is not gqa for r in readers):
         return None
-    return gqa if [t for t in gqa.inputs[:3]] == [n.outputs[0] for n in group] else None
+    return gqa if list(gqa.inputs[:3]) == list(tensors) else None
+
+
+def _split_partner(split: gs.Node, users: dict, outputs: set[str]) -> tuple[gs.Node, list[gs.Node]] | None:
+    """(the other Split, the Adds) when each output i of `split` is read only by an Add whose other
+    input is output i of another Split of the same sizes and axis, itself read only by that Add."""
+    adds = [users.get(id(t), []) for t in split.outputs]
+    if any(len(a) != 1 or a[0].op != "Add" or t.name in outputs for a, t in zip(adds, split.outputs)):
+        return None
+    adds = [a[0] for a in adds]
+    others = [_other(add, t) for add, t in zip(adds, split.outputs)]
+    if any(o is None or len(o.inputs) != 1 for o in others):
+        return None
+    partner = others[0].inputs[0]
+    if partner is split or partner.op != "Split" or list(partner.outputs) != others or len(partner.inputs) != 2 \
+            or not isinstance(partner.inputs[1], gs.Constant) or partner.attrs.get("axis") != split.attrs.get("axis") \
+            or not np.array_equal(partner.inputs[1].values, split.inputs[1].values):
+        return None
+    if any(len(users.get(id(o), [])) != 1 or o.name in outputs for o in others):
+        return None
+    return partner, adds
 
 
 @register_pass
@@ -194,7 +214,10 @@ class FuseOrtOps(Pass):
        the same activation codes and encoding; float MatMul) become one node whose weights are
        theirs side by side along N, and a Split gives each reader its columns; when the pack is
        a GroupQueryAttention's query, key and value in that order, the attention reads the packed
-       tensor as its query and the Split is not written.
+       tensor as its query and the Split is not written. Then, where every output of one such Split
+       is added to the same output of another of the same sizes (a packed linear and its packed
+       offset correction, `quantize: weight_offset`), the two packed tensors are added once before
+       a single Split (or go straight into the attention, as above).
     Does NOT fire on: norms not of a residual sum, norms with another consumer in the middle, a non-constant epsilon or gain, a
     gain of the wrong size, or an unknown hidden size without a gain; linears with computed
     weights or bias / group-index inputs. `changed` is False when nothing matched.
@@ -214,7 +237,7 @@ class FuseOrtOps(Pass):
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
         graph = model.graph
         stats = {"SkipSimplifiedLayerNormalization": 0, "packed": 0,
-                 "packed_into_attention": 0}
+                 "packed_into_attention": 0, "adds_before_split": 0}
         if self.norms:
             self._fuse_norms(graph, stats)
         if self.pack:
@@ -261,7 +284,7 @@ class FuseOrtOps(Pass):
                 groups.setdefault(key, []).append(node)
         users, outputs = consumers(graph), {t.name for t in graph.outputs}
         for group in [g for g in groups.values() if len(g) > 1]:
-            gqa = _feeds_gqa_in_order(group, users, outputs)
+            gqa = _feeds_gqa_in_order([n.outputs[0] for n in group], users, outputs)
             packed = gs.Variable(f"{group[0].name}_packed_out", dtype=np.float32)
             graph.nodes.append(_packed_node(group, packed))
             if gqa is not None:
@@ -276,3 +299,32 @@ class FuseOrtOps(Pass):
                 node.outputs.clear()
                 node.inputs.clear()
             stats["packed"] += 1
+        self._add_before_split(graph, stats)
+
+    def _add_before_split(self, graph: gs.Graph, stats: dict) -> None:
+        """Add(Split(a)[i], Split(b)[i]) for every i -> Split(Add(a, b)): a packed linear's offset
+        correction (`quantize: weight_offset`, packed the same way) added once, before the split."""
+        for split in [n for n in graph.nodes if n.op == "Split" and len(n.inputs) == 2]:
+            users, outputs = consumers(graph), {t.name for t in graph.outputs}
+            if not split.outputs or not isinstance(split.inputs[1], gs.Constant):
+                continue
+            found = _split_partner(split, users, outputs)
+            if found is None:
+                continue
+            partner, adds = found
+            total = gs.Variable(f"{split.name}_sum", dtype=np.float32)
+            graph.nodes.append(gs.Node("Add", name=f"{split.name}_add", inputs=[split.inputs[0], partner.inputs[0]],
+                                       outputs=[total]))
+            results = [add.outputs[0] for add in adds]
+            gqa = _feeds_gqa_in_order(results, users, outputs)
+            if gqa is not None:
+                for index, tensor in enumerate([total, gs.Variable.empty(), gs.Variable.empty()]):
+                    gqa.inputs[index] = tensor
+                stats["packed_into_attention"] += 1
+            else:
+                graph.nodes.append(gs.Node("Split", name=f"{split.name}_of_sum", inputs=[total, split.inputs[1]],
+                                           outputs=results, attrs=dict(split.attrs)))
+            for node in [split, partner, *adds]:
+                node.outputs.clear()
+                node.inputs.clear()
+            stats["adds_before_split"] += 1

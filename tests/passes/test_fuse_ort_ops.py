@@ -83,3 +83,21 @@ def test_norm_with_another_reader_in_the_middle_is_left_alone():
     result = FuseOrtOps(pack=False).run(model, PassContext(progress=False))
     assert result.stats["SkipSimplifiedLayerNormalization"] == 2 * LAYERS - 1
     assert collections.Counter(n.op for n in result.model.graph.nodes)["ReduceMean"] == 2
+
+
+def test_offset_corrections_are_added_before_the_split():
+    """W4 with float offsets (`weight_offset`): each packed kernel's offset correction is packed too and
+    added once, before the one Split (q/k/v: straight into the attention), instead of a Split and an
+    Add per linear; the same numbers."""
+    calib, _ = tiny_feeds()
+    steps = [Quantize(weight_bits=4, weight_granularity="block", weight_block_size=16, weight_symmetric=False,
+                      weight_offset=True, activation_bits=0, embedding_bits=8), UseOrtKernels()]
+    prepared = graphopt.Pipeline(steps, log=_quiet).run(tiny_decoder("ort"), calib=calib).model
+    result = FuseOrtOps().run(prepared.copy(), PassContext(progress=False))
+    assert result.stats["adds_before_split"] == 2 * LAYERS and result.stats["packed_into_attention"] == LAYERS
+    ops = collections.Counter(n.op for n in result.model.graph.nodes)
+    assert ops["Split"] == LAYERS  # gate/up only
+    for gqa in [n for n in result.model.graph.nodes if n.op == "GroupQueryAttention"]:
+        add = gqa.inputs[0].inputs[0]
+        assert add.op == "Add" and {t.inputs[0].op for t in add.inputs} == {"MatMulNBits", "MatMul"}
+    assert _max_error(result.model, _outputs(prepared)) <= 2e-5
