@@ -11,15 +11,9 @@ import onnx_graphsurgeon as gs
 from graphopt.errors import OptionError
 from graphopt.ir import Model, consumers
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
+from graphopt.quant.numerics import is_half
 
 __all__ = ["StoreHalf"]
-
-
-def _exactly_half(values: np.ndarray) -> bool:
-    """Every value of a float32 array is a float16 value (finite, no rounding)."""
-    with np.errstate(over="ignore"):
-        half = values.astype(np.float16)
-    return bool(np.all(np.isfinite(half)) and np.array_equal(half.astype(np.float32), values))
 
 
 @register_pass
@@ -56,7 +50,7 @@ class StoreHalf(Pass):
             if not isinstance(tensor, gs.Constant) or name in outputs or id(tensor) not in readers:
                 continue
             values = np.asarray(tensor.values)
-            if values.dtype != np.float32 or values.size < self.min_elements or not _exactly_half(values):
+            if values.dtype != np.float32 or values.size < self.min_elements or not is_half(values):
                 continue
             half = gs.Constant(f"{name}_float16", values.astype(np.float16))
             cast = gs.Variable(name, dtype=np.float32, shape=list(values.shape))

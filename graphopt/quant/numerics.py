@@ -22,7 +22,7 @@ from graphopt.quant.spec import QuantSpec
 
 __all__ = [
     "scale_zero_point", "tensor_range", "params_for", "quantize", "dequantize", "fake_quant",
-    "to_blocks", "from_blocks", "expand_param", "mse_params", "smooth_scales", "MIN_SCALE", "to_half",
+    "to_blocks", "from_blocks", "expand_param", "mse_params", "smooth_scales", "MIN_SCALE", "to_half", "is_half",
     "offset_params", "quantize_with_offset",
 ]
 
@@ -132,6 +132,14 @@ def to_half(x: np.ndarray, *, positive: bool = False) -> np.ndarray:
         raise OverflowError(f"{float(np.abs(x).max()):g} is past float16's range")
     half = x.astype(np.float16).astype(np.float32)
     return np.maximum(half, np.float32(2.0 ** -24)) if positive else half
+
+
+def is_half(x: np.ndarray) -> bool:
+    """Whether every value of x is a float16 value: finite, within float16's range, not rounded by it."""
+    x = np.asarray(x, np.float32)
+    if not np.all(np.isfinite(x)) or np.any(np.abs(x) > np.finfo(np.float16).max):
+        return False
+    return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
 
 
 def quantize_with_offset(x: np.ndarray, scale, offset, spec: QuantSpec) -> np.ndarray:
