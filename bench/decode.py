@@ -14,6 +14,11 @@ DynamicCache; end-of-sequence tokens do not stop it), each row gets:
   (mean tokens before it);
 - teacher-forced: fed transformers' greedy tokens, `tf_overlap@1` (its argmax equals transformers'
   next token) and `logits_max_diff` (largest |logit difference| over every step);
+- on the prefill protocol's text (the evaluation section's windows, as the quantize suite scores
+  prefill graphs): `prefill_overlap@1`, each window as one prompt and its logits at every position,
+  and `steps_overlap@1`, the same windows fed one token per decode step, both against transformers'
+  argmax over the window; `steps_gap` = |steps - prefill| (None where a runtime gives only the last
+  position's logits, as onnxruntime-genai's Generator does);
 - speed, rows interleaved round by round (one process per row and round), medians over the rounds:
   `prefill_s` (the protocol's longest context as one prompt), `tok_s@N` (decode tokens/s after a
   prompt of N tokens), `load` (the machine's 1-minute load average before the row's runs);
@@ -64,12 +69,16 @@ class DecoderRow:
 @dataclass
 class Reference:
     """transformers' fp32 greedy generation of the protocol's prompts, and the speed prompt.
-    logits: a .npy file [prompts, new_tokens, vocab], the logits that chose tokens[:, i]."""
+    logits: a .npy file [prompts, new_tokens, vocab], the logits that chose tokens[:, i];
+    windows [count, length]: the prefill protocol's evaluation windows, window_top1 transformers'
+    argmax at each of their positions."""
 
     prompts: np.ndarray
     tokens: np.ndarray
     logits: Path
     speed_prompt: np.ndarray
+    windows: np.ndarray
+    window_top1: np.ndarray
 
 
 def decode_protocol(ctx: Context) -> dict:
@@ -123,9 +132,14 @@ def make_reference(hf, tokenizer, ctx: Context, folder: Path) -> Reference:
                 logits[p, i] = out
                 tokens[p, i] = int(out.argmax())
                 ids = [int(tokens[p, i])]
+        evaluation = ctx.protocol["evaluation"]  # the prefill protocol: its first corpus's windows
+        scored = ctx.protocol["corpora"][evaluation["corpora"][0]]
+        windows = np.concatenate(lm_windows(tokenizer, scored["evaluation_split"], evaluation["windows"],
+                                            evaluation["length"], corpus=scored["source"]))
+        window_top1 = np.stack([hf(torch.tensor(w[None])).logits[0].float().numpy().argmax(-1) for w in windows])
     logits.flush()
     del logits
-    return Reference(prompts, tokens, path, speed_prompt)
+    return Reference(prompts, tokens, path, speed_prompt, windows, window_top1)
 
 
 def agreement(tokens: np.ndarray, reference: np.ndarray) -> dict:
@@ -136,6 +150,17 @@ def agreement(tokens: np.ndarray, reference: np.ndarray) -> dict:
     prefix = np.where(same.all(axis=1), same.shape[1], np.argmin(same, axis=1))
     return {"greedy_prefix": float(prefix.sum() / same.size), "greedy_overall": float(same.mean()),
             "first_divergence": float(prefix.mean())}
+
+
+def window_overlaps(answer: dict, top1: np.ndarray) -> dict:
+    """A fidelity answer's argmax over the prefill protocol's windows, fed as one prompt each
+    ("window_prefill", None when the runtime gives only the last position's logits) and one token
+    per decode step ("window_steps"), scored against the reference's `top1`; and their gap."""
+    steps = float(np.mean(np.array(answer["window_steps"]) == top1))
+    if answer["window_prefill"] is None:
+        return {"steps_overlap@1": steps, "prefill_overlap@1": None, "steps_gap": None}
+    prefill = float(np.mean(np.array(answer["window_prefill"]) == top1))
+    return {"steps_overlap@1": steps, "prefill_overlap@1": prefill, "steps_gap": abs(steps - prefill)}
 
 
 # ---------------------------------------------------------------------------------- building
@@ -257,16 +282,18 @@ def measure_decode_table(table: Table, ctx: Context, rows: list[Row]) -> dict[st
         np.save(tmp / "prompts.npy", reference.prompts)
         np.save(tmp / "tokens.npy", reference.tokens)
         np.save(tmp / "speed.npy", reference.speed_prompt)
+        np.save(tmp / "windows.npy", reference.windows)
         job = {"threads": ctx.protocol["threads"], "prompts": str(tmp / "prompts.npy"), "tokens": str(tmp / "tokens.npy"),
                "logits": str(reference.logits), "speed": str(tmp / "speed.npy"), "contexts": protocol["contexts"],
-               "steps": protocol["steps"]}
+               "steps": protocol["steps"], "windows": str(tmp / "windows.npy")}
         rss: dict[str, list[int]] = {name: [] for name in built}
         for name, row in built.items():
             ctx.log(f"bench: {table.name}: fidelity of {name} ...")
             answer = _worker(row, "fidelity", job, f"table '{table.name}', row '{name}'")
             values[name] = {"bytes": model_bytes(row.folder), **agreement(np.array(answer["greedy"]), reference.tokens),
                             "tf_overlap@1": float(np.mean(np.array(answer["top1"]) == reference.tokens)),
-                            "logits_max_diff": answer["max_diff"], "build_s": row.seconds}
+                            "logits_max_diff": answer["max_diff"], "build_s": row.seconds,
+                            **window_overlaps(answer, reference.window_top1)}
         speed = _speed_rounds(table, ctx, built, job, protocol["rounds"], rss)
         for name in built:
             values[name].update(speed[name])
@@ -309,6 +336,9 @@ class _GraphoptSequence:
     def step(self, token: int) -> np.ndarray:
         return self.decoding.feed([token], last=True)
 
+    def prefill_all(self, ids: np.ndarray) -> np.ndarray:
+        return self.decoding.feed(ids)
+
 
 class _GenaiSequence:
     def __init__(self, model, length: int):
@@ -324,6 +354,8 @@ class _GenaiSequence:
 
     def step(self, token: int) -> np.ndarray:
         return self.prefill(np.array([token]))
+
+    prefill_all = None  # its Generator keeps only the last position's logits
 
 
 def _opener(runtime: str, folder: str, threads: int) -> Callable[[int], Any]:
@@ -370,6 +402,8 @@ def worker(job: dict) -> dict:
                     logits = sequence.step(int(tokens[p, i]))
             top1.append(chosen)
         out.update(greedy=greedy, top1=top1, max_diff=diff)
+        if "windows" in job:
+            out.update(_window_runs(open_sequence, np.load(job["windows"])))
     else:
         prompt, steps = np.load(job["speed"]), job["steps"]
         warm = open_sequence(24)
@@ -389,6 +423,20 @@ def worker(job: dict) -> dict:
         out.update(prefill_s=prefill, tok_s=rate)
     out["peak_rss"] = peak_rss()
     return out
+
+
+def _window_runs(open_sequence: Callable[[int], Any], windows: np.ndarray) -> dict:
+    """Argmax at every position of each window: fed as one prompt, and one token per decode step."""
+    steps, prefill = [], []
+    for window in windows:
+        sequence = open_sequence(len(window) + 1)
+        row = [int(np.argmax(sequence.prefill(window[:1])))]
+        row += [int(np.argmax(sequence.step(int(token)))) for token in window[1:]]
+        steps.append(row)
+        sequence = open_sequence(len(window) + 1)
+        if sequence.prefill_all is not None:
+            prefill.append(np.argmax(sequence.prefill_all(window), axis=-1).tolist())
+    return {"window_steps": steps, "window_prefill": prefill or None}
 
 
 def _build_main(source: str, options: str, folder: str) -> None:

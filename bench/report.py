@@ -27,6 +27,8 @@ HEADERS = {"ppl_ratio": "ppl ×", "bytes_ratio": "bytes ×", "params_ratio": "pa
            "model_bytes": "model MB", "output_bytes": "output MB", "prefill_s": "prefill s",
            "greedy_prefix": "greedy before 1st divergence", "greedy_overall": "greedy overall",
            "first_divergence": "1st divergence (tokens)", "tf_overlap@1": "teacher-forced overlap@1",
+           "prefill_overlap@1": "prefill protocol overlap@1", "steps_overlap@1": "same windows, decode steps",
+           "steps_gap": "steps − prefill",
            "logits_max_diff": "logits max diff", "load": "load avg"}
 
 

@@ -253,7 +253,7 @@ def test_greedy_agreement_counts_tokens_before_the_first_divergence():
 def test_the_decode_worker_scores_a_decoder_against_the_reference_and_fails_a_broken_one(decode_protocol, tmp_path):
     """The fidelity run of a tiny ort decoder folder against transformers' greedy reference; the same
     run against a reference whose one step was changed (a logit moved, the token it chose) fails."""
-    from bench.decode import agreement, make_reference, transformers_model, worker
+    from bench.decode import agreement, make_reference, transformers_model, window_overlaps, worker
     from graphopt.frontends.decoder_folder import save_decoder
     from tests.decoding import tiny_decoder
 
@@ -275,6 +275,15 @@ def test_the_decode_worker_scores_a_decoder_against_the_reference_and_fails_a_br
     answer, greedy = score(reference.tokens, logits)
     assert greedy["greedy_overall"] == 1.0 and answer["max_diff"] <= 1e-4 and answer["peak_rss"] > 30e6
     assert np.array_equal(answer["top1"], reference.tokens)
+    np.save(tmp_path / "windows.npy", reference.windows)  # the prefill protocol's windows: 2 x 32 tokens here
+    answer = worker({**job, "prompts": str(tmp_path / "prompts.npy"), "tokens": str(tmp_path / "tokens.npy"),
+                     "logits": str(tmp_path / "logits.npy"), "windows": str(tmp_path / "windows.npy")})
+    assert reference.windows.shape == reference.window_top1.shape == (2, 32)
+    assert window_overlaps(answer, reference.window_top1) == {"steps_overlap@1": 1.0, "prefill_overlap@1": 1.0,
+                                                              "steps_gap": 0.0}
+    answer["window_steps"][1][7] = -1  # one decode step's argmax wrong: the gap shows it
+    assert window_overlaps(answer, reference.window_top1)["steps_gap"] == pytest.approx(1 / 64)
+    assert window_overlaps({**answer, "window_prefill": None}, reference.window_top1)["steps_gap"] is None
     tokens, logits = reference.tokens.copy(), logits.copy()
     tokens[1, 5] = (tokens[1, 5] + 1) % logits.shape[-1]
     logits[1, 5, tokens[1, 5]] += 1e-3
@@ -290,6 +299,7 @@ def test_a_decode_table_runs_its_rows_in_processes_of_their_own(decoded):
     for name in ("ort", "portable"):
         row = rows[name]
         assert row["greedy_overall"] == 1.0 and row["greedy_prefix"] == 1.0 and row["tf_overlap@1"] == 1.0
+        assert row["steps_overlap@1"] == row["prefill_overlap@1"] == 1.0 and row["steps_gap"] == 0.0
         assert row["logits_max_diff"] <= 1e-4 and row["build_s"] > 0 and row["load"] >= 0
         assert row["prefill_s"] > 0 and row["tok_s@16"] > 0 and row["tok_s@48"] > 0
         assert row["tok_s 48/16"] == pytest.approx(row["tok_s@48"] / row["tok_s@16"])
