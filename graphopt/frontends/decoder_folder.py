@@ -135,16 +135,39 @@ def read_decoder_folder(folder: str | Path) -> DecoderFolder:
     files = list(graph_files(spec))
     check_manifest(folder, [CONFIG, weights_file(spec), *files])
     protos, weights = {}, {}
-    for file in files:
+    for file, seq in graph_files(spec).items():
         proto, mapped = load_onnx_mapped(folder / file)
         names = [v.name for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer}]
         if names != spec.input_names or [o.name for o in proto.graph.output] != spec.output_names:
             raise ModelLoadError(f"{folder / file}: its inputs and outputs are not those {CONFIG} describes "
                                  f"(inputs {names[:3]}..., outputs {[o.name for o in proto.graph.output][:3]}...)")
+        _check_io_types(proto, spec, seq, folder / file)
         protos[file] = proto
         weights = {**mapped, **weights}  # a weight both graphs read is mapped once more, not copied
     tokenizer = Tokenizer.read(folder) if spec.tokenizer == "hf" else None
     return DecoderFolder(spec, DecoderGraphs(spec, protos, weights), tokenizer, folder)
+
+
+def _check_io_types(proto, spec: DecoderSpec, seq: int | None, path: Path) -> None:
+    """Every input and output of a graph has the element type and the fixed sizes `spec` gives it
+    (a hand-edited decoder.json whose heads or sizes are not the graph's is refused here, not by
+    the runtime mid-generation)."""
+    seq = "sequence_length" if seq is None else seq
+    shapes = {**spec.input_shapes(seq), **spec.output_shapes(seq)}
+    dtypes = {**spec.input_dtypes(), **{name: "float32" for name in spec.output_names}}
+    for value in [*proto.graph.input, *proto.graph.output]:
+        if value.name not in shapes:
+            continue
+        tensor = value.type.tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "undefined"
+        if dtype != dtypes[value.name]:
+            raise ModelLoadError(f"{path}: '{value.name}' is {dtype}, where {CONFIG} describes {dtypes[value.name]}")
+        if not tensor.HasField("shape"):
+            continue
+        got = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor.shape.dim)
+        want = shapes[value.name]
+        if len(got) != len(want) or any(isinstance(w, int) and isinstance(g, int) and g != w for g, w in zip(got, want)):
+            raise ModelLoadError(f"{path}: '{value.name}' has shape {list(got)}, where {CONFIG} describes {list(want)}")
 
 
 def _read_hf_tokenizer(folder: Path):

@@ -298,3 +298,21 @@ def test_damaged_folders_are_refused(tmp_path):
         Generator.load(out)
     with pytest.raises(ModelLoadError, match="unknown field 'colour'"):
         DecoderSpec.from_json({**DecoderSpec.of(tiny_decoder("portable")).to_json(), "colour": 1})
+
+
+@pytest.mark.parametrize("form, field, value, tensor", [
+    ("ort", "head_dim", 8, "past_key_values.0.key"), ("ort", "vocab", 100, "logits"),
+    ("portable", "head_dim", 8, "past_key_values.0.key"), ("portable", "vocab", 100, "logits"),
+    ("portable", "capacity", 200, "attention_mask")])  # the ort form's cache is dynamic: no capacity in its shapes
+def test_a_config_that_contradicts_its_graphs_is_refused_before_they_run(form, field, value, tensor, tmp_path):
+    """decoder.json edited by hand (and its manifest with it): sizes the graphs do not have are
+    refused on reading, naming the graph and the tensor, instead of failing inside onnxruntime."""
+    out = tmp_path / "out"
+    save_decoder(tiny_decoder(form), out, log=_quiet)
+    config = json.loads((out / "decoder.json").read_text())
+    config["spec"][field] = value
+    (out / "decoder.json").write_text(json.dumps(config))
+    os.remove(out / ".graphopt-manifest.json")
+    graph = "model.onnx" if form == "ort" else "prefill.onnx"
+    with pytest.raises(ModelLoadError, match=rf"{graph}: '{tensor}' has shape .* where decoder.json describes"):
+        read_decoder_folder(out)
