@@ -31,7 +31,7 @@ def _generate_run(args) -> int:
 
     if args.top_p != 1.0 and args.temperature is None:
         raise OptionError("--top-p: sampling needs --temperature T (without it generation is greedy)")
-    check_sampling(args.max_new_tokens, args.temperature or 0.0, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature or 0.0, args.top_p, args.seed)
     log(f"loading {args.model} ...")
     generator = Generator.load(args.model, threads=args.threads, spin=not args.no_spin, log=log)
 

@@ -173,6 +173,9 @@ class Decoding:
         [len(ids), vocab], or with `last` only the last token's [vocab] (a long prompt's logits
         are never held together)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.spec.vocab):
+            bad = int(ids[(ids < 0) | (ids >= self.spec.vocab)][0])
+            raise GraphoptError(f"token id {bad} is not in the model's vocabulary (ids 0 to {self.spec.vocab - 1})")
         if ids.size > self.room:
             raise GraphoptError(f"{ids.size} tokens do not fit the cache: room for {self.room} more "
                                 f"(capacity {self.spec.capacity})")
@@ -254,6 +257,8 @@ class Generator:
     model reads bytes), ready to generate (see the module docstring)."""
 
     def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0, spin: bool = True):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise OptionError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
         self.spec = spec
         self.tokenizer = tokenizer
         self.sessions = graphs.sessions(threads, config=session_config(spin))
@@ -298,6 +303,20 @@ class Generator:
             return self.tokenizer.encode(text, special=False)
         return self.tokenizer.encode(prompt)
 
+    def _prompt_ids(self, prompt: str | list[int], chat: bool) -> list[int]:
+        """`prompt`'s token ids: text is encoded (GraphoptError on text that is not valid Unicode),
+        a sequence of integers taken as it is (their range is checked when they are fed)."""
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise GraphoptError(f"the prompt is not valid Unicode text ({exc.reason} at character {exc.start})") from exc
+            return self.encode(prompt, chat=chat)
+        if isinstance(prompt, (list, tuple, np.ndarray)) and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            return [int(t) for t in prompt]
+        raise GraphoptError(f"the prompt must be text or a list of token ids, got {type(prompt).__name__}")
+
     def decode(self, tokens: list[int]) -> str:
         if self.tokenizer is None:
             return bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
@@ -309,8 +328,8 @@ class Generator:
         """Generate up to `max_new_tokens` after `prompt` (text, or token ids as they are) and stop at
         an end-of-sequence token or a full cache; `stream(token, text_piece)` sees each token as it
         comes. Greedy when `temperature` is 0, else sampled (top_p, seeded by `seed`)."""
-        check_sampling(max_new_tokens, temperature, top_p)
-        ids = self.encode(prompt, chat=chat) if isinstance(prompt, str) else [int(t) for t in prompt]
+        check_sampling(max_new_tokens, temperature, top_p, seed)
+        ids = self._prompt_ids(prompt, chat)
         if not ids:
             raise GraphoptError("the prompt has no tokens")
         if len(ids) > self.spec.capacity:
@@ -345,14 +364,17 @@ class Generator:
                                 ttft_s=first - start, tokens_per_s=rate, peak_rss_mib=peak_rss_mib())
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """OptionError unless max_new_tokens >= 1, temperature >= 0 (finite) and 0 < top_p <= 1."""
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    """OptionError unless max_new_tokens >= 1, temperature >= 0 (finite), 0 < top_p <= 1 and the
+    seed is None or an integer >= 0."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise OptionError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
         raise OptionError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise OptionError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise OptionError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def generate(model: "str | Path | Model | Generator", prompt: str | list[int], *, max_new_tokens: int = 128,

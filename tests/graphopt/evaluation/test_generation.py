@@ -93,6 +93,23 @@ def test_bad_options_are_refused():
         generator.generate(PROMPT, temperature=1.0, top_p=0.0)
     with pytest.raises(GraphoptError, match="no chat template"):
         generator.generate("hi", chat=True)
+    with pytest.raises(OptionError, match="seed must be an integer >= 0, got -1"):
+        generator.generate(PROMPT, temperature=1.0, seed=-1)
+    with pytest.raises(OptionError, match="threads must be an integer >= 0"):
+        Generator.load(tiny_decoder("ort"), threads=-2, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("prompt, message", [
+    (None, "text or a list of token ids, got NoneType"), (7, "got int"), ([1, True], "got list"),
+    ("\udcff", "not valid Unicode text"), ([5, -1], "token id -1 is not in the model's vocabulary"),
+    ([10**9], "token id 1000000000 is not in"),
+])
+def test_bad_prompts_are_refused_by_name(form, prompt, message):
+    """Prompts that are neither text nor token ids, text a tokenizer cannot take, and ids outside the
+    vocabulary (negative ones would index from the end) get a GraphoptError, not a runtime's error."""
+    with pytest.raises(GraphoptError, match=message):
+        tiny_generator(form).generate(prompt, max_new_tokens=2)
 
 
 def test_generate_accepts_a_model_and_a_text_prompt():
