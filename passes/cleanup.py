@@ -204,8 +204,18 @@ def _fold_value(node: gs.Node, graph_outputs: set[int], opset: int) -> tuple[str
     inputs = [t for t in node.inputs if not _is_empty(t)]
     if not all(isinstance(t, gs.Constant) for t in inputs):
         return None
+    if node.op == "Cast" and _widens(node):
+        return None  # narrow storage (store_half's float16 + Cast): onnxruntime folds it at load
     values = _evaluate(node, [None if _is_empty(t) else t.values for t in node.inputs], opset)
     return ("folded_constants", values) if values is not None else None
+
+
+def _widens(cast: gs.Node) -> bool:
+    """A Cast of a float constant to a wider float type (float16 -> float32); integer casts of shape
+    arithmetic still fold."""
+    source = np.dtype(cast.inputs[0].values.dtype)
+    target = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(cast.attrs["to"])) if "to" in cast.attrs else source
+    return source.kind == target.kind == "f" and target.itemsize > source.itemsize
 
 
 def _fold(graph: gs.Graph, size_limit: int, stats: Counter) -> None:
@@ -254,7 +264,8 @@ class Cleanup(Pass):
        Identity, Q/DQ (the quantization boundary backends read), random or control-flow ops, nodes
        feeding a graph output, nodes that make a sequence, map or optional value (SequenceEmpty),
        or when the result exceeds `fold_size_limit` bytes (so a shared weight is never copied into
-       a large duplicate).
+       a large duplicate), nor on a Cast that widens a float constant (float16 written for
+       float32, as `store_half` does: folding it would double those bytes on disk).
     6. Topological sort, only when the node order is not already valid.
 
     Guarantees: graph outputs, their names and the input signature are unchanged; outputs equal
