@@ -138,6 +138,8 @@ class SharedBufferCache:
         shape = (1, spec.kv_heads, length, spec.head_dim)
         self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in spec.past_names]
         self.tokens = 0
+        self.ones = np.ones((1, length), np.int64)  # the mask of `tokens` held tokens is a view of it
+        self.bound_to = None  # the io binding the buffers are bound to: they stay bound across steps
 
     @property
     def room(self) -> int:
@@ -146,10 +148,12 @@ class SharedBufferCache:
     def bind(self, io, seq: int) -> None:
         """Bind the cache and the mask of `seq` new tokens; the tokens count as held from now."""
         self.tokens += seq
-        io.bind_cpu_input("attention_mask", np.ones((1, self.tokens), np.int64))
-        for past, present, buffer in zip(self.spec.past_names, self.spec.present_names, self.buffers):
-            io.bind_ortvalue_input(past, buffer)
-            io.bind_ortvalue_output(present, buffer)
+        io.bind_cpu_input("attention_mask", self.ones[:, :self.tokens])
+        if self.bound_to is not io:
+            for past, present, buffer in zip(self.spec.past_names, self.spec.present_names, self.buffers):
+                io.bind_ortvalue_input(past, buffer)
+                io.bind_ortvalue_output(present, buffer)
+            self.bound_to = io
 
 
 class Decoding:
@@ -161,6 +165,7 @@ class Decoding:
         self.sessions = sessions
         if spec.form == "ort":
             self.cache = SharedBufferCache(spec, length)
+            self.io = sessions["model.onnx"].io_binding()  # one binding for the sequence: the cache stays bound
         else:
             self.cache = StaticCache(spec)
 
@@ -188,13 +193,14 @@ class Decoding:
         return parts[0] if last or len(parts) == 1 else np.concatenate(parts)
 
     def _ort_step(self, ids: np.ndarray) -> np.ndarray:
-        session = self.sessions["model.onnx"]
-        io = session.io_binding()
-        io.bind_cpu_input("input_ids", ids[None])
-        io.bind_output("logits")  # first: outputs come back in the order they were bound
-        self.cache.bind(io, ids.size)
-        session.run_with_iobinding(io, _run_options(ids.size))
-        return io.get_outputs()[0].numpy()[0]
+        import onnxruntime as ort
+
+        logits = np.empty((1, ids.size, self.spec.vocab), np.float32)  # onnxruntime writes into it
+        self.io.bind_cpu_input("input_ids", ids[None])
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.cache.bind(self.io, ids.size)
+        self.sessions["model.onnx"].run_with_iobinding(self.io, _run_options(ids.size))
+        return logits[0]
 
     def _portable_step(self, ids: np.ndarray) -> np.ndarray:
         file, seq = ("decode.onnx", 1) if ids.size == 1 else ("prefill.onnx", self.spec.prefill_chunk)
