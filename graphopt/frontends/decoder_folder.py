@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
@@ -159,9 +160,9 @@ def _check_io_types(proto, spec: DecoderSpec, seq: int | None, path: Path) -> No
         if value.name not in shapes:
             continue
         tensor = value.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else "undefined"
-        if dtype != dtypes[value.name]:
-            raise ModelLoadError(f"{path}: '{value.name}' is {dtype}, where {CONFIG} describes {dtypes[value.name]}")
+        if tensor.elem_type != onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtypes[value.name])):
+            raise ModelLoadError(f"{path}: '{value.name}' is {onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}, "
+                                 f"where {CONFIG} describes {dtypes[value.name]}")
         if not tensor.HasField("shape"):
             continue
         got = tuple(d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in tensor.shape.dim)

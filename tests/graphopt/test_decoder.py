@@ -316,3 +316,14 @@ def test_a_config_that_contradicts_its_graphs_is_refused_before_they_run(form, f
     graph = "model.onnx" if form == "ort" else "prefill.onnx"
     with pytest.raises(ModelLoadError, match=rf"{graph}: '{tensor}' has shape .* where decoder.json describes"):
         read_decoder_folder(out)
+
+
+def test_a_graph_whose_cache_type_is_not_the_configs_is_refused(tmp_path):
+    out = tmp_path / "out"
+    save_decoder(tiny_decoder("ort"), out, log=_quiet)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    proto.graph.input[2].type.tensor_type.elem_type = onnx.TensorProto.FLOAT16
+    onnx.save(proto, str(out / "model.onnx"))
+    os.remove(out / ".graphopt-manifest.json")
+    with pytest.raises(ModelLoadError, match="'past_key_values.0.key' is float16, where decoder.json describes float32"):
+        read_decoder_folder(out)
