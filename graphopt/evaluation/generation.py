@@ -97,7 +97,7 @@ class StaticCache:
     def __init__(self, spec: DecoderSpec):
         self.spec = spec
         shape = (1, spec.kv_heads, spec.capacity, spec.head_dim)
-        self.past = {name: np.zeros(shape, np.float32) for name in spec.past_names}
+        self.past = {name: np.zeros(shape, spec.cache_dtype) for name in spec.past_names}
         self.used = np.zeros(spec.capacity, dtype=bool)
         self.position = 0  # position of the next token
 
@@ -136,7 +136,7 @@ class SharedBufferCache:
         self.spec = spec
         self.length = length
         shape = (1, spec.kv_heads, length, spec.head_dim)
-        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in spec.past_names]
+        self.buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, spec.cache_dtype)) for _ in spec.past_names]
         self.tokens = 0
         self.ones = np.ones((1, length), np.int64)  # the mask of `tokens` held tokens is a view of it
         self.bound_to = None  # the io binding the buffers are bound to: they stay bound across steps

@@ -297,7 +297,7 @@ def llama_decoder(hf, tokenizer=None, options: DecoderOptions | dict | bool = Tr
     dtypes = spec.input_dtypes()
     model = Model(fx=program.module(), task="causal-lm", name=name, tokenizer=tokenizer, sample_inputs=sample_inputs,
                   inputs=[TensorSpec(n, dtypes[n], shape) for n, shape in axes.items()],
-                  outputs=[TensorSpec(n, "float32", shape) for n, shape in spec.output_shapes().items()])
+                  outputs=[TensorSpec(n, spec.output_dtypes()[n], shape) for n, shape in spec.output_shapes().items()])
     model.meta.extra["decoder"] = spec.to_json()
     log(f"decoder: {spec.form} form, {spec.layers} layers, {spec.heads}/{spec.kv_heads} heads of {spec.head_dim}, "
         f"capacity {spec.capacity}, traced in {time.perf_counter() - start:.1f} s")

@@ -155,7 +155,7 @@ def _check_io_types(proto, spec: DecoderSpec, seq: int | None, path: Path) -> No
     the runtime mid-generation)."""
     seq = "sequence_length" if seq is None else seq
     shapes = {**spec.input_shapes(seq), **spec.output_shapes(seq)}
-    dtypes = {**spec.input_dtypes(), **{name: "float32" for name in spec.output_names}}
+    dtypes = {**spec.input_dtypes(), **spec.output_dtypes()}
     for value in [*proto.graph.input, *proto.graph.output]:
         if value.name not in shapes:
             continue

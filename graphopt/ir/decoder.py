@@ -32,10 +32,11 @@ import numpy as np
 from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.files.reading import shown, want_bool, want_dict, want_int, want_list, want_number, want_str
 
-__all__ = ["DecoderSpec", "FORMS", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY",
+__all__ = ["DecoderSpec", "FORMS", "CACHE_DTYPES", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY",
            "set_kv_heads"]
 
 FORMS = ("ort", "portable")
+CACHE_DTYPES = ("float32", "int8")
 MAX_CAPACITY = 1 << 20  # tokens; no on-device context comes near
 _LIMITS = {"layers": 512, "heads": 1024, "kv_heads": 1024, "head_dim": 4096, "hidden": 1 << 16, "vocab": 1 << 22}
 
@@ -51,6 +52,8 @@ class DecoderSpec:
     the weights [capacity, head_dim / 2] holding cos and sin of every position's angles; a pass
     should leave them alone: the portable form reads them with Gather, like an embedding).
     tokenizer: "hf" (tokenizer files beside the graphs) or "bytes" (ids are UTF-8 bytes).
+    cache_dtype: how the cache is stored: "float32", or "int8" codes whose scales the graph holds
+    (the `quantize_kv` pass); past and present tensors, and the host's cache buffers, have this type.
     """
 
     form: str
@@ -70,6 +73,7 @@ class DecoderSpec:
     chat_template: bool = False
     tokenizer: str = "hf"
     mask_value: float = -1e4  # portable: additive mask of an invisible slot (fp16-safe, quantizes well)
+    cache_dtype: str = "float32"  # the past/present tensors' element type: CACHE_DTYPES (int8: `quantize_kv`)
 
     # ------------------------------------------------------------------ names
     def cache_names(self, prefix: str) -> list[str]:
@@ -113,7 +117,11 @@ class DecoderSpec:
 
     def input_dtypes(self) -> dict[str, str]:
         ints = {"input_ids", "position_ids"} | ({"attention_mask"} if self.form == "ort" else set())
-        return {name: "int64" if name in ints else "float32" for name in self.input_names}
+        return {name: "int64" if name in ints else self.cache_dtype if name.startswith("past_key_values.")
+                else "float32" for name in self.input_names}
+
+    def output_dtypes(self) -> dict[str, str]:
+        return {"logits": "float32", **{name: self.cache_dtype for name in self.present_names}}
 
     # ------------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
@@ -151,12 +159,15 @@ class DecoderSpec:
         tokenizer = want_str(data.get("tokenizer", "hf"), f"{field} 'tokenizer'", error)
         if tokenizer not in ("hf", "bytes"):
             raise error(f"{field} 'tokenizer' must be 'hf' or 'bytes', got {shown(tokenizer)}")
+        cache_dtype = want_str(data.get("cache_dtype", "float32"), f"{field} 'cache_dtype'", error)
+        if cache_dtype not in CACHE_DTYPES:
+            raise error(f"{field} 'cache_dtype' must be one of {', '.join(CACHE_DTYPES)}, got {shown(cache_dtype)}")
         spec = cls(form=form, architecture=want_str(data["architecture"], f"{field} 'architecture'", error, max_len=64),
                    capacity=capacity, prefill_chunk=chunk, eos_token_ids=eos, tokenizer=tokenizer,
                    rope=want_dict(data.get("rope", {}), f"{field} 'rope'", error),
                    chat_template=want_bool(data.get("chat_template", False), f"{field} 'chat_template'", error),
                    mask_value=want_number(data.get("mask_value", -1e4), f"{field} 'mask_value'", error),
-                   **sizes, **optional_ids)
+                   cache_dtype=cache_dtype, **sizes, **optional_ids)
         spec.check(where, error)
         return spec
 
@@ -250,7 +261,7 @@ def prefill_feeds(spec: DecoderSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
         empty = np.zeros(spec.capacity, dtype=bool)
         feeds = {"input_ids": ids, "position_ids": np.arange(seq, dtype=np.int64)[None],
                  "attention_mask": smart_mask(empty, seq, spec.mask_value)}
-    past = np.zeros(past_shape, np.float32)
+    past = np.zeros(past_shape, spec.cache_dtype)
     return {**feeds, **{name: past for name in spec.past_names}}
 
 
@@ -263,5 +274,5 @@ def example_feeds(spec: DecoderSpec) -> dict[str, np.ndarray]:
         return prefill_feeds(spec, rng.integers(0, spec.vocab, (1, seq)))
     feeds = {"input_ids": rng.integers(0, spec.vocab, (batch, seq)).astype(np.int64),
              "attention_mask": np.ones((batch, past + seq), np.int64)}
-    cache = np.zeros((batch, spec.kv_heads, past, spec.head_dim), np.float32)
+    cache = np.zeros((batch, spec.kv_heads, past, spec.head_dim), spec.cache_dtype)
     return {**feeds, **{name: cache for name in spec.past_names}}

@@ -1,0 +1,126 @@
+"""quantize_kv: the tiny Llama's ort-form decoder with an int8 cache, calibrated, run by onnxruntime's
+GroupQueryAttention and by graphopt.generate; prefill and decode steps read the same codes."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+
+import graphopt
+from graphopt.errors import ModelLoadError, OptionError, UnsupportedGraphError
+from graphopt.evaluation.generation import Generator
+from graphopt.evaluation.metrics import compare_outputs
+from graphopt.frontends.decoder_folder import read_decoder_folder, save_decoder
+from graphopt.ir.decoder import DecoderSpec
+from graphopt.passes import FuseOrtOps, QuantizeKV
+from graphopt.pipeline.passes import PassContext
+from tests.decoding import PROMPT, tiny_decoder, tiny_feeds
+
+
+def _quiet(*_):
+    pass
+
+
+@functools.cache
+def _float():
+    return graphopt.Pipeline([FuseOrtOps()], log=_quiet, progress=False).run(tiny_decoder("ort")).model
+
+
+@functools.cache
+def _quantized(headroom: float = 1.0):
+    return QuantizeKV(headroom=headroom).run(_float().copy(), PassContext(calib=tiny_feeds()[0], progress=False))
+
+
+def _attention(model):
+    return [n for n in model.graph.nodes if n.op == "GroupQueryAttention"]
+
+
+def _present(model, feeds, layer: int, kind: str) -> np.ndarray:
+    names = [o.name for o in model.graph.outputs]
+    return model.run(feeds)[names.index(f"present.{layer}.{kind}")]
+
+
+def test_the_cache_becomes_int8_codes_of_calibrated_per_channel_scales():
+    result = _quantized()
+    model, spec = result.model, DecoderSpec.of(result.model)
+    assert result.changed and spec.cache_dtype == "int8" and result.stats["layers"] == spec.layers
+    for node in _attention(model):
+        assert node.attrs["k_quant_type"] == node.attrs["v_quant_type"] == "PER_CHANNEL"
+        assert node.attrs["kv_cache_bit_width"] == 8
+        k_scale, v_scale = (t.values for t in node.inputs[12:14])
+        assert k_scale.shape == v_scale.shape == (1, spec.kv_heads, 1, spec.head_dim)
+        half = spec.head_dim // 2  # a key channel and its rotary partner share one range
+        np.testing.assert_array_equal(k_scale[..., :half], k_scale[..., half:])
+    cache = {t.name: t.dtype for t in model.graph.inputs + model.graph.outputs if "key" in t.name or "value" in t.name}
+    assert set(cache) == set(spec.past_names) | set(spec.present_names)
+    assert {np.dtype(d) for d in cache.values()} == {np.dtype(np.int8)}
+    # layer 0's keys and values do not depend on the cache: its codes are the float ones rounded by the scales,
+    # and on the calibration windows no value needs more than the range
+    calib = tiny_feeds()[0][0]
+    float_feeds = {**calib}
+    quant_feeds = {n: v.astype(np.int8) if n.startswith("past_key_values.") else v for n, v in calib.items()}
+    node = _attention(model)[0]
+    for kind, scale in (("key", node.inputs[12].values), ("value", node.inputs[13].values)):
+        x = _present(_float(), float_feeds, 0, kind)
+        codes = _present(model, quant_feeds, 0, kind)
+        assert np.abs(x / scale).max() <= 127.5
+        np.testing.assert_array_equal(codes, np.clip(np.round(x / scale), -128, 127).astype(np.int8))
+        assert np.abs(codes).max() >= 100  # the range is used, not wasted
+
+
+def test_int8_cache_keeps_the_float_logits_close_and_headroom_trades_resolution():
+    calib, evals = tiny_feeds()
+    reference = [_float().run(f)[:1] for f in evals]
+    fidelity = {}
+    for headroom in (1.0, 8.0):
+        model = _quantized(headroom).model
+        outputs = [model.run({n: v.astype(np.int8) if n.startswith("past_key_values.") else v
+                              for n, v in f.items()})[:1] for f in evals]
+        fidelity[headroom] = compare_outputs([np.concatenate([r[0][0] for r in reference])],
+                                             [np.concatenate([o[0][0] for o in outputs])], "causal-lm")
+    assert fidelity[1.0]["overlap@1"] >= 0.95 and fidelity[1.0]["sqnr_db"] >= 20, fidelity
+    assert fidelity[8.0]["sqnr_db"] < fidelity[1.0]["sqnr_db"]  # 8x coarser codes are measurably worse
+
+
+def test_generation_reads_the_same_codes_in_one_chunk_or_token_by_token(tmp_path):
+    model = _quantized().model
+    save_decoder(model, tmp_path / "out", log=_quiet)
+    folder = read_decoder_folder(tmp_path / "out")
+    assert folder.spec.cache_dtype == "int8"
+    generator = Generator.load(tmp_path / "out", threads=1, log=_quiet)
+    whole = generator.start(64).feed(PROMPT)
+    steps = generator.start(64)
+    one_by_one = np.stack([steps.feed([t])[0] for t in PROMPT])
+    np.testing.assert_array_equal(whole, one_by_one)
+    assert generator.generate(PROMPT, max_new_tokens=8).tokens == Generator.load(model, threads=1, log=_quiet).generate(
+        PROMPT, max_new_tokens=8).tokens
+
+
+def test_a_config_that_contradicts_the_int8_cache_is_refused(tmp_path):
+    save_decoder(_quantized().model, tmp_path / "out", log=_quiet)
+    config = json.loads((tmp_path / "out" / "decoder.json").read_text())
+    config["spec"]["cache_dtype"] = "float32"
+    (tmp_path / "out" / "decoder.json").write_text(json.dumps(config))
+    (tmp_path / "out" / ".graphopt-manifest.json").unlink()  # edited by hand, manifest and all
+    with pytest.raises(ModelLoadError, match="past_key_values.0.key' is int8"):
+        read_decoder_folder(tmp_path / "out")
+    config["spec"]["cache_dtype"] = "int4"
+    (tmp_path / "out" / "decoder.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="cache_dtype"):
+        read_decoder_folder(tmp_path / "out")
+
+
+def test_refusals_and_a_second_run():
+    ctx = PassContext(calib=tiny_feeds()[0], progress=False)
+    assert not QuantizeKV().run(_quantized().model.copy(), ctx).changed
+    with pytest.raises(OptionError, match="headroom"):
+        QuantizeKV(headroom=0.5)
+    with pytest.raises(OptionError, match="calibration"):
+        QuantizeKV().run(_float().copy(), PassContext(progress=False))
+    portable = graphopt.lower(tiny_decoder("portable"), log=_quiet)
+    with pytest.raises(UnsupportedGraphError, match="portable"):
+        QuantizeKV().run(portable, ctx)
+    plain = graphopt.load("sample:tiny-llama", log=_quiet)
+    with pytest.raises(UnsupportedGraphError, match="not a decoder"):
+        QuantizeKV().run(graphopt.lower(plain, log=_quiet), ctx)
