@@ -25,21 +25,26 @@ _QMAX = 127
 @register_pass
 @dataclass(frozen=True)
 class QuantizeKV(Pass):
-    """Store the KV cache of an ort-form decoder as int8 codes with a scale per (KV head, channel).
+    """Store a decoder's KV cache as int8 codes with a scale per (KV head, channel).
 
     Reads calibration feeds (`ctx.calib`): the float graph runs them and their present keys and
     values give each channel's range. A key is cached after rotary, which turns channel i and its
     rotary partner together, so both get the largest length of the pair (a bound no position's
     rotation can exceed); a value channel gets its largest magnitude. Each range times `headroom`
-    maps to 127. Rewrites every GroupQueryAttention: k_scale / v_scale inputs [1, kv_heads, 1,
-    head_dim], k_quant_type / v_quant_type PER_CHANNEL, kv_cache_bit_width 8; past and present
-    become int8, and the decoder spec's cache_dtype "int8" (the host's buffers follow it).
-    onnxruntime writes round(x / scale), clipped to [-128, 127], and every read (prefill and decode
-    step alike) uses those codes, so a prompt gives the same cache in one chunk or token by token.
-    The cache takes a quarter of float32's memory and attention reads a quarter of the bytes.
+    maps to 127. Past and present become int8 (clip(round(x / scale), -128, 127)), and the decoder
+    spec's cache_dtype "int8" (the host's buffers follow it). Rewrites, per form:
+    - ort: every GroupQueryAttention gets k_scale / v_scale inputs [1, kv_heads, 1, head_dim],
+      k_quant_type / v_quant_type PER_CHANNEL and kv_cache_bit_width 8; onnxruntime rounds the new
+      rows into the cache and reads the codes back.
+    - portable: standard ops. Each past input is read through DequantizeLinear; each layer's new
+      rows go out through QuantizeLinear as the present output, and the attention reads them
+      through DequantizeLinear too (blocked Q/DQ along the sequence axis, one block: a scale per
+      head and channel).
+    Either way every read, in a prefill chunk or a decode step, sees the same codes, so a prompt gives
+    the same logits in one chunk or token by token. The cache takes a quarter of float32's memory.
     Does NOT fire on a decoder whose cache is already int8 (`changed` False). Refused: a model that
-    is not a decoder, the portable form (its cache is written by the host; not supported yet), an
-    attention that is not GroupQueryAttention over the spec's past/present.
+    is not a decoder, an ort-form attention that is not GroupQueryAttention over the spec's
+    past/present, a cache tensor that is not a float32 graph input / output.
     """
 
     name: ClassVar[str] = "quantize_kv"
@@ -57,28 +62,22 @@ class QuantizeKV(Pass):
         if spec is None:
             raise UnsupportedGraphError(f"'quantize_kv': '{model.name}' is not a decoder (no decoder spec); build one "
                                         "with a recipe's decoder: section")
-        if spec.form != "ort":
-            raise UnsupportedGraphError(f"'quantize_kv': '{model.name}' is a portable decoder; only the ort form's "
-                                        "cache (GroupQueryAttention's) is quantized so far: use decoder: {attention: ort}")
         if spec.cache_dtype == "int8":
             return PassResult(model, False, {"cache_dtype": "int8"})
-        layers = _attention_layers(model, spec)
+        layers = _attention_layers(model, spec) if spec.form == "ort" else None
+        _check_cache_tensors(model, spec)
         feeds = ctx.require_calib("quantize_kv")
-        k_range, v_range = _ranges(model, spec, layers, feeds, ctx.progress)
-        scales = []
-        for i, node in enumerate(layers):
-            k_scale = _scale(k_range[i], self.headroom, spec)
-            v_scale = _scale(v_range[i], self.headroom, spec)
-            scales.append((k_scale, v_scale))
-            while len(node.inputs) > _K_SCALE:
-                node.inputs.pop()
-            while len(node.inputs) < _K_SCALE:
-                node.inputs.append(gs.Variable.empty())
-            node.inputs.append(gs.Constant(f"{node.outputs[1].name}.scale", k_scale))
-            node.inputs.append(gs.Constant(f"{node.outputs[2].name}.scale", v_scale))
-            node.attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+        pairs = [_rotary_pairs(node, spec.head_dim) for node in layers] if layers else [_llama_pairs(spec.head_dim)] * spec.layers
+        k_range, v_range = _ranges(model, spec, pairs, feeds, ctx.progress)
+        scales = [(_scale(k_range[i], self.headroom, spec), _scale(v_range[i], self.headroom, spec))
+                  for i in range(spec.layers)]
+        if layers:
+            for node, (k_scale, v_scale) in zip(layers, scales):
+                _quantize_attention_cache(node, k_scale, v_scale)
+        else:
+            _quantize_graph_cache(model, spec, scales)
         _set_cache_dtype(model, spec, scales)
-        stats = {"layers": len(layers), "cache_dtype": "int8", "calibration_feeds": len(feeds),
+        stats = {"layers": spec.layers, "form": spec.form, "cache_dtype": "int8", "calibration_feeds": len(feeds),
                  "headroom": self.headroom, "cache_bytes_per_token": 2 * spec.layers * spec.kv_heads * spec.head_dim}
         return PassResult(model, True, stats)
 
@@ -103,14 +102,70 @@ def _attention_layers(model: Model, spec: DecoderSpec) -> list[gs.Node]:
     return layers
 
 
-def _ranges(model: Model, spec: DecoderSpec, layers: list[gs.Node], feeds, progress: bool):
+def _check_cache_tensors(model: Model, spec: DecoderSpec) -> None:
+    """Every past input and present output is a float32 tensor of the graph's signature."""
+    tensors = {t.name: t for t in model.graph.inputs + model.graph.outputs}
+    for name in spec.past_names + spec.present_names:
+        tensor = tensors.get(name)
+        if tensor is None or np.dtype(tensor.dtype) != np.float32:
+            raise UnsupportedGraphError(f"'quantize_kv': '{model.name}': cache tensor '{name}' is not a float32 "
+                                        "input or output of the graph")
+
+
+def _quantize_attention_cache(node: gs.Node, k_scale: np.ndarray, v_scale: np.ndarray) -> None:
+    """GroupQueryAttention `node` keeps its cache as int8 codes of these scales."""
+    while len(node.inputs) > _K_SCALE:
+        node.inputs.pop()
+    while len(node.inputs) < _K_SCALE:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs.append(gs.Constant(f"{node.outputs[1].name}.scale", k_scale))
+    node.inputs.append(gs.Constant(f"{node.outputs[2].name}.scale", v_scale))
+    node.attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
+
+
+def _quantize_graph_cache(model: Model, spec: DecoderSpec, scales: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """The portable form: past inputs read through DequantizeLinear, new rows written through
+    QuantizeLinear (the present outputs) and read back through DequantizeLinear."""
+    graph = model.graph
+    tensors = graph.tensors()
+    block = {"axis": 2, "block_size": spec.capacity}  # one block along the sequence: a scale per head and channel
+    for i, pair in enumerate(scales):
+        for kind, scale in zip(("key", "value"), pair):
+            scale_c = gs.Constant(f"present.{i}.{kind}.scale", scale)
+            zero = gs.Constant(f"present.{i}.{kind}.zero_point", np.zeros_like(scale, dtype=np.int8))
+            past = tensors[f"past_key_values.{i}.{kind}"]
+            read = gs.Variable(f"{past.name}.dequantized", np.float32, past.shape)
+            _reroute(past, read)
+            graph.nodes.append(gs.Node("DequantizeLinear", f"{past.name}/DequantizeLinear", attrs=dict(block),
+                                       inputs=[past, scale_c, zero], outputs=[read]))
+            rows = tensors[f"present.{i}.{kind}"]
+            codes = gs.Variable(rows.name, np.int8, rows.shape)
+            rows.name = f"{codes.name}.rows"
+            seen = gs.Variable(f"{codes.name}.dequantized", np.float32, rows.shape)
+            _reroute(rows, seen)
+            graph.nodes += [gs.Node("QuantizeLinear", f"{codes.name}/QuantizeLinear", attrs=dict(block),
+                                    inputs=[rows, scale_c, zero], outputs=[codes]),
+                            gs.Node("DequantizeLinear", f"{codes.name}/DequantizeLinear", attrs=dict(block),
+                                    inputs=[codes, scale_c, zero], outputs=[seen])]
+            graph.outputs = [codes if t is rows else t for t in graph.outputs]
+    graph.toposort()
+
+
+def _reroute(tensor: gs.Variable, replacement: gs.Variable) -> None:
+    """Every node reading `tensor` reads `replacement` instead."""
+    for consumer in list(tensor.outputs):
+        for j, t in enumerate(consumer.inputs):
+            if t is tensor:
+                consumer.inputs[j] = replacement
+
+
+def _ranges(model: Model, spec: DecoderSpec, pairs: list[np.ndarray | None], feeds, progress: bool):
     """Per layer, the [kv_heads, head_dim] ranges of the present keys (rotary pairs' lengths) and values
     (magnitudes) over every calibration feed."""
     names = [n.name for n in model.graph.outputs]
     at = {name: names.index(name) for name in spec.present_names}
     k_range = np.zeros((spec.layers, spec.kv_heads, spec.head_dim))
     v_range = np.zeros_like(k_range)
-    pairs = [_rotary_pairs(node, spec.head_dim) for node in layers]
     run = model.runner()
     for feed in progress_bar(feeds, len(feeds), "quantize_kv: calibrating", progress):
         outputs = run(feed)
@@ -129,13 +184,18 @@ def _ranges(model: Model, spec: DecoderSpec, layers: list[gs.Node], feeds, progr
 
 
 def _rotary_pairs(node: gs.Node, head_dim: int) -> np.ndarray | None:
-    """Channel -> the channel rotary turns it with (None when the node applies no rotary)."""
+    """Channel -> the channel GroupQueryAttention's rotary turns it with (None when it applies none)."""
     if not node.attrs.get("do_rotary", 0):
         return None
-    channels = np.arange(head_dim)
     if node.attrs.get("rotary_interleaved", 0):
-        return channels ^ 1
-    return (channels + head_dim // 2) % head_dim
+        return np.arange(head_dim) ^ 1
+    return _llama_pairs(head_dim)
+
+
+def _llama_pairs(head_dim: int) -> np.ndarray:
+    """Channel -> its partner in Llama's rotary (rotate_half: i and i + head_dim / 2), which the
+    portable form computes in the graph before the key is cached."""
+    return (np.arange(head_dim) + head_dim // 2) % head_dim
 
 
 def _scale(ranges: np.ndarray, headroom: float, spec: DecoderSpec) -> np.ndarray:

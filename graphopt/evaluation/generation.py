@@ -127,8 +127,9 @@ class StaticCache:
 
 
 class SharedBufferCache:
-    """The ort form's KV cache: one [1, kv_heads, length, head_dim] buffer per cache tensor, bound
-    as both past and present, so GroupQueryAttention appends the new rows in place."""
+    """The ort form's KV cache: one [1, kv_heads, length, head_dim] buffer of the spec's cache_dtype
+    per cache tensor (int8: codes GroupQueryAttention quantizes and reads itself, see `quantize_kv`),
+    bound as both past and present, so GroupQueryAttention appends the new rows in place."""
 
     def __init__(self, spec: DecoderSpec, length: int):
         import onnxruntime as ort

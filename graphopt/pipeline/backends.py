@@ -88,13 +88,18 @@ def paired_outputs(reference, candidate, feeds_list: list[dict[str, np.ndarray]]
 
 
 def require_portable(spec, backend: str, name: str) -> None:
-    """Refuse a decoder in the ort form for `backend`, a target of standard ops and static shapes:
-    its com.microsoft GroupQueryAttention and dynamic cache shapes are ONNX Runtime's alone."""
+    """Refuse, for `backend` (a target of standard ops and static shapes), a decoder in the ort form
+    (its com.microsoft GroupQueryAttention and dynamic cache shapes are ONNX Runtime's alone) or with
+    an int8 cache (`quantize_kv`: these packages take the cache as float tensors so far)."""
     if spec.form != "portable":
         raise BackendError(f"backend '{backend}': decoder '{name}' is in the '{spec.form}' form, whose "
                            "com.microsoft GroupQueryAttention and dynamic cache shapes no NPU toolchain takes; "
                            "build the decoder with attention: portable (recipe decoder: section, or "
                            "graphopt.load(..., decoder={'attention': 'portable'})) for a static cache")
+    if spec.cache_dtype != "float32":
+        raise BackendError(f"backend '{backend}': decoder '{name}' keeps its KV cache as {spec.cache_dtype} codes "
+                           f"(quantize_kv); {backend} packages take the cache as float32 inputs and outputs so far: "
+                           "build the decoder without quantize_kv (ort-mobile runs the int8 cache)")
 
 
 def decoder_graphs(model: Model, *, log=None):

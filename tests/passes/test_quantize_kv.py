@@ -1,6 +1,7 @@
-"""quantize_kv: the tiny Llama's ort-form decoder with an int8 cache, calibrated, run by onnxruntime's
-GroupQueryAttention and by graphopt.generate; prefill and decode steps read the same codes."""
+"""quantize_kv: the tiny Llama's decoders with an int8 cache, calibrated; the ort form's run by onnxruntime's
+GroupQueryAttention, the portable form's by standard Q/DQ ops; prefill and decode steps read the same codes."""
 
+import collections
 import functools
 import json
 
@@ -11,6 +12,8 @@ import graphopt
 from graphopt.errors import ModelLoadError, OptionError, UnsupportedGraphError
 from graphopt.evaluation.generation import Generator
 from graphopt.evaluation.metrics import compare_outputs
+from graphopt.frontends.corpora import lm_windows
+from graphopt.frontends.decoder import decoder_feeds
 from graphopt.frontends.decoder_folder import read_decoder_folder, save_decoder
 from graphopt.ir.decoder import DecoderSpec
 from graphopt.passes import FuseOrtOps, QuantizeKV
@@ -118,9 +121,64 @@ def test_refusals_and_a_second_run():
         QuantizeKV(headroom=0.5)
     with pytest.raises(OptionError, match="calibration"):
         QuantizeKV().run(_float().copy(), PassContext(progress=False))
-    portable = graphopt.lower(tiny_decoder("portable"), log=_quiet)
-    with pytest.raises(UnsupportedGraphError, match="portable"):
-        QuantizeKV().run(portable, ctx)
+    broken = _float().copy()  # a cache tensor that is not the graph's float32 input
+    next(t for t in broken.graph.inputs if t.name == "past_key_values.1.value").dtype = np.float16
+    with pytest.raises(UnsupportedGraphError, match="past_key_values.1.value"):
+        QuantizeKV().run(broken, ctx)
     plain = graphopt.load("sample:tiny-llama", log=_quiet)
     with pytest.raises(UnsupportedGraphError, match="not a decoder"):
         QuantizeKV().run(graphopt.lower(plain, log=_quiet), ctx)
+
+
+def test_ort_mobile_runs_the_int8_cache_through_decode_steps(tmp_path):
+    from graphopt.pipeline import export
+
+    artifact = export(_quantized().model, "ort-mobile", tmp_path / "ort", {"usability": False})
+    assert artifact.validation["passed"] and artifact.validation["max_abs_diff"] <= 1e-5
+    assert len(artifact.validation["steps"]) == 5
+
+
+@functools.cache
+def _portable():
+    decoder = graphopt.lower(tiny_decoder("portable"), log=_quiet)
+    calib = decoder_feeds(decoder, lm_windows(None, "calib", 4, 32))
+    return decoder, QuantizeKV().run(decoder.copy(), PassContext(calib=calib, progress=False))
+
+
+def test_portable_form_quantizes_its_cache_with_standard_ops_as_the_ort_form_does():
+    _, result = _portable()
+    model, spec = result.model, DecoderSpec.of(result.model)
+    assert result.changed and spec.cache_dtype == "int8"
+    ops = collections.Counter(n.op for n in model.graph.nodes)
+    # every cache tensor: its past read through DQ; its new rows out through Q and read back through DQ
+    assert ops["QuantizeLinear"] == 2 * spec.layers and ops["DequantizeLinear"] == 4 * spec.layers
+    assert {np.dtype(t.dtype) for t in model.graph.inputs + model.graph.outputs
+            if t.name in spec.past_names + spec.present_names} == {np.dtype(np.int8)}
+    ort_scales = {t.name: t.values for n in _attention(_quantized().model) for t in n.inputs[12:14]}
+    portable_scales = {t.name: t.values for n in model.graph.nodes if n.op == "QuantizeLinear" for t in n.inputs[1:2]}
+    assert ort_scales.keys() == portable_scales.keys()  # present.N.key.scale, ...: the same calibration, the same scales
+    for name, scale in ort_scales.items():
+        np.testing.assert_allclose(portable_scales[name], scale, rtol=1e-5)
+    portable = Generator.load(model, threads=1, log=_quiet)
+    whole = portable.start(64).feed(PROMPT)
+    steps = portable.start(64)
+    one_by_one = np.stack([steps.feed([t])[0] for t in PROMPT])
+    np.testing.assert_allclose(whole, one_by_one, rtol=0, atol=1e-4)
+    ort_form = Generator.load(_quantized().model, threads=1, log=_quiet).start(64).feed(PROMPT)
+    float_form = Generator.load(_portable()[0], threads=1, log=_quiet).start(64).feed(PROMPT)
+    assert np.abs(whole - ort_form).max() < 0.1 * np.abs(whole - float_form).max()  # the same codes, not just close
+
+
+@pytest.mark.parametrize("backend", ["ort-mobile", "npu-sim", "qnn"])
+def test_portable_int8_cache_runs_on_ort_mobile_and_npu_packages_refuse_it_by_name(backend, tmp_path):
+    from graphopt.errors import BackendError
+    from graphopt.pipeline import export
+
+    model = _portable()[1].model
+    if backend == "ort-mobile":
+        artifact = export(model, backend, tmp_path / "out", {"usability": False})
+        assert artifact.validation["passed"] and artifact.validation["steps"][0] == "prefill"
+        return
+    with pytest.raises(BackendError, match="int8 codes \\(quantize_kv\\)"):
+        export(model, backend, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
