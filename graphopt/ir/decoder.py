@@ -33,7 +33,7 @@ from graphopt.errors import GraphoptError, ModelLoadError
 from graphopt.files.reading import shown, want_bool, want_dict, want_int, want_list, want_number, want_str
 
 __all__ = ["DecoderSpec", "FORMS", "CACHE_DTYPES", "prefill_feeds", "example_feeds", "smart_mask", "position_tables", "MAX_CAPACITY",
-           "set_kv_heads"]
+           "set_kv_heads", "empty_cache_as"]
 
 FORMS = ("ort", "portable")
 CACHE_DTYPES = ("float32", "int8")
@@ -263,6 +263,22 @@ def prefill_feeds(spec: DecoderSpec, ids: np.ndarray) -> dict[str, np.ndarray]:
                  "attention_mask": smart_mask(empty, seq, spec.mask_value)}
     past = np.zeros(past_shape, spec.cache_dtype)
     return {**feeds, **{name: past for name in spec.past_names}}
+
+
+def empty_cache_as(spec: DecoderSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`feeds` with their cache entries in `spec.cache_dtype`. Only an empty cache (no rows, or all
+    zeros: what a prefill from scratch feeds) converts: a float cache holding values has no codes
+    without the graph's scales, so it is refused by name."""
+    out = dict(feeds)
+    for name in spec.past_names:
+        value = feeds.get(name)
+        if value is None or value.dtype == np.dtype(spec.cache_dtype):
+            continue
+        if value.size and np.any(value):
+            raise GraphoptError(f"feed '{name}' holds cache values as {value.dtype}; the decoder's cache is "
+                                f"{spec.cache_dtype} codes, so only an empty cache converts")
+        out[name] = np.zeros(value.shape, spec.cache_dtype)
+    return out
 
 
 def example_feeds(spec: DecoderSpec) -> dict[str, np.ndarray]:

@@ -108,9 +108,20 @@ class Pipeline:
             report.steps.append(record)
             done.append(step.name)
             current = new_model
+            if changed and ctx.calib:
+                ctx.calib = follow_cache_dtype(current, ctx.calib)
         for instrument in self.instruments:
             instrument.run_end(current, report)
         return PipelineResult(current, report)
+
+
+def follow_cache_dtype(model: Model, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """A decoder's calibration feeds (prefills from an empty cache) with their cache in the type the
+    model now takes (`quantize_kv` makes it int8); other models' feeds as they are."""
+    from graphopt.ir.decoder import DecoderSpec, empty_cache_as
+
+    spec = DecoderSpec.of(model)
+    return feeds if spec is None else [empty_cache_as(spec, feed) for feed in feeds]
 
 
 def _needs_upgrade(model: Model, steps: list[Step]) -> bool:

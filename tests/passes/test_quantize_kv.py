@@ -182,3 +182,21 @@ def test_portable_int8_cache_runs_on_ort_mobile_and_npu_packages_refuse_it_by_na
     with pytest.raises(BackendError, match="int8 codes \\(quantize_kv\\)"):
         export(model, backend, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_passes_after_it_calibrate_on_feeds_of_the_new_cache_type():
+    from graphopt.errors import GraphoptError
+    from graphopt.ir.decoder import empty_cache_as
+    from graphopt.passes import Quantize
+
+    calib = tiny_feeds()[0]
+    result = graphopt.Pipeline([QuantizeKV(), Quantize(weight_bits=8, activation_bits=8)], log=_quiet,
+                               progress=False).run(tiny_decoder("ort"), calib=calib)
+    model = result.model
+    assert DecoderSpec.of(model).cache_dtype == "int8" and result.report.steps[-1].stats
+    assert any(n.op == "QuantizeLinear" for n in model.graph.nodes)
+    assert calib[0]["past_key_values.0.key"].dtype == np.float32  # the caller's feeds are left as they were
+    spec = DecoderSpec.of(model)
+    held = {**calib[0], "past_key_values.0.key": np.ones((1, spec.kv_heads, 2, spec.head_dim), np.float32)}
+    with pytest.raises(GraphoptError, match="past_key_values.0.key"):
+        empty_cache_as(spec, held)
