@@ -207,6 +207,9 @@ def set_kv_heads(model, removed: list[np.ndarray]) -> DecoderSpec:
     spec = DecoderSpec.of(model)
     if spec is None:
         raise GraphoptError(f"set_kv_heads: '{model.name}' is not a decoder (no decoder spec in its metadata)")
+    if spec.cache_dtype != "float32":
+        raise GraphoptError(f"set_kv_heads: '{model.name}' keeps its cache as {spec.cache_dtype} codes with a scale per "
+                            "head (quantize_kv); remove key/value heads before quantize_kv runs")
     counts = {len(r) for r in removed}
     if len(removed) != spec.layers or len(counts) != 1 or not 0 < counts.pop() < spec.kv_heads:
         raise GraphoptError(f"set_kv_heads: '{model.name}' has {spec.layers} layers of {spec.kv_heads} key/value heads; "

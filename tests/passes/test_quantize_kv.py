@@ -200,3 +200,13 @@ def test_passes_after_it_calibrate_on_feeds_of_the_new_cache_type():
     held = {**calib[0], "past_key_values.0.key": np.ones((1, spec.kv_heads, 2, spec.head_dim), np.float32)}
     with pytest.raises(GraphoptError, match="past_key_values.0.key"):
         empty_cache_as(spec, held)
+
+
+def test_removing_kv_heads_after_the_cache_is_quantized_is_refused_by_name():
+    from graphopt.errors import GraphoptError
+    from graphopt.passes import PruneStructure
+
+    ctx = PassContext(calib=tiny_feeds()[0], progress=False)
+    unpacked = QuantizeKV().run(graphopt.lower(tiny_decoder("ort"), log=_quiet), ctx).model
+    with pytest.raises(GraphoptError, match="before quantize_kv"):
+        PruneStructure(heads=1).run(unpacked, ctx)
