@@ -12,13 +12,13 @@ import onnx_graphsurgeon as gs
 from graphopt.analysis.capture import progress_bar
 from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir import Model
-from graphopt.ir.decoder import DecoderSpec
+from graphopt.ir.decoder import DecoderSpec, empty_cache_as
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
 
 __all__ = ["QuantizeKV"]
 
 _ATTENTION = "GroupQueryAttention"
-_K_SCALE, _V_SCALE = 12, 13  # GroupQueryAttention's k_scale and v_scale inputs
+_K_SCALE = 12  # GroupQueryAttention's k_scale input; v_scale follows it
 _QMAX = 127
 
 
@@ -76,7 +76,7 @@ class QuantizeKV(Pass):
                 _quantize_attention_cache(node, k_scale, v_scale)
         else:
             _quantize_graph_cache(model, spec, scales)
-        _set_cache_dtype(model, spec, scales)
+        _set_cache_dtype(model, spec)
         stats = {"layers": spec.layers, "form": spec.form, "cache_dtype": "int8", "calibration_feeds": len(feeds),
                  "headroom": self.headroom, "cache_bytes_per_token": 2 * spec.layers * spec.kv_heads * spec.head_dim}
         return PassResult(model, True, stats)
@@ -206,22 +206,15 @@ def _scale(ranges: np.ndarray, headroom: float, spec: DecoderSpec) -> np.ndarray
     return (np.maximum(ranges, floor) * headroom / _QMAX).astype(np.float32).reshape(1, spec.kv_heads, 1, spec.head_dim)
 
 
-def _set_cache_dtype(model: Model, spec: DecoderSpec, scales: list[tuple[np.ndarray, np.ndarray]]) -> None:
-    """Make past/present int8 in the graph, the signature, the spec and the sample inputs (their cache
-    rows rounded with the layer's scales)."""
+def _set_cache_dtype(model: Model, spec: DecoderSpec) -> None:
+    """Make past/present int8 in the graph, the signature, the spec and the sample inputs (prefills
+    from an empty cache, whose cache entries become int8 zeros)."""
     names = set(spec.past_names) | set(spec.present_names)
     for tensor in model.graph.inputs + model.graph.outputs:
         if tensor.name in names:
             tensor.dtype = np.int8
     model.inputs, model.outputs = ([dataclasses.replace(t, dtype="int8") if t.name in names else t for t in specs]
                                    for specs in (model.inputs, model.outputs))
-    scale_of = {}
-    for i, (k_scale, v_scale) in enumerate(scales):
-        scale_of[f"past_key_values.{i}.key"], scale_of[f"past_key_values.{i}.value"] = k_scale, v_scale
-    model.sample_inputs = [{name: _codes(value, scale_of[name]) if name in scale_of else value
-                            for name, value in feeds.items()} for feeds in model.sample_inputs]
-    model.meta.extra["decoder"] = dataclasses.replace(spec, cache_dtype="int8").to_json()
-
-
-def _codes(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x / scale), -128, _QMAX).astype(np.int8)
+    quantized = dataclasses.replace(spec, cache_dtype="int8")
+    model.sample_inputs = [empty_cache_as(quantized, feeds) for feeds in model.sample_inputs]
+    model.meta.extra["decoder"] = quantized.to_json()
