@@ -7,6 +7,7 @@ outputs keep their names, and `graphopt.lowering.decoder` makes the graphs a dec
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -137,8 +138,8 @@ def lower(model: Model, *, opset: int = MIN_OPSET, use_cache: bool = True, log=p
         if use_cache:
             save_onnx(proto, target)
             proto = load_onnx(target)
-    lowered = Model.from_onnx(
-        proto, sample_inputs=model.sample_inputs, meta=model.meta, task=model.task,
+    lowered = Model.from_onnx(  # its own metadata: a pass writing into it must not change the FX model's
+        proto, sample_inputs=model.sample_inputs, meta=copy.deepcopy(model.meta), task=model.task,
         name=model.name, tokenizer=model.tokenizer,
     )
     # The exporter may widen names of dynamic axes; keep the signature the user gave.
