@@ -73,8 +73,7 @@ class AWQ(Pass):
     def run_onnx(self, model: Model, ctx: PassContext) -> PassResult:
         spec = self._spec()
         tensors = model.graph.tensors()
-        points = [p for p in smoothable_points(model, self.weights)
-                  if spec.granularity != "block" or tensors[p.sites[0].weight].values.shape[0] % spec.block_size == 0]
+        points = smoothable_points(model, self.weights)
         if not points:
             return PassResult(model, False, {"scaled": 0})
         calib = ctx.require_calib(self.name)

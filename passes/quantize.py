@@ -176,8 +176,7 @@ class Quantize(QuantOptions, Pass):
         specs = {}
         for name in names:
             channel_axis, block_axis = qdq.weight_axes(model.graph, tensors[name], users[name])
-            specs[name] = self.weight_spec(name, channel_axis, table=name in tables, block_axis=block_axis,
-                                           rows=tensors[name].values.shape[block_axis])
+            specs[name] = self.weight_spec(name, channel_axis, table=name in tables, block_axis=block_axis)
         # GPTQ and scale estimation for linear weights (a table's rounding must serve its lookups
         # too: RTN there)
         calibrated = {n: hessians[site_of[n].activation] for n in names if n not in tables and n in site_of

@@ -89,6 +89,8 @@ class UseOrtKernels(Pass):
        are added (Split -> Add), q being x rounded as the kernel rounds it (int8 per block of its
        block_size along K, symmetric, scale max|x| / 127). The kernel's int8 rounding of x then
        cancels but for the rounding of x - q: about 15-bit activations, one kernel call of twice the rows.
+       When the block does not divide K, the last block is shorter, as in the kernel (x padded with
+       zeros to whole blocks for the rounding, which leaves each block's max |x| its own).
     Does NOT fire on: 16-bit codes, per-block scales along another axis than K, weights a
     non-MatMul op reads, MatMuls with a weight of another rank; those stay QDQ, and `changed`
     is False when nothing matched. Weight encodings moved into kernels leave `model.meta.encodings`
@@ -98,8 +100,7 @@ class UseOrtKernels(Pass):
     accumulation order; every weight kept its codes (`dequantize_nbits` of a kernel's inputs is the
     DequantizeLinear's output, bit for bit, and so is every lookup of rule 3). The QDQ form
     (before this pass) is what NPU backends read; this pass is for onnxruntime CPU. OptionError
-    when a `split_inputs` pattern matches no weight that became a MatMulNBits at accuracy level 4,
-    or a matched weight's K is not a multiple of its kernel's block.
+    when a `split_inputs` pattern matches no weight that became a MatMulNBits at accuracy level 4.
     """
 
     name: ClassVar[str] = "use_ort_kernels"
@@ -145,7 +146,7 @@ class UseOrtKernels(Pass):
             moved.add(dq.outputs[0].name)
             if made.op == "MatMulNBits" and made.attrs["accuracy_level"] == 4 and weight_matches(
                     dq.outputs[0].name, self.split_inputs):
-                graph.nodes.extend(self._split_input(made, dq.outputs[0].name))
+                graph.nodes.extend(_split_input(made))
                 split.append(dq.outputs[0].name)
         for pattern in self.split_inputs:
             if not any(weight_matches(name, (pattern,)) for name in split):
@@ -172,13 +173,6 @@ class UseOrtKernels(Pass):
         return PassResult(model, True, stats)
 
     # ------------------------------------------------------------------------------ rules
-    def _split_input(self, kernel: gs.Node, weight: str) -> list[gs.Node]:
-        """Rule 4, for a K the kernel's blocks divide (the rounding is emulated on whole blocks)."""
-        if kernel.attrs["K"] % kernel.attrs["block_size"]:
-            raise OptionError(f"'{self.name}': option 'split_inputs': weight '{weight}' has K = {kernel.attrs['K']}, "
-                              f"not a multiple of its MatMulNBits block {kernel.attrs['block_size']}")
-        return _split_input(kernel)
-
     def _integer_matmul(self, node: gs.Node, dq: gs.Node, kind: tuple[int, bool]) -> gs.Node | None:
         """Rule 1."""
         activation = _static_int8_input(node.inputs[0])
@@ -310,19 +304,27 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
 def _split_input(kernel: gs.Node) -> list[gs.Node]:
     """Rule 4: the MatMulNBits `kernel` (accuracy level 4) reads x and x - q concatenated along the
     leading axis and its two halves of products are added, q being x rounded as the kernel rounds it
-    (int8 per block of its block_size along K, scale max|x| / 127, codes round(x · (1 / scale)), half to even)."""
+    (int8 per block of its block_size along K, a shorter last block when the block does not divide K,
+    scale max|x| / 127, codes round(x · (1 / scale)), half to even)."""
     x, out, block, base = kernel.inputs[0], kernel.outputs[0], kernel.attrs["block_size"], f"{kernel.name}_split"
+    extra = -kernel.attrs["K"] % block
     nodes: list[gs.Node] = []
     node = _builder(base, nodes)
 
     def const(suffix: str, values, dtype=np.float32) -> gs.Constant:
         return gs.Constant(f"{base}_{suffix}", np.array(values, dtype))
 
-    blocks = node("Reshape", [x, const("blocks_shape", [-1, block], np.int64)], "blocks")
-    amax = node("ReduceMax", [node("Abs", [blocks], "abs"), const("last", [-1], np.int64)], "amax", keepdims=1)
+    last = const("last", [-1], np.int64)
+    whole = x if not extra else node("Pad", [x, const("pads", [0, extra], np.int64), const("pad_value", 0.0), last],
+                                     "padded")  # zeros change no block's max |x|
+    blocks = node("Reshape", [whole, const("blocks_shape", [-1, block], np.int64)], "blocks")
+    amax = node("ReduceMax", [node("Abs", [blocks], "abs"), last], "amax", keepdims=1)
     scale = node("Div", [node("Max", [amax, const("tiny", 1e-30)], "guarded"), const("int8_max", 127.0)], "scale")
     codes = node("Round", [node("Mul", [blocks, node("Reciprocal", [scale], "inverse")], "scaled")], "codes")
-    rounded = node("Reshape", [node("Mul", [codes, scale], "q"), node("Shape", [x], "shape", np.int64)], "rounded")
+    rounded = node("Reshape", [node("Mul", [codes, scale], "q"), node("Shape", [whole], "shape", np.int64)], "rounded")
+    if extra:
+        rounded = node("Slice", [rounded, const("start", [0], np.int64), const("end", [kernel.attrs["K"]], np.int64),
+                                 last], "cut")
     kernel.inputs[0] = node("Concat", [x, node("Sub", [x, rounded], "rest")], "stacked", axis=0)
     products = gs.Variable(f"{base}_products", dtype=np.float32)
     kernel.outputs[0] = products

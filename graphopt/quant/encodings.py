@@ -16,7 +16,8 @@ The two conventions, and the exact mapping between them (b = bitwidth):
 
 Parameter layout is ONNX DequantizeLinear's: PER_CHANNEL scales run along `axis`; PER_BLOCK scales
 are the C-order flattening of the DQ scale tensor (the weight's shape with `axis` divided by
-`block_size`; for a MatMul weight [in, out] blocked along in: [in / block_size, out]).
+`block_size`, rounded up: a shorter last block when it does not divide; for a MatMul weight [in, out]
+blocked along in: [ceil(in / block_size), out]).
 `axis` is written to 1.0.0 entries as a graphopt extension key (AIMET infers it from the layer);
 0.6.1 has no place for it nor for blocks, so 0.6.1 entries read back with axis None (the consumer
 resolves it from the graph) and PER_BLOCK refuses to be written as 0.6.1.
@@ -127,7 +128,7 @@ class Encoding:
 
     def params(self, shape: tuple[int, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scale float32, zero point int64) shaped for DequantizeLinear on a tensor of `shape`
-        (scalars per tensor, 1-D per channel; per block the weight's shape with `axis` divided)."""
+        (scalars per tensor, 1-D per channel; per block the weight's shape with `axis` divided, rounded up)."""
         scale, zero_point = self.scale, self.zero_point()
         if self.enc_type == "PER_TENSOR":
             return scale.reshape(()), zero_point.reshape(())
@@ -136,8 +137,8 @@ class Encoding:
         if shape is None:
             raise EncodingError(f"encoding '{self.name}': a PER_BLOCK layout needs the tensor's shape")
         axis = self.axis % len(shape)
-        blocked = tuple(d // self.block_size if i == axis else d for i, d in enumerate(shape))
-        if int(np.prod(blocked)) != scale.size or shape[axis] % self.block_size:
+        blocked = tuple(-(-d // self.block_size) if i == axis else d for i, d in enumerate(shape))
+        if int(np.prod(blocked)) != scale.size:
             raise EncodingError(
                 f"encoding '{self.name}': {scale.size} block scales do not fit shape {list(shape)} "
                 f"blocked by {self.block_size} along axis {axis}")

@@ -50,8 +50,6 @@ def _check(weight: np.ndarray, hessian: np.ndarray, spec, block_size: int, damp:
         raise OptionError(
             f"gptq: an [in, out] weight takes channel scales along axis 1 and blocks along axis 0; "
             f"got granularity '{spec.granularity}' with axis {spec.axis}")
-    if spec.granularity == "block" and rows % spec.block_size:
-        raise OptionError(f"gptq: input dim {rows} is not a multiple of block_size {spec.block_size}")
     if block_size < 1 or not 0 <= damp < 1:
         raise OptionError(f"gptq: block_size must be >= 1 and damp in [0, 1), got {block_size}, {damp}")
     if mask is not None and np.shape(mask) != weight.shape:
@@ -70,7 +68,7 @@ def _group_params(rows: np.ndarray, spec, grid: str) -> tuple[np.ndarray, np.nda
 
 
 def _static_params(weight_in_out: np.ndarray, spec, grid: str) -> tuple[np.ndarray, np.ndarray]:
-    """Scales and zero points of every block of input rows ([in // block, out] each), from the
+    """Scales and zero points of every block of input rows ([ceil(in / block), out] each), from the
     weight as it is: act-order's static groups."""
     group = spec.block_size
     params = [_group_params(weight_in_out[g:g + group].T, spec, grid) for g in range(0, weight_in_out.shape[0], group)]
@@ -114,8 +112,8 @@ def gptq_quantize(
     static = act_order and spec.granularity == "block"
     if spec.granularity == "block" and not static:  # a group's scales come from rows inside the current batch
         block_size = max(group, block_size // group * group)
-    scales = np.zeros((rows // group, cols), np.float32)
-    zeros = np.zeros((rows // group, cols), np.int64)
+    scales = np.zeros((-(-rows // group), cols), np.float32)  # a shorter last group when group does not divide
+    zeros = np.zeros((-(-rows // group), cols), np.int64)
     if static:
         scales, zeros = _static_params(weight, spec, grid)
     codes = torch.zeros((rows, cols), dtype=torch.float32)  # [in, out], the caller's row order

@@ -9,7 +9,9 @@ QAT code (which mirrors these formulas in torch). Conventions:
 - Symmetric: scale = max|x| / (2^(bits−1) − 1), zero point = 0 (signed) or 2^(bits−1) (unsigned).
 - Asymmetric: scale = (max − min) / (qmax − qmin), zero point = qmin − round(min / scale).
 - Parameter layout follows ONNX DequantizeLinear: per-tensor scalars, per-channel 1-D arrays
-  along `spec.axis`, per-block arrays shaped like x with `spec.axis` divided by `block_size`.
+  along `spec.axis`, per-block arrays shaped like x with `spec.axis` divided by `block_size`,
+  rounded up: when `block_size` does not divide the axis the last block is shorter (ONNX's
+  ceil(D / block_size) blocks), and its parameters come from its own elements only.
 """
 
 from __future__ import annotations
@@ -50,17 +52,24 @@ def _axis(spec: QuantSpec, ndim: int) -> int:
     return axis % ndim
 
 
-def to_blocks(x: np.ndarray, axis: int, block_size: int) -> np.ndarray:
-    """View x with `axis` split into (blocks, block_size), the block elements on a new axis+1."""
-    if x.shape[axis] % block_size:
-        raise OptionError(f"axis {axis} of shape {list(x.shape)} is not a multiple of block_size {block_size}")
+def to_blocks(x: np.ndarray, axis: int, block_size: int, fill: float | None = None) -> np.ndarray:
+    """x with `axis` split into (ceil(D / block_size), block_size), the block elements on a new
+    axis+1 (a view when block_size divides D). A shorter last block is padded to block_size: with
+    `fill`, or by repeating its last element (None), so its min, max and max |x| are its own."""
+    extra = -x.shape[axis] % block_size
+    if extra:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, extra)
+        x = np.pad(x, pad, mode="edge") if fill is None else np.pad(x, pad, constant_values=fill)
     shape = x.shape[:axis] + (x.shape[axis] // block_size, block_size) + x.shape[axis + 1:]
     return x.reshape(shape)
 
 
-def from_blocks(x: np.ndarray, axis: int) -> np.ndarray:
-    """Undo `to_blocks`: merge axes `axis` and `axis + 1`."""
-    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+def from_blocks(x: np.ndarray, axis: int, length: int | None = None) -> np.ndarray:
+    """Undo `to_blocks`: merge axes `axis` and `axis + 1`, keeping the first `length` elements
+    along the merged axis (all when None: a padded last block stays padded)."""
+    merged = x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+    return merged if length is None else np.take(merged, np.arange(length), axis=axis)
 
 
 def expand_param(param: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
@@ -73,8 +82,8 @@ def expand_param(param: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> 
         view = [1] * len(shape)
         view[axis] = param.size
         return param.reshape(view)
-    if spec.granularity == "block":
-        return np.repeat(param, spec.block_size, axis=axis)
+    if spec.granularity == "block":  # a shorter last block: its parameters cover what is left of the axis
+        return np.take(np.repeat(param, spec.block_size, axis=axis), np.arange(shape[axis]), axis=axis)
     return param  # token: already [..., 1] from params_for
 
 
@@ -151,17 +160,23 @@ def quantize_with_offset(x: np.ndarray, scale, offset, spec: QuantSpec) -> np.nd
 CHUNK_BYTES = 32 << 20  # rows of a large tensor handled at a time: temporaries stay this small
 
 
-def _param_views(x_shape: tuple[int, ...], scale, zero_point, spec: QuantSpec):
-    """(x reshaped so the parameters broadcast against it, scale, zero point, shape to restore):
-    per block, x is viewed as [..., blocks, block_size, ...] and the parameters as [..., blocks, 1, ...],
-    so no parameter is ever expanded to x's full size."""
+def _param_views(x: np.ndarray, scale, zero_point, spec: QuantSpec):
+    """(x reshaped so the parameters broadcast against it, scale, zero point): per block, x is
+    viewed as [..., blocks, block_size, ...] (a shorter last block padded: `to_blocks`) and the
+    parameters as [..., blocks, 1, ...], so no parameter is ever expanded to x's full size."""
     s = np.asarray(scale, dtype=np.float32)
     z = np.asarray(zero_point)
     if spec.granularity != "block":
-        return x_shape, expand_param(s, x_shape, spec), expand_param(z, x_shape, spec)
-    axis = _axis(spec, len(x_shape))
-    blocked = x_shape[:axis] + (x_shape[axis] // spec.block_size, spec.block_size) + x_shape[axis + 1:]
-    return blocked, np.expand_dims(s, axis + 1), np.expand_dims(z, axis + 1)
+        return x, expand_param(s, x.shape, spec), expand_param(z, x.shape, spec)
+    axis = _axis(spec, x.ndim)
+    return to_blocks(x, axis, spec.block_size), np.expand_dims(s, axis + 1), np.expand_dims(z, axis + 1)
+
+
+def _unblocked(values: np.ndarray, shape: tuple[int, ...], spec: QuantSpec) -> np.ndarray:
+    """`_param_views`' blocked layout back to `shape` (a padded last block cut)."""
+    if spec.granularity != "block":
+        return values
+    return from_blocks(values, _axis(spec, len(shape)), shape[_axis(spec, len(shape))])
 
 
 def _by_rows(shape: tuple[int, ...], itemsize: int, *params):
@@ -180,16 +195,16 @@ def quantize(x: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
     if x.ndim == 0:
         x = x.reshape(1)
         return quantize(x, scale, zero_point, spec).reshape(())
-    shape, s, z = _param_views(x.shape, scale, zero_point, spec)
-    x = x.reshape(shape)
-    codes = np.empty(shape, dtype=spec.np_dtype)
-    for part, (sp, zp) in _by_rows(shape, 4, s, z):
+    shape = x.shape
+    x, s, z = _param_views(x, scale, zero_point, spec)
+    codes = np.empty(x.shape, dtype=spec.np_dtype)
+    for part, (sp, zp) in _by_rows(x.shape, 4, s, z):
         q = np.rint(x[part] / sp)
         q += zp
         np.clip(q, spec.qmin, spec.qmax, out=q)
         codes[part] = q.astype(np.int32).astype(spec.np_dtype)
         drop_pages(x[part])  # a memory-mapped weight's rows, once read, need not stay
-    return codes.reshape(shape if spec.granularity != "block" else _unblocked(shape, spec))
+    return _unblocked(codes, shape, spec)
 
 
 def dequantize(q: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
@@ -198,18 +213,13 @@ def dequantize(q: np.ndarray, scale, zero_point, spec: QuantSpec) -> np.ndarray:
     q = np.asarray(q)
     if q.ndim == 0:
         return dequantize(q.reshape(1), scale, zero_point, spec).reshape(())
-    shape, s, z = _param_views(q.shape, scale, zero_point, spec)
-    q = q.reshape(shape)
+    shape = q.shape
+    q, s, z = _param_views(q, scale, zero_point, spec)
     z = np.asarray(z).astype(np.int32)
-    out = np.empty(shape, dtype=np.float32)
-    for part, (sp, zp) in _by_rows(shape, 4, s, z):
+    out = np.empty(q.shape, dtype=np.float32)
+    for part, (sp, zp) in _by_rows(q.shape, 4, s, z):
         out[part] = (q[part].astype(np.int32) - zp).astype(np.float32) * sp
-    return out.reshape(shape if spec.granularity != "block" else _unblocked(shape, spec))
-
-
-def _unblocked(blocked: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
-    axis = _axis(spec, len(blocked) - 1)
-    return blocked[:axis] + (blocked[axis] * blocked[axis + 1],) + blocked[axis + 2:]
+    return _unblocked(out, shape, spec)
 
 
 def fake_quant(x: np.ndarray, spec: QuantSpec, scale=None, zero_point=None) -> np.ndarray:
@@ -228,7 +238,7 @@ def _group_error(x: np.ndarray, approx: np.ndarray, spec: QuantSpec) -> np.ndarr
     axis = _axis(spec, x.ndim)
     if spec.granularity == "channel":
         return err.sum(axis=tuple(i for i in range(x.ndim) if i != axis))
-    return to_blocks(err, axis, spec.block_size).sum(axis=axis + 1)
+    return to_blocks(err, axis, spec.block_size, fill=0.0).sum(axis=axis + 1)
 
 
 def mse_params(x: np.ndarray, spec: QuantSpec, steps: int = 20, lowest: float = 0.5) -> tuple[np.ndarray, np.ndarray]:

@@ -119,19 +119,21 @@ class QuantOptions:
         bits = bits or self.activation_bits
         return QuantSpec(dtype_for(bits, self.activation_symmetric), "tensor", symmetric=self.activation_symmetric)
 
-    def weight_spec(self, name: str, channel_axis: int, *, table: bool = False, block_axis: int | None = None,
-                    rows: int = 0) -> QuantSpec:
+    def weight_spec(self, name: str, channel_axis: int, *, table: bool = False,
+                    block_axis: int | None = None) -> QuantSpec:
         """The spec of weight `name` with its output channels on `channel_axis`: 16 bits per channel
         when `int16_weights` names it, 8 bits per channel when `int8_weights` does, `embedding_bits` per channel for an embedding `table`, else
-        `weight_bits` at `weight_granularity` (blocks of `weight_block_size` of the `rows` along `block_axis`);
-        a table with `embedding_block_size` gets symmetric blocks of that size along `block_axis`."""
+        `weight_bits` at `weight_granularity` (blocks of `weight_block_size` along `block_axis`; when
+        the block does not divide that axis the last block is shorter, as ONNX's blocked
+        DequantizeLinear and MatMulNBits take it); a table with `embedding_block_size` gets
+        symmetric blocks of that size along `block_axis`."""
         symmetric = self.weight_symmetric
         for bits, patterns in ((16, self.int16_weights), (8, self.int8_weights)):
             if weight_matches(name, patterns):
                 return QuantSpec(dtype_for(bits, symmetric), "channel", channel_axis, symmetric=symmetric)
         if table and self.embedding_block_size:
             bits = self.embedding_bits or self.weight_bits
-            return self._block_spec(name, dtype_for(bits, True), block_axis, rows, "embedding_block_size", True)
+            return self._block_spec(name, dtype_for(bits, True), block_axis, "embedding_block_size", True)
         if table and self.embedding_bits:
             return QuantSpec(dtype_for(self.embedding_bits, symmetric), "channel", channel_axis, symmetric=symmetric)
         dtype = dtype_for(self.weight_bits, symmetric)
@@ -139,14 +141,13 @@ class QuantOptions:
             return QuantSpec(dtype, "tensor", symmetric=symmetric)
         if self.weight_granularity == "channel":
             return QuantSpec(dtype, "channel", channel_axis, symmetric=symmetric)
-        return self._block_spec(name, dtype, block_axis, rows, "weight_block_size", symmetric)
+        return self._block_spec(name, dtype, block_axis, "weight_block_size", symmetric)
 
-    def _block_spec(self, name: str, dtype: str, axis: int | None, rows: int, option: str, symmetric: bool) -> QuantSpec:
-        size = getattr(self, option)
-        if axis is None or rows % size:
-            raise UnsupportedGraphError(
-                f"'{self.name}': weight '{name}' has {rows} input rows, not a multiple of {option} {size}")
-        return QuantSpec(dtype, "block", axis, size, symmetric)
+    def _block_spec(self, name: str, dtype: str, axis: int | None, option: str, symmetric: bool) -> QuantSpec:
+        if axis is None:
+            raise UnsupportedGraphError(f"'{self.name}': option '{option}': weight '{name}' has no input axis "
+                                        "to quantize in blocks along")
+        return QuantSpec(dtype, "block", axis, getattr(self, option), symmetric)
 
     def excluded(self, weight: str) -> bool:
         """Whether `exclude` leaves this weight (and the input only it reads) float."""

@@ -203,9 +203,10 @@ def add_weight_offsets(graph: gs.Graph, offsets: dict[str, tuple[np.ndarray, Qua
     """Add back the float offsets of weights quantized as code · scale + offset (in place).
 
     `offsets` maps a MatMul weight W [K, N], already DequantizeLinear(codes, scale, zero point 0)
-    under its own name, to (offset, spec): [K / block, N] per block along K, or [N] per channel
-    (one block of K). Each MatMul(x, W) becomes MatMul(x, W) + MatMul(S(x), offset), where S(x)
-    sums x over each block of K: one MatMul by a 0/1 matrix [K, K / block], shared by every weight
+    under its own name, to (offset, spec): [ceil(K / block), N] per block along K (a shorter last
+    block when block does not divide K), or [N] per channel (one block of K). Each MatMul(x, W)
+    becomes MatMul(x, W) + MatMul(S(x), offset), where S(x) sums x over each block of K: one MatMul
+    by a 0/1 matrix [K, ceil(K / block)], shared by every weight
     that reads x in the same blocks. Standard ops, any rank of x; the sum equals x times the
     offset-quantized weight up to float rounding. Returns the weights corrected.
     """
@@ -220,9 +221,10 @@ def add_weight_offsets(graph: gs.Graph, offsets: dict[str, tuple[np.ndarray, Qua
             continue
         k, n = weight.shape
         block = spec.block_size if spec.granularity == "block" else k
-        table = gs.Constant(f"{name}_offset", np.asarray(offset, np.float32).reshape(k // block, n))
+        blocks = -(-k // block)
+        table = gs.Constant(f"{name}_offset", np.asarray(offset, np.float32).reshape(blocks, n))
         if (k, block) not in ones:
-            summing = np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32))
+            summing = np.kron(np.eye(blocks, dtype=np.float32), np.ones((block, 1), np.float32))[:k]
             ones[(k, block)] = gs.Constant(f"block_sums_{k}x{block}", summing)
         for index, node in enumerate(readers):
             x, y = node.inputs[0], node.outputs[0]

@@ -78,21 +78,23 @@ def _group_layout(spec: QuantSpec, rows: int) -> int:
 
 def refit_scales(weight_in_out: np.ndarray, hessian: np.ndarray, codes: np.ndarray, scale: np.ndarray,
                  zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    """Scales (the layout of `scale`: [out] per channel, [in // block, out] per block) that minimise
+    """Scales (the layout of `scale`: [out] per channel, [ceil(in / block), out] per block) that minimise
     each output channel's output error for fixed `codes`: s_c = (QᵀHQ)⁻¹ QᵀH w_c, Q the channel's
-    (codes − zero point) laid out one column per block. A channel keeps its old scales where the new
-    ones are not all positive or do not lower its error; blocks whose codes are all at the zero
-    point keep theirs (they do not enter the error)."""
+    (codes − zero point) laid out one column per block (a shorter last block when the block size does
+    not divide `in`). A channel keeps its old scales where the new ones are not all positive or do
+    not lower its error; blocks whose codes are all at the zero point keep theirs (they do not enter
+    the error)."""
     import torch
 
-    w = _torch(weight_in_out)
-    rows, cols = w.shape
+    rows, cols = np.shape(weight_in_out)
     group = _group_layout(spec, rows)
-    blocks = rows // group
+    blocks = -(-rows // group)
+    pad = blocks * group - rows  # rows of zeros (weights, codes at the zero point, Hessian): no error, no effect
+    w = _torch(np.pad(np.asarray(weight_in_out, np.float64), ((0, pad), (0, 0))))
     old = _torch(np.asarray(scale, np.float64).reshape(blocks, cols))
-    zero = np.repeat(np.asarray(zero_point, np.float64).reshape(blocks, cols), group, axis=0)
-    q = _torch(np.asarray(codes, np.float64) - zero)
-    h = _torch(hessian)
+    zero = np.repeat(np.asarray(zero_point, np.float64).reshape(blocks, cols), group, axis=0)[:rows]
+    q = _torch(np.pad(np.asarray(codes, np.float64) - zero, ((0, pad), (0, 0))))
+    h = _torch(np.pad(np.asarray(hessian, np.float64), ((0, pad), (0, pad))))
     # A[c, g, k] = q_gᵀ H_gk q_k over channel c's column; b[c, g] = q_gᵀ (H w)_g
     A = torch.empty((cols, blocks, blocks), dtype=torch.float64)
     for k in range(blocks):

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from graphopt.analysis.linear_sites import linear_sites
-from graphopt.errors import GraphoptError, OptionError, UnsupportedGraphError
+from graphopt.errors import GraphoptError, OptionError
 from graphopt.evaluation import metrics
 from graphopt.ir import Model
 from graphopt.pipeline import get_pass
@@ -283,9 +283,6 @@ def test_errors(tiny_onnx):
         Quantize(int16_points=["mul_126"])
     with pytest.raises(OptionError, match="int16_weights.*'model.norm.weight'"):
         Quantize(int16_weights=["model.norm.weight"], activation_bits=0).run(tiny_onnx.copy(), PassContext(progress=False))
-    with pytest.raises(UnsupportedGraphError, match="not a multiple of weight_block_size 128"):
-        Quantize(weight_bits=4, weight_granularity="block", weight_block_size=128, activation_bits=0).run(
-            tiny_onnx.copy(), PassContext(progress=False))
     with pytest.raises(GraphoptError, match="FX"):
         Quantize().run(Model(fx=object(), inputs=[], outputs=[]), PassContext())
 
@@ -369,6 +366,61 @@ def test_offset_weights_reproduce_an_offset_grid(monkeypatch):
     monkeypatch.setattr(numerics, "offset_params", shifted_offsets)
     shifted = Quantize(weight_offset=True, **options).run(model.copy(), PassContext(progress=False)).model
     assert max(np.abs(g - r).max() for g, r in zip(_unfused(shifted, {"x": x}), reference)) > 1e-3
+
+
+def _ragged_model() -> tuple[Model, np.ndarray, np.ndarray]:
+    """x [2, 3, 72] · w [72, 5]: 72 input rows, blocks of 32 leave a last block of 8, whose weights are
+    all positive (a range padded with zeros, or a neighbour's, would be wider than its own)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((72, 5)).astype(np.float32)
+    w[64:] = 0.5 + 0.01 * np.abs(w[64:])
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 72])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    x = rng.standard_normal((2, 3, 72)).astype(np.float32)
+    return Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])), w, x
+
+
+def _blockwise(w: np.ndarray, starts: list[int], offset: bool) -> np.ndarray:
+    """4-bit min-max rounding of each block of rows (rows starts[i] to starts[i + 1]) written out:
+    code · scale + min (offset), or (code − zero point) · scale with 0 in the range."""
+    out = np.empty_like(w)
+    for lo_row, hi_row in zip(starts, starts[1:]):
+        block = w[lo_row:hi_row].astype(np.float64)
+        lo, hi = block.min(0), block.max(0)
+        if offset:
+            scale = (hi - lo) / 15
+            out[lo_row:hi_row] = np.round((block - lo) / scale) * scale + lo
+        else:
+            lo, hi = np.minimum(lo, 0), np.maximum(hi, 0)
+            scale = ((hi - lo) / 15).astype(np.float32).astype(np.float64)
+            zero = np.clip(np.round(-lo / scale), 0, 15)
+            out[lo_row:hi_row] = (np.clip(np.round(block / scale) + zero, 0, 15) - zero) * scale
+    return out
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_blocks_that_do_not_divide_the_rows(offset, monkeypatch):
+    """72 rows in blocks of 32: three blocks, the last of 8 rows with its own range (ONNX's blocked
+    DequantizeLinear takes ceil(72 / 32) scales), the output that of each block rounded on its own."""
+    options = dict(weight_bits=4, weight_granularity="block", weight_block_size=32, activation_bits=0,
+                   weight_symmetric=False, weight_offset=offset)
+    model, w, x = _ragged_model()
+    out = Quantize(**options).run(model.copy(), PassContext(progress=False)).model
+    dq = next(n for n in out.graph.nodes if n.op == "DequantizeLinear")
+    assert dq.attrs == {"axis": 0, "block_size": 32} and dq.inputs[1].values.shape == (3, 5)
+    expected = x @ _blockwise(w, [0, 32, 64, 72], offset)
+    np.testing.assert_allclose(_unfused(out, {"x": x})[0], expected, atol=2e-5)
+
+    def wrapped(x, axis, size, fill=None):  # broken: the last block padded with the first rows takes their range
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, -x.shape[axis] % size)
+        x = np.pad(x, pad, mode="wrap")
+        return x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:])
+
+    monkeypatch.setattr(numerics, "to_blocks", wrapped)
+    broken = Quantize(**options).run(model.copy(), PassContext(progress=False)).model
+    assert np.abs(_unfused(broken, {"x": x})[0] - expected).max() > 1e-3
 
 
 def test_offset_weights_on_the_tiny_llama(tiny_onnx, tiny_calib, tiny_eval):

@@ -68,6 +68,13 @@ def test_params_restore_the_onnx_layout():
         np.testing.assert_array_equal(got_zp, zp)
         assert found[name].spec == spec
     assert Encodings.from_meta(found.to_meta()) == found
+    ragged = QuantSpec("int4", "block", axis=0, block_size=24)  # 64 rows: blocks of 24, 24 and 16
+    scale, zp = numerics.params_for(W, ragged)
+    encoding = Encoding.from_params("w", scale, zp, ragged)
+    assert encoding.params(W.shape)[0].shape == (3, 32)
+    assert encoding.params((72, 32))[0].shape == (3, 32)  # 72 rows take 3 blocks as well
+    with pytest.raises(EncodingError, match="96 block scales do not fit shape \\[73, 32\\]"):
+        encoding.params((73, 32))  # 4 blocks
 
 
 def test_from_qdq_model_extracts_weights_and_activations():

@@ -64,24 +64,33 @@ def test_zero_is_exact_and_error_bounded():
         assert not _within_half_a_step(x, numerics.fake_quant(x, spec, scale / 2, zero_point), spec), spec
 
 
-def test_block_layout_matches_onnx():
-    """Per-block params are laid out as DequantizeLinear reads them; ORT agrees bit for bit."""
+@pytest.mark.parametrize("rows, block, axis", [(64, 16, 0), (72, 32, 0), (200, 64, 1)])  # 72, 200: a shorter last block
+def test_block_layout_matches_onnx(rows, block, axis):
+    """Per-block params are laid out as DequantizeLinear reads them (ceil(rows / block) blocks, the
+    last one shorter when block does not divide rows, with the range of its own rows); ORT agrees bit for bit."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((64, 8)).astype(np.float32)
-    spec = QuantSpec("int4", "block", axis=0, block_size=16)
+    w = rng.standard_normal((rows, 8)).astype(np.float32) * np.linspace(0.5, 4.0, rows, dtype=np.float32)[:, None]
+    w = np.ascontiguousarray(w if axis == 0 else w.T)
+    spec = QuantSpec("int4", "block", axis=axis, block_size=block, symmetric=True)
     scale, zp = numerics.params_for(w, spec)
-    assert scale.shape == (4, 8)
+    blocks = -(-rows // block)
+    assert scale.shape == ((blocks, 8) if axis == 0 else (8, blocks))
+    tail = np.take(w, np.arange((blocks - 1) * block, rows), axis=axis)
+    np.testing.assert_array_equal(np.take(scale, [blocks - 1], axis=axis).ravel(),
+                                  np.abs(tail).max(axis=axis) / 7)  # the tail's own range, not a padding's
     q = numerics.quantize(w, scale, zp, spec)
-    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=0, block_size=16)
+    assert q.shape == w.shape
+    node = helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], axis=axis, block_size=block)
     graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [
         onnx.numpy_helper.from_array(q, "q"), onnx.numpy_helper.from_array(scale, "s"),
         onnx.numpy_helper.from_array(zp.astype(spec.np_dtype), "z")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
     np.testing.assert_array_equal(y, numerics.dequantize(q, scale, zp, spec))
-    assert np.abs(y - w).max() < 0.3
+    assert np.abs(y - w).max() <= np.abs(w).max() / 7 / 2 + 1e-6  # half a step of the widest block
+    assert np.array_equal(numerics.fake_quant(w, spec), y)
 
 
 def test_blocks_round_trip_and_errors():
@@ -89,8 +98,10 @@ def test_blocks_round_trip_and_errors():
     blocks = numerics.to_blocks(x, 0, 3)
     assert blocks.shape == (2, 3, 4)
     np.testing.assert_array_equal(numerics.from_blocks(blocks, 0), x)
-    with pytest.raises(OptionError, match="multiple of block_size 4"):
-        numerics.to_blocks(x, 0, 4)
+    ragged = numerics.to_blocks(x, 0, 4)  # the last block repeats its last row, or holds `fill`
+    assert ragged.shape == (2, 4, 4) and np.array_equal(ragged[1, 2:], x[[5, 5]])
+    assert np.array_equal(numerics.to_blocks(x, 0, 4, fill=0.0)[1, 2:], np.zeros((2, 4)))
+    np.testing.assert_array_equal(numerics.from_blocks(ragged, 0, 6), x)
     with pytest.raises(OptionError, match="out of range"):
         numerics.params_for(x, QuantSpec("int8", "channel", axis=5))
 
@@ -99,6 +110,7 @@ def test_blocks_round_trip_and_errors():
     QuantSpec("uint8", "channel", axis=1, symmetric=False),
     QuantSpec("int8", "channel", axis=0, symmetric=True),
     QuantSpec("int4", "block", axis=0, block_size=16, symmetric=True),
+    QuantSpec("uint4", "block", axis=0, block_size=40, symmetric=False),  # 96 rows: a last block of 16
     QuantSpec("uint8", "tensor", symmetric=False),
 ])
 def test_large_tensors_are_quantized_in_row_blocks_with_the_same_codes(spec, monkeypatch):

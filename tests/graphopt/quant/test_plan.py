@@ -119,10 +119,10 @@ def test_weight_specs():
     assert options.weight_spec("model.norm.gain", 1).dtype == "uint16"
     table = options.weight_spec("lm_head.weight.T", 0, table=True)
     assert (table.dtype, table.granularity, table.axis) == ("uint8", "channel", 0)
-    block = options.weight_spec("l0.q", 1, block_axis=0, rows=64)
+    block = options.weight_spec("l0.q", 1, block_axis=0)
     assert (block.dtype, block.granularity, block.axis, block.block_size) == ("uint4", "block", 0, 16)
-    with pytest.raises(UnsupportedGraphError, match="'l0.q' has 40 input rows"):
-        options.weight_spec("l0.q", 1, block_axis=0, rows=40)
+    with pytest.raises(UnsupportedGraphError, match="'weight_block_size': weight 'l0.q' has no input axis"):
+        options.weight_spec("l0.q", 1)
     assert options.excluded("lm_head.weight.T") is False and QuantOptions(exclude=("lm_head.weight",)).excluded(
         "lm_head.weight.T")
 
