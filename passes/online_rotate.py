@@ -33,10 +33,14 @@ class OnlineRotate(Pass):
     [block, block] MatMul per `block` input channels per token (SmolLM2's down_proj at blocks of 64: 1536·64 MACs,
     11 % of its own); mixing the weight's rows within a block also evens out int4 weight blocks.
     Graph: x → Reshape [-1, block] → MatMul(H) → Reshape(Shape(x)) → the linears that matched.
+    An input width K that `block` does not divide (an intermediate size of 200 at blocks of 32) is
+    padded with zeros to whole blocks first (x → Pad → ...), and W gets as many zero rows before Hᵀ
+    is folded in: x·W = [x, 0]·[W; 0], still exact; the linear's K grows to the next multiple of
+    `block` (every block of the rotation spreads outliers as wide).
     H is one shared constant named `ONLINE_ROTATION.BLOCK` (.SEED for a seed other than 0); `linear_sites` does not list it, so
     `quantize` leaves it and its input float, and quantizes its output (the linear's input).
-    Does NOT fire on a weight that other nodes read too (a tied table) or whose input width is not
-    a multiple of `block`: OptionError naming it, as for a pattern that matches no linear weight.
+    Does NOT fire on a weight that other nodes read too (a tied table): OptionError naming it, as
+    for a pattern that matches no linear weight.
     Run it after passes that need the original channels (structural pruning).
     """
 
@@ -63,9 +67,6 @@ class OnlineRotate(Pass):
         tensors, readers = graph.tensors(), consumers(graph)
         for site in sites:
             weight = tensors[site.weight]
-            if weight.values.shape[0] % self.block:
-                raise OptionError(f"'online_rotate': weight '{site.weight}' has {weight.values.shape[0]} input rows, "
-                                  f"not a multiple of option 'block' {self.block}")
             if len(readers.get(id(weight), [])) > 1:
                 raise OptionError(f"'online_rotate': weight '{site.weight}' is read by other nodes too")
         h = rotation(self.block, self.seed)
@@ -76,24 +77,33 @@ class OnlineRotate(Pass):
         rotated: dict[str, gs.Variable] = {}
         for site in sites:
             weight = tensors[site.weight]
-            w = np.asarray(weight.values, np.float64)
+            extra = -weight.values.shape[0] % self.block  # zero rows for the zeros the input is padded with
+            w = np.pad(np.asarray(weight.values, np.float64), ((0, extra), (0, 0)))
             folded = np.einsum("ji,njo->nio", h, w.reshape(-1, self.block, w.shape[1])).reshape(w.shape)
             weight.values = folded.astype(np.float32)  # replaced, never written into (shared arrays)
             node = nodes[site.node]
             if site.activation not in rotated:
-                rotated[site.activation] = _rotation(graph, node.inputs[0], matrix, rows)
+                rotated[site.activation] = _rotation(graph, node.inputs[0], matrix, rows, extra)
             node.inputs[0] = rotated[site.activation]
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(model, bool(sites), {"rotated_inputs": len(rotated), "weights": len(sites), "block": self.block})
 
 
-def _rotation(graph: gs.Graph, x: gs.Variable, matrix: gs.Constant, rows: gs.Constant) -> gs.Variable:
-    """x ↦ Reshape(Reshape(x, [-1, block]) · H, Shape(x)): H applied to each block of x's last axis."""
+def _rotation(graph: gs.Graph, x: gs.Variable, matrix: gs.Constant, rows: gs.Constant, extra: int) -> gs.Variable:
+    """x ↦ Reshape(Reshape(x, [-1, block]) · H, Shape(x)): H applied to each block of x's last axis,
+    after `extra` zeros are appended to that axis (Pad) when the block does not divide it."""
     tag = f"{x.name}.{ONLINE_ROTATION}"
     shape = gs.Variable(f"{tag}.shape", np.int64)
     blocks = gs.Variable(f"{tag}.blocks", x.dtype)
     turned = gs.Variable(f"{tag}.turned", x.dtype)
-    out = gs.Variable(f"{tag}.out", x.dtype, x.shape)
+    out = gs.Variable(f"{tag}.out", x.dtype, None if extra else x.shape)
+    if extra:
+        padded = gs.Variable(f"{tag}.padded", x.dtype)
+        pads = gs.Constant(f"{tag}.pads", np.array([0, extra], np.int64))
+        last = gs.Constant(f"{tag}.last", np.array([-1], np.int64))
+        graph.nodes.append(gs.Node("Pad", f"{tag}/Pad", inputs=[x, pads, gs.Constant(f"{tag}.zero", np.zeros((), np.float32)), last],
+                                   outputs=[padded]))
+        x = padded
     graph.nodes += [gs.Node("Shape", f"{tag}/Shape", inputs=[x], outputs=[shape]),
                     gs.Node("Reshape", f"{tag}/Split", inputs=[x, rows], outputs=[blocks]),
                     gs.Node("MatMul", f"{tag}/MatMul", inputs=[blocks, matrix], outputs=[turned]),

@@ -2,6 +2,7 @@
 quantize makes of it, decoders of both forms, its errors."""
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 
 import graphopt
@@ -47,6 +48,23 @@ def test_rotation_is_exact_in_float(tiny_onnx):
     assert _worst(reference, _outputs(unfolded, windows)) > 0.01
 
 
+def test_inputs_the_block_does_not_divide_are_padded_with_zeros(tiny_onnx):
+    """down_proj's 128 input rows at blocks of 256: the input is padded with 128 zeros at its end, the
+    weight gets 128 rows (of Hᵀ's mixing, no longer zero), and the function is unchanged; the zeros
+    put in front of the input instead change it."""
+    windows = lm_windows(None, "eval", 2, 64)
+    reference = _outputs(tiny_onnx, windows)
+    result = OnlineRotate(block=256).run(tiny_onnx.copy(), PassContext(progress=False))
+    tensors = result.model.graph.tensors()
+    assert tensors["model.layers.0.mlp.down_proj.weight"].values.shape == (256, 64)
+    pads = [n for n in result.model.graph.nodes if n.op == "Pad"]
+    assert len(pads) == 2 and _worst(reference, _outputs(result.model, windows)) < TOLERANCE
+    leading = result.model.copy()
+    for pad in [n for n in leading.graph.nodes if n.op == "Pad"]:
+        pad.inputs[1] = gs.Constant(f"{pad.name}.leading", np.array([128, 0], np.int64))
+    assert _worst(reference, _outputs(leading, windows)) > 0.01
+
+
 def test_a_second_run_stays_exact(tiny_onnx):
     """Rotating again (another recipe step, here with other signs) stays exact: each (block, seed)
     has its matrix under a name of its own, and the saved model passes onnx's checker."""
@@ -80,12 +98,13 @@ def test_quantize_keeps_the_rotation_float_and_quantizes_its_output(tiny_onnx, t
         assert [n.op for n in join.outputs[0].outputs] == ["QuantizeLinear"]  # the down_proj input point
 
 
-def test_decoders_keep_every_decode_step():
+@pytest.mark.parametrize("block", [16, 256])  # 256: the input padded to whole blocks
+def test_decoders_keep_every_decode_step(block):
     """The ort form (one graph, dynamic shapes) and the portable form (static prefill and decode
     graphs specialised from it) both carry the rotation and match transformers step by step."""
     logits, fed = hf_step_logits(tiny_hf(), PROMPT, 4)
     for form in ("ort", "portable"):
-        result = graphopt.Pipeline([OnlineRotate(block=16)], log=_quiet, progress=False).run(tiny_decoder(form))
+        result = graphopt.Pipeline([OnlineRotate(block=block)], log=_quiet, progress=False).run(tiny_decoder(form))
         assert result.report.steps[-1].changed
         assert_steps_match(Generator.load(result.model, threads=1, log=_quiet).start(64), PROMPT, fed, logits)
 
@@ -101,7 +120,6 @@ def test_bad_options_are_refused(options, message):
 
 @pytest.mark.parametrize("options, message", [
     ({"weights": ("*no_such*",)}, "'\\*no_such\\*' matches no MatMul linear"),
-    ({"block": 256}, "has 128 input rows, not a multiple of option 'block' 256"),
 ])
 def test_unfit_weights_are_refused_before_any_change(tiny_onnx, options, message):
     model = tiny_onnx.copy()
