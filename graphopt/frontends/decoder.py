@@ -2,7 +2,7 @@
 
 `llama_decoder(hf_model, tokenizer, options)` checks that a transformers model is a Llama-family
 decoder graphopt can express (RMSNorm, rotary with a static table, SwiGLU MLP, grouped-query
-attention, no sliding window), then traces `LlamaDecoder` with torch.export into the FX form:
+attention, a sliding window, if any, no shorter than the capacity), then traces `LlamaDecoder` with torch.export into the FX form:
 a causal-LM `Model` whose signature carries the cache (see `graphopt.ir.decoder` for both forms'
 inputs and outputs) and whose `meta.extra["decoder"]` holds its `DecoderSpec`.
 
@@ -185,6 +185,11 @@ def decoder_spec_of(hf, tokenizer, options: DecoderOptions, where: str) -> Decod
     longest = int(config.max_position_embeddings)
     portable = options.attention == "portable"
     capacity = options.capacity or (min(DEFAULT_PORTABLE_CAPACITY, longest) if portable else longest)
+    window = _sliding_window(config)
+    if window is not None and window < capacity:
+        raise UnsupportedGraphError(f"{where}: sliding-window attention ({window} tokens) is shorter than the decoder's "
+                                    f"capacity ({capacity} tokens), and decoders attend to the whole context: set "
+                                    f"the decoder option 'capacity' to at most {window}")
     chunk = options.prefill_chunk or min(DEFAULT_PREFILL_CHUNK, capacity)
     if chunk > capacity:
         raise OptionError(f"{where}: decoder option 'prefill_chunk' ({chunk}) is larger than the capacity "
@@ -207,9 +212,6 @@ def _check_structure(hf, config, where: str) -> None:
     if getattr(config, "hidden_act", None) != "silu":
         raise UnsupportedGraphError(f"{where}: MLP activation {shown(getattr(config, 'hidden_act', None))}, "
                                     "decoders support 'silu' (SwiGLU)")
-    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        raise UnsupportedGraphError(f"{where}: sliding-window attention ({config.sliding_window} tokens) is not "
-                                    "supported by decoders yet")
     model = getattr(hf, "model", None)
     parts = {"model.embed_tokens": getattr(model, "embed_tokens", None), "model.norm": getattr(model, "norm", None),
              "model.rotary_emb": getattr(model, "rotary_emb", None), "lm_head": getattr(hf, "lm_head", None)}
@@ -230,6 +232,18 @@ def _check_structure(hf, config, where: str) -> None:
     missing = [name for name, module in parts.items() if module is None]
     if missing or not layers:
         raise UnsupportedGraphError(f"{where}: not a Llama-family decoder: no {missing[0] if missing else 'layers'}")
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the layers that attend to the last N tokens only (None: every layer attends to the
+    whole context). A window at least the capacity never takes effect: the decoder computes the same."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def _config_ids(value) -> list[int]:
