@@ -18,6 +18,7 @@ sized), the files matching the folder's manifest.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import GraphoptError, ModelLoadError
-from graphopt.files.reading import read_json, shown, want_dict, want_int
+from graphopt.files.reading import confined_path, read_json, shown, want_dict, want_int
 from graphopt.files.writing import OutputSet, check_manifest
 from graphopt.frontends.tokenizer import Tokenizer
 from graphopt.ir import Model
@@ -113,13 +114,15 @@ def save_decoder(model: Model, folder: str | Path, *, inputs: list[Path] = (), f
 
 
 def is_decoder_folder(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
+    """Whether `path` is a folder holding a decoder.json (of any kind: reading it says what is wrong with it)."""
+    return path.is_dir() and os.path.lexists(path / CONFIG)
 
 
 def _read_config(folder: Path) -> DecoderSpec:
     where = str(folder / CONFIG)
-    data = want_dict(read_json(folder / CONFIG, max_bytes=MAX_CONFIG_BYTES, error=ModelLoadError, what=CONFIG),
-                     where, ModelLoadError)
+    path = confined_path(folder, CONFIG, who=str(folder), missing=ModelLoadError)
+    data = want_dict(read_json(path, max_bytes=MAX_CONFIG_BYTES, error=ModelLoadError, what=CONFIG), where,
+                     ModelLoadError)
     if data.get("format") != FORMAT:
         raise ModelLoadError(f"{where}: 'format' must be '{FORMAT}', got {shown(data.get('format'))}")
     version = want_int(data.get("version"), f"{where}: 'version'", ModelLoadError)
@@ -137,12 +140,14 @@ def read_decoder_folder(folder: str | Path) -> DecoderFolder:
     check_manifest(folder, [CONFIG, weights_file(spec), *files])
     protos, weights = {}, {}
     for file, seq in graph_files(spec).items():
-        proto, mapped = load_onnx_mapped(folder / file)
+        path = confined_path(folder, file, who=str(folder), missing=ModelLoadError)
+        proto, mapped = load_onnx_mapped(path)
         names = [v.name for v in proto.graph.input if v.name not in {t.name for t in proto.graph.initializer}]
         if names != spec.input_names or [o.name for o in proto.graph.output] != spec.output_names:
             raise ModelLoadError(f"{folder / file}: its inputs and outputs are not those {CONFIG} describes "
                                  f"(inputs {names[:3]}..., outputs {[o.name for o in proto.graph.output][:3]}...)")
         _check_io_types(proto, spec, seq, folder / file)
+        _check_rotary_tables(proto, spec, folder / file)
         protos[file] = proto
         weights = {**mapped, **weights}  # a weight both graphs read is mapped once more, not copied
     tokenizer = Tokenizer.read(folder) if spec.tokenizer == "hf" else None
@@ -169,6 +174,18 @@ def _check_io_types(proto, spec: DecoderSpec, seq: int | None, path: Path) -> No
         want = shapes[value.name]
         if len(got) != len(want) or any(isinstance(w, int) and isinstance(g, int) and g != w for g, w in zip(got, want)):
             raise ModelLoadError(f"{path}: '{value.name}' has shape {list(got)}, where {CONFIG} describes {list(want)}")
+
+
+def _check_rotary_tables(proto, spec: DecoderSpec, path: Path) -> None:
+    """The rotary tables (those the spec names, and GroupQueryAttention's cos/sin caches) hold a row
+    for every position of the capacity (a capacity raised by hand would otherwise fail inside
+    attention once the context passes the table)."""
+    tables = set(spec.rope.get("tables", ()))
+    tables |= {name for node in proto.graph.node if node.op_type == "GroupQueryAttention" for name in node.input[7:9]}
+    for tensor in proto.graph.initializer:
+        if tensor.name in tables and (len(tensor.dims) != 2 or tensor.dims[0] < spec.capacity):
+            raise ModelLoadError(f"{path}: rotary table '{tensor.name}' has shape {list(tensor.dims)}: positions for "
+                                 f"fewer tokens than the capacity of {spec.capacity} {CONFIG} describes")
 
 
 def _read_hf_tokenizer(folder: Path):

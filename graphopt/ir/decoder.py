@@ -38,6 +38,9 @@ __all__ = ["DecoderSpec", "FORMS", "CACHE_DTYPES", "prefill_feeds", "example_fee
 FORMS = ("ort", "portable")
 CACHE_DTYPES = ("float32", "int8")
 MAX_CAPACITY = 1 << 20  # tokens; no on-device context comes near
+# the portable form's additive mask of an invisible slot: low enough that softmax gives it no weight next to any
+# score, and within float16's range (a graph may keep the mask in half precision)
+MASK_RANGE = (-65504.0, -1000.0)
 _LIMITS = {"layers": 512, "heads": 1024, "kv_heads": 1024, "head_dim": 4096, "hidden": 1 << 16, "vocab": 1 << 22}
 
 
@@ -162,11 +165,17 @@ class DecoderSpec:
         cache_dtype = want_str(data.get("cache_dtype", "float32"), f"{field} 'cache_dtype'", error)
         if cache_dtype not in CACHE_DTYPES:
             raise error(f"{field} 'cache_dtype' must be one of {', '.join(CACHE_DTYPES)}, got {shown(cache_dtype)}")
+        mask_value = want_number(data.get("mask_value", -1e4), f"{field} 'mask_value'", error)
+        if not MASK_RANGE[0] <= mask_value <= MASK_RANGE[1]:
+            raise error(f"{field} 'mask_value' must be in [{MASK_RANGE[0]:g}, {MASK_RANGE[1]:g}] (an invisible slot "
+                        f"must get no attention), got {shown(mask_value)}")
+        rope = want_dict(data.get("rope", {}), f"{field} 'rope'", error)
+        for name in want_list(rope.get("tables", []), f"{field} 'rope': 'tables'", error, max_len=16):
+            want_str(name, f"{field} 'rope': 'tables'", error, max_len=256)
         spec = cls(form=form, architecture=want_str(data["architecture"], f"{field} 'architecture'", error, max_len=64),
-                   capacity=capacity, prefill_chunk=chunk, eos_token_ids=eos, tokenizer=tokenizer,
-                   rope=want_dict(data.get("rope", {}), f"{field} 'rope'", error),
+                   capacity=capacity, prefill_chunk=chunk, eos_token_ids=eos, tokenizer=tokenizer, rope=rope,
                    chat_template=want_bool(data.get("chat_template", False), f"{field} 'chat_template'", error),
-                   mask_value=want_number(data.get("mask_value", -1e4), f"{field} 'mask_value'", error),
+                   mask_value=mask_value,
                    cache_dtype=cache_dtype, **sizes, **optional_ids)
         spec.check(where, error)
         return spec

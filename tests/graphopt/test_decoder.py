@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import graphopt
-from graphopt.errors import GraphoptError, ModelLoadError, OptionError, UnsupportedGraphError
+from graphopt.errors import GraphoptError, ModelLoadError, OptionError, UnsafePathError, UnsupportedGraphError
 from graphopt.evaluation.generation import Generator, SharedBufferCache, StaticCache
 from graphopt.frontends.decoder import llama_decoder
 from graphopt.frontends.decoder_folder import read_decoder_folder, save_decoder
@@ -335,3 +335,47 @@ def test_a_graph_whose_cache_type_is_not_the_configs_is_refused(tmp_path):
     os.remove(out / ".graphopt-manifest.json")
     with pytest.raises(ModelLoadError, match="'past_key_values.0.key' is float16, where decoder.json describes float32"):
         read_decoder_folder(out)
+
+
+def test_a_capacity_past_the_rotary_table_is_refused_naming_the_table(tmp_path):
+    """The ort form's shapes leave the capacity open: a capacity raised by hand is measured against the
+    rotary table GroupQueryAttention reads (even when the spec names no tables), not left to fail mid-generation."""
+    out = tmp_path / "out"
+    save_decoder(tiny_decoder("ort"), out, log=_quiet)
+    os.remove(out / ".graphopt-manifest.json")
+    config = json.loads((out / "decoder.json").read_text())
+    config["spec"].update(capacity=200)
+    config["spec"]["rope"]["tables"] = []
+    (out / "decoder.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"model.onnx: rotary table 'rotary_cos' has shape \[96, 8\].*capacity of 200"):
+        read_decoder_folder(out)
+    config["spec"].update(capacity=48)  # a smaller capacity uses part of the table
+    (out / "decoder.json").write_text(json.dumps(config))
+    assert Generator.load(out, threads=1).generate(PROMPT, max_new_tokens=40).stop == "capacity"
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mask_value", 5.0, r"'mask_value' must be in \[-65504, -1000\]"), ("mask_value", -1.0, "'mask_value' must be in"),
+    ("rope", {"tables": [["rotary_cos"]]}, "'rope': 'tables' must be a string"),
+    ("rope", {"tables": "rotary_cos"}, "'rope': 'tables' must be a list")])
+def test_spec_fields_that_would_mislead_generation_are_refused(field, value, message):
+    """A positive or small mask would let the portable form attend to empty slots (wrong tokens, no error);
+    tables that are not names would fail inside the passes that look them up."""
+    data = {**DecoderSpec.of(tiny_decoder("portable")).to_json(), field: value}
+    with pytest.raises(ModelLoadError, match=message):
+        DecoderSpec.from_json(data)
+
+
+@pytest.mark.parametrize("name", ["decoder.json", "prefill.onnx"])
+def test_files_of_a_folder_that_lead_outside_it_are_refused(name, tmp_path):
+    out, outside = tmp_path / "out", tmp_path / "elsewhere"
+    save_decoder(tiny_decoder("portable"), out, log=_quiet)
+    outside.mkdir()
+    os.replace(out / name, outside / name)
+    os.symlink(outside / name, out / name)
+    with pytest.raises(UnsafePathError, match=f"'{name}' resolves to .*, outside the folder"):
+        Generator.load(out)
+    os.remove(out / name)
+    os.mkdir(out / name)
+    with pytest.raises(ModelLoadError, match=f"'{name}' is a folder, not a file"):
+        Generator.load(out)
