@@ -17,6 +17,7 @@ chunks of the spec's prefill_chunk, then one token per step), returning their lo
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from graphopt.errors import GraphoptError, OptionError
+from graphopt.files.reading import shown
 from graphopt.ir import Model
 from graphopt.ir.decoder import DecoderSpec, smart_mask
 
@@ -81,6 +83,19 @@ def peak_rss() -> int:
 def peak_rss_mib() -> float:
     """The process's peak resident set size so far, in MiB."""
     return peak_rss() / (1 << 20)
+
+
+# more onnxruntime threads than this per core only slow a step down (each spins for a core), and
+# thousands of them take minutes to start
+MAX_THREADS_PER_CORE = 4
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------ caches
@@ -161,9 +176,10 @@ class Decoding:
     """One sequence through a decoder: `feed(ids)` runs tokens (in prefill chunks) and returns
     their logits [len(ids), vocab]; `room` is how many more tokens the cache takes."""
 
-    def __init__(self, spec: DecoderSpec, sessions: dict[str, Any], length: int):
+    def __init__(self, spec: DecoderSpec, sessions: dict[str, Any], length: int, folder: Path | None = None):
         self.spec = spec
         self.sessions = sessions
+        self.folder = folder  # where the graphs came from, for errors
         if spec.form == "ort":
             self.cache = SharedBufferCache(spec, length)
             self.io = sessions["model.onnx"].io_binding()  # one binding for the sequence: the cache stays bound
@@ -200,16 +216,28 @@ class Decoding:
         self.io.bind_cpu_input("input_ids", ids[None])
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
         self.cache.bind(self.io, ids.size)
-        self.sessions["model.onnx"].run_with_iobinding(self.io, _run_options(ids.size))
+        self._run("model.onnx", ids.size, self.sessions["model.onnx"].run_with_iobinding, self.io, _run_options(ids.size))
         return logits[0]
 
     def _portable_step(self, ids: np.ndarray) -> np.ndarray:
         file, seq = ("decode.onnx", 1) if ids.size == 1 else ("prefill.onnx", self.spec.prefill_chunk)
         padded = np.zeros((1, seq), np.int64)
         padded[0, :ids.size] = ids
-        outputs = self.sessions[file].run(None, {"input_ids": padded, **self.cache.inputs(seq)}, _run_options(seq))
+        outputs = self._run(file, ids.size, self.sessions[file].run, None, {"input_ids": padded, **self.cache.inputs(seq)},
+                            _run_options(seq))
         self.cache.write(outputs[1:], ids.size)
         return outputs[0][0, :ids.size]
+
+
+    def _run(self, file: str, tokens: int, run, *args):
+        """`run(*args)` (a session's run of graph `file`); onnxruntime's failure (a graph that loads but
+        cannot run these feeds) becomes a GraphoptError naming the graph."""
+        try:
+            return run(*args)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail / RuntimeException types
+            where = self.folder / file if self.folder is not None else file
+            raise GraphoptError(f"{where}: onnxruntime failed running a step of {tokens} token(s): "
+                                f"{shown(' '.join(str(exc).split()), 300)}") from exc
 
 
 def _run_options(tokens: int):
@@ -229,11 +257,16 @@ def _run_options(tokens: int):
 def sample_next(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator | None) -> int:
     """The next token: argmax when `temperature` is 0 (the first index among ties, as torch does),
     else a draw from softmax(logits / temperature) cut to the smallest set of tokens whose
-    probability reaches `top_p`."""
+    probability reaches `top_p`. Logits holding NaN or infinity are refused (GraphoptError): no
+    token could be chosen from them honestly."""
+    top = float(logits.max())  # NaN when any logit is
+    if not math.isfinite(top):
+        raise GraphoptError(f"the decoder's 'logits' hold {'NaN' if top != top else 'infinity'}: its weights or graph "
+                            "are broken (a NaN or infinite weight?)")
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    probs = np.exp(z - z.max())
+    with np.errstate(over="ignore", under="ignore"):  # a tiny temperature sends the others to -inf: probability 0
+        probs = np.exp((logits.astype(np.float64) - top) / temperature)
     probs /= probs.sum()
     order = np.argsort(-probs, kind="stable")
     keep = order[:int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
@@ -263,12 +296,16 @@ class Generator:
     """A decoder's sessions and tokenizer (a `graphopt.frontends.tokenizer.Tokenizer`, None when the
     model reads bytes), ready to generate (see the module docstring)."""
 
-    def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0, spin: bool = True):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise OptionError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
+    def __init__(self, spec: DecoderSpec, graphs, tokenizer=None, *, threads: int = 0, spin: bool = True,
+                 folder: Path | None = None):
+        most = MAX_THREADS_PER_CORE * _cores()
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= most:
+            raise OptionError(f"threads must be an integer in [0, {most}] (0: one per core; at most "
+                              f"{MAX_THREADS_PER_CORE} per core of the {_cores()} here), got {shown(threads)}")
         self.spec = spec
         self.tokenizer = tokenizer
         self.sessions = graphs.sessions(threads, config=session_config(spin))
+        self.folder = folder
 
     @classmethod
     def load(cls, source: "str | Path | Model | Generator", *, threads: int = 0, spin: bool = True,
@@ -292,12 +329,12 @@ class Generator:
             raise GraphoptError(f"{path}: not a decoder folder (no decoder.json); write one with `graphopt convert "
                                 "MODEL --recipe R -o OUT` and a recipe with a decoder: section")
         folder = read_decoder_folder(path)
-        return cls(folder.spec, folder.graphs, folder.tokenizer, threads=threads, spin=spin)
+        return cls(folder.spec, folder.graphs, folder.tokenizer, threads=threads, spin=spin, folder=path)
 
     def start(self, length: int | None = None) -> Decoding:
         """A new sequence whose cache takes `length` tokens (at most, and by default, the capacity)."""
         length = min(length or self.spec.capacity, self.spec.capacity)
-        return Decoding(self.spec, self.sessions, length)
+        return Decoding(self.spec, self.sessions, length, self.folder)
 
     def encode(self, prompt: str, *, chat: bool = False) -> list[int]:
         """Token ids of `prompt`; with `chat`, of the tokenizer's chat template around it as a user turn."""

@@ -95,8 +95,38 @@ def test_bad_options_are_refused():
         generator.generate("hi", chat=True)
     with pytest.raises(OptionError, match="seed must be an integer >= 0, got -1"):
         generator.generate(PROMPT, temperature=1.0, seed=-1)
-    with pytest.raises(OptionError, match="threads must be an integer >= 0"):
-        Generator.load(tiny_decoder("ort"), threads=-2, log=lambda *_: None)
+    for threads in (-2, 100_000):  # thousands of onnxruntime threads take minutes to start
+        with pytest.raises(OptionError, match=r"threads must be an integer in \[0, \d+\]"):
+            Generator.load(tiny_decoder("ort"), threads=threads, log=lambda *_: None)
+
+
+def test_logits_that_are_not_finite_are_refused_and_a_tiny_temperature_is_greedy():
+    """NaN or infinite logits (a broken weight) would give token 0 or a numpy error; a temperature so small that
+    logits / T overflows picks the top token."""
+    rng = np.random.default_rng(0)
+    assert sample_next(np.array([1.0, 3.0, 2.0], np.float32), 1e-320, 1.0, rng) == 1
+    for logits, word in (([np.nan, 1.0, 2.0], "NaN"), ([1.0, np.inf, 2.0], "infinity")):
+        for temperature in (0.0, 1.0):
+            with pytest.raises(GraphoptError, match=f"'logits' hold {word}"):
+                sample_next(np.array(logits, np.float32), temperature, 1.0, rng)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_step_onnxruntime_cannot_run_is_a_named_error(form):
+    """A graph that loads but fails while running (onnxruntime's own exception types) is named, not a traceback."""
+
+    class Failing:
+        def __getattr__(self, name):
+            def fail(*args):
+                raise RuntimeError("Non-zero status code returned while running Gather node")
+            return fail
+
+    generator = tiny_generator(form)
+    decoding = generator.start(32)
+    decoding.sessions = {file: Failing() for file in decoding.sessions}
+    file = "model.onnx" if form == "ort" else "prefill.onnx"
+    with pytest.raises(GraphoptError, match=f"^{file}: onnxruntime failed running a step of 3 token.*Gather node"):
+        decoding.feed([1, 2, 3])
 
 
 @pytest.mark.parametrize("form", FORMS)
