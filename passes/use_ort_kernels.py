@@ -84,6 +84,11 @@ class UseOrtKernels(Pass):
        looked up along N whose MatMul became MatMulNBits is gathered from that kernel's B
        [N, blocks, block], scales [N, blocks] and zero points (128 when absent), a scale per
        block, so the file holds the table once; a 4-bit table keeps its MatMul in QDQ form.
+       A table in blocks along the other axis than the lookup's (an untied embedding [V, H] in
+       blocks along H) gathers its rows' block scales (and zero points) with the codes and spreads
+       them over the rows' elements (a Gather of each element's block index; a shorter last block
+       too): the lookup reads the looked-up rows, never the whole table. 4-bit codes stay in QDQ
+       form for lookups (onnxruntime's Gather takes no 4-bit type).
     4. `split_inputs`: a MatMulNBits at accuracy level 4 whose weight matches reads, instead of x
        [..., K], x and x - q concatenated along the leading axis, and the two halves of its output
        are added (Split -> Add), q being x rounded as the kernel rounds it (int8 per block of its
@@ -252,10 +257,11 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
     table, ids, out = dq.outputs[0], gather.inputs[1], gather.outputs[0]
     axis = gather.attrs.get("axis", 0) % 2
     codes, scale, zero = dq.inputs[0], np.asarray(dq.inputs[1].values, np.float32), dq.inputs[2:]
-    if ids.shape is None or nbits is None and "block_size" in dq.attrs:
-        return []
     channel = dq.attrs.get("axis", 1) % 2
-    if nbits is None and scale.size > 1 and channel != axis:
+    blocked = nbits is None and "block_size" in dq.attrs
+    if ids.shape is None or blocked and channel == axis or nbits is None and _codes_kind(dq)[0] == 4:
+        return []  # (onnxruntime's Gather takes no 4-bit codes)
+    if nbits is None and not blocked and scale.size > 1 and channel != axis:
         return []  # scales across the looked-up rows: not an embedding layout graphopt writes
     if nbits is not None and axis != 1:
         return []
@@ -280,6 +286,18 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
                                   gs.Constant(f"{base}_end", np.array([k], np.int64)), last], "cut")
         nodes.append(gs.Node("Transpose", name=f"{base}_Transpose", inputs=[rows], outputs=[out],
                              attrs={"perm": [rank, *range(rank)]}))
+    elif blocked:  # blocks along the other axis: each looked-up row's block parameters, spread over its elements
+        values = node("Cast", [node("Gather", [codes, ids], "codes", codes.values.dtype, axis=axis)], "float", to=1)
+        spread_axis = 0 if axis == 1 else len(ids.shape)  # where the block axis lands in the lookup's output
+        index = gs.Constant(f"{base}_element_blocks",
+                            np.arange(codes.values.shape[channel], dtype=np.int64) // int(dq.attrs["block_size"]))
+        params = [gs.Constant(f"{base}_block_scale", scale)]
+        if zero:
+            params.append(gs.Constant(f"{base}_block_zero", np.asarray(zero[0].values, np.float32)))
+        params = [node("Gather", [node("Gather", [p, ids], f"rows{i}", axis=axis), index], f"param{i}", axis=spread_axis)
+                  for i, p in enumerate(params)]
+        centred = node("Sub", [values, params[1]], "centred") if len(params) > 1 else values
+        nodes.append(gs.Node("Mul", name=f"{base}_Mul", inputs=[centred, params[0]], outputs=[out]))
     else:
         picked = node("Gather", [codes, ids], "codes", codes.values.dtype, axis=axis)
         values = node("Cast", [picked], "float", to=1)

@@ -232,6 +232,40 @@ def test_block_table_is_held_once_and_looked_up_exactly(symmetric, k):
     assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[1], qdq_rows)
 
 
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True)])
+@pytest.mark.parametrize("axis", [0, 1])  # an untied embedding [V, H] in blocks along H; a table [H, V] looked up along V
+def test_untied_block_tables_look_up_rows_not_the_whole_table(axis, bits, symmetric):
+    """A table read only by a Gather, in blocks (of 32, the last of 8: H = 72) along the axis the lookup
+    keeps: the rows' codes and block parameters are gathered, never the table dequantized whole, and
+    the rows are the DequantizeLinear's bit for bit. A block index off by one element is not."""
+    from onnx import TensorProto, helper
+
+    hidden, vocab = 72, 50
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((vocab, hidden) if axis == 0 else (hidden, vocab)).astype(np.float32)
+    spec = QuantSpec(f"{'' if symmetric else 'u'}int{bits}", "block", axis=1 - axis, block_size=32, symmetric=symmetric)
+    scale, zero = numerics.params_for(table, spec)
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed", axis=axis)], "t",
+                              [ids], [helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(table, "table")])
+    qdq = Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    apply_encodings(qdq.graph, Encodings(params={"table": Encoding.from_params("table", scale, zero, spec)}))
+    result = EXACT.run(qdq.copy(), PassContext(progress=False))
+    ops = collections.Counter(node.op for node in result.model.graph.nodes)
+    feeds = [{"ids": np.array([[0, 5, vocab - 1], [7, 7, 2]], np.int64)}]
+    (expected,), = _qdq_outputs(qdq, feeds)
+    if bits == 4:  # onnxruntime's Gather takes no 4-bit codes: the table stays a DequantizeLinear
+        assert not result.changed and ops["DequantizeLinear"] == 1
+        return
+    assert result.stats["gathered_tables"] == 1 and ops["DequantizeLinear"] == 0
+    (rows,) = result.model.session(threads=1).run(None, feeds[0])
+    assert rows.shape == expected.shape and np.array_equal(rows, expected)
+    index = next(t for t in result.model.graph.tensors().values() if t.name.endswith("_element_blocks"))
+    index.values = np.minimum(index.values + (np.arange(hidden) % 32 == 31), 2)  # each block's last element: the next block's
+    assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[0], expected)
+
+
 def _product_errors(model, feeds: list[dict], exact: list[np.ndarray]) -> float:
     """Largest relative RMS error of the kernel model's y against the exact products."""
     session = model.session(threads=1)
