@@ -129,3 +129,27 @@ def test_bad_folders_are_refused_naming_the_file(smollm2, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{}")
     with pytest.raises(GraphoptError, match="no chat template"):
         Tokenizer.read(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("template, refusal", [
+    ("{% for x in %}", r"not a valid template \(line 1: .*Expected an expression"),
+    ("{{ 1 / 0 }}", "refuses the messages: ZeroDivisionError"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "refuses the messages: RecursionError"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "ran more than 1,000,000 steps"),
+    ("{{ 'x' * 10**9 }}", "a value of 1,000,000,000 characters"),
+    ("{% set s = 'x' * 1024 %}" + "{% set s = s ~ s %}" * 12, "a value of 2,097,152 characters"),
+    ("{{ 'x'|center(10**9) }}", "the argument 1000000000 is larger"),
+    ("{{ '{:>999999999}'.format(1) }}", "asks for a width larger"),
+    ("{{ range(100000)|map('string')|join('x' * 100000) }}", r"a value of [\d,]+ characters, more than"),
+])
+def test_templates_that_fail_loop_or_grow_without_bound_are_named_errors(smollm2, template, refusal):
+    """A chat template is code from the model's folder: whatever it raises, a loop that would run for hours
+    and a value that would fill memory are refused (before it is built) by a GraphoptError naming its file."""
+    with pytest.raises(GraphoptError, match=rf"--chat: .*(chat_template.jinja|tokenizer_config.json).*{refusal}"):
+        _render(Tokenizer.read(smollm2[0]), template)
+
+
+def test_bounded_templates_still_format_join_replace_and_indent(smollm2):
+    template = ("{{ '{}-{}'.format('a', 'b') }} {{ '%s=%d' % ('n', 3) }} {{ 'a b'|replace('a', 'c') }} "
+                "{{ [1, 2]|join(',') }} {{ 'x\ny'|indent(2) }} {{ '+'.join(['b', 'c']) }} {{ 'ab' * 2 }}")
+    assert _render(Tokenizer.read(smollm2[0]), template) == "a-b n=3 c b 1,2 x\n  y b+c abab"
