@@ -89,7 +89,8 @@ class UseOrtKernels(Pass):
        them over the rows' elements (a Gather of each element's block index; a shorter last block
        too): the lookup reads the looked-up rows, never the whole table. 4-bit codes stay in QDQ
        form for lookups (onnxruntime's Gather takes no 4-bit type).
-    4. `split_inputs`: a MatMulNBits at accuracy level 4 whose weight matches reads, instead of x
+    4. `split_inputs`: a MatMulNBits at accuracy level 4 whose weight matches (one at level 0 reads
+       float inputs already, and is left as it is: an untied lm_head in 4 bits) reads, instead of x
        [..., K], x and x - q concatenated along the leading axis, and the two halves of its output
        are added (Split -> Add), q being x rounded as the kernel rounds it (int8 per block of its
        block_size along K, symmetric, scale max|x| / 127). The kernel's int8 rounding of x then
@@ -105,7 +106,7 @@ class UseOrtKernels(Pass):
     accumulation order; every weight kept its codes (`dequantize_nbits` of a kernel's inputs is the
     DequantizeLinear's output, bit for bit, and so is every lookup of rule 3). The QDQ form
     (before this pass) is what NPU backends read; this pass is for onnxruntime CPU. OptionError
-    when a `split_inputs` pattern matches no weight that became a MatMulNBits at accuracy level 4.
+    when a `split_inputs` pattern matches no weight that became a MatMulNBits.
     """
 
     name: ClassVar[str] = "use_ort_kernels"
@@ -134,6 +135,7 @@ class UseOrtKernels(Pass):
         nbits_of: dict[int, list[gs.Constant]] = {}  # id(weight DQ) -> its MatMulNBits' B, scales[, zero points]
         moved: set[str] = set()
         split: list[str] = []
+        exact: list[str] = []  # MatMulNBits weights at accuracy level 0: float inputs, no rounding to cancel
         for node in [n for n in graph.nodes if n.op == "MatMul" and len(n.inputs) == 2]:
             dq = _weight_dq(node.inputs[1])
             kind = _codes_kind(dq) if dq is not None else None
@@ -149,14 +151,17 @@ class UseOrtKernels(Pass):
             graph.nodes.append(made)
             stats[made.op] += 1
             moved.add(dq.outputs[0].name)
-            if made.op == "MatMulNBits" and made.attrs["accuracy_level"] == 4 and weight_matches(
-                    dq.outputs[0].name, self.split_inputs):
+            if made.op != "MatMulNBits" or not weight_matches(dq.outputs[0].name, self.split_inputs):
+                continue
+            if made.attrs["accuracy_level"] == 4:
                 graph.nodes.extend(_split_input(made))
                 split.append(dq.outputs[0].name)
+            else:
+                exact.append(dq.outputs[0].name)
         for pattern in self.split_inputs:
-            if not any(weight_matches(name, (pattern,)) for name in split):
+            if not any(weight_matches(name, (pattern,)) for name in split + exact):
                 raise OptionError(f"'{self.name}': option 'split_inputs': '{pattern}' matches no weight that became "
-                                  "a MatMulNBits at accuracy level 4")
+                                  "a MatMulNBits")
         stats["split_inputs"] = len(split)
         users = consumers(graph)
         for gather in [n for n in graph.nodes if n.op == "Gather"]:
