@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from graphopt.ir import Model
 from graphopt.pipeline.passes import Pass, PassContext, PassResult, register_pass
-from graphopt.quant.plan import QuantOptions, check_weight_patterns, plan_int16
+from graphopt.quant.plan import QuantOptions, check_weight_patterns, folded_gains, plan_int16
 from graphopt.training import fake_quant
 
 __all__ = ["FakeQuantize"]
@@ -70,7 +70,8 @@ class FakeQuantize(QuantOptions, Pass):
         if fake_quant.fake_quant_modules(model) or not points:
             return PassResult(model, False, {"weight_quantizers": 0, "activation_quantizers": 0})
         weights = {w for feeds in points for w in feeds}
-        check_weight_patterns(self, weights, model.name)
+        folded = folded_gains(model.meta)
+        check_weight_patterns(self, weights, model.name, folded)
         tables = fake_quant.table_weights(model)
         inserted = fake_quant.insert_fake_quant(
             model, lambda name: self.weight_spec(name, 0, table=name in tables),
@@ -82,7 +83,7 @@ class FakeQuantize(QuantOptions, Pass):
         activations = [m for m in inserted if m.kind == "activation"]
         proxy_spec = self.activation_spec(8)
         plan = plan_int16(self, [m.feeds for m in activations], weights, model.name,
-                          proxy=lambda: [m.observer.sqnr_db(proxy_spec) for m in activations])
+                          proxy=lambda: [m.observer.sqnr_db(proxy_spec) for m in activations], folded=folded)
         for index in plan.wide:
             activations[index].spec = self.activation_spec(16)
         fake_quant.set_ranges(model, weight_range=self.weight_range)

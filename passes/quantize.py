@@ -19,7 +19,7 @@ from graphopt.quant import QuantSpec, numerics, qdq
 from graphopt.quant.encodings import Encoding, Encodings
 from graphopt.quant.gptq import GPTQResult, gptq_quantize
 from graphopt.quant.observers import make_observer
-from graphopt.quant.plan import QuantOptions, check_weight_patterns, plan_int16
+from graphopt.quant.plan import QuantOptions, check_weight_patterns, folded_gains, plan_int16
 from graphopt.quant.scale_search import estimate_scales, refit_scales
 
 __all__ = ["Quantize"]
@@ -115,12 +115,13 @@ class Quantize(QuantOptions, Pass):
         for site in sites if self.activation_bits else ():
             feeds.setdefault(site.activation, []).append(site.weight)
         points, weights = list(feeds), {s.weight for s in sites}
-        check_weight_patterns(self, weights, model.name)
+        folded = folded_gains(model.meta)
+        check_weight_patterns(self, weights, model.name, folded)
         calib = ctx.require_calib(self.name) if points or self._needs_hessians else None
         observers, hessians = self._calibrate(model, sites, points, calib, ctx)
         proxy_spec = self.activation_spec(8)
         plan = plan_int16(self, list(feeds.values()), weights, model.name,
-                          proxy=lambda: [observers[p].sqnr_db(proxy_spec) for p in points])
+                          proxy=lambda: [observers[p].sqnr_db(proxy_spec) for p in points], folded=folded)
         int16 = [p for i, p in enumerate(points) if i in plan.wide]
         encodings = Encodings()
         for i, point in enumerate(points):

@@ -24,6 +24,7 @@ from graphopt.errors import UnsupportedGraphError
 from graphopt.ir import Model, consumers
 from graphopt.ir.fx_graph import set_parameter
 from graphopt.pipeline import Pass, PassContext, PassResult, register_pass
+from graphopt.quant.plan import FOLDED_GAINS
 from graphopt.quant.rotation import rotation
 
 __all__ = ["Rotate", "gain_matmul_name", "gain_matrices"]
@@ -56,7 +57,10 @@ class Rotate(Pass):
        so SmoothQuant can fold into it later). A linear whose weight is also the embedding table
        (a tied lm_head) already reads Rᵀ·W through the table; its γ becomes a MatMul by
        Rᵀ·diag(γ)·R instead (weight `gain_matmul_name(γ)`), which keeps the table shared. That
-       matrix is near-identity: quantize it at 16 bits (quantize's `int16_weights`).
+       matrix is near-identity: quantize it at 16 bits (quantize's `int16_weights`). The names
+       such matrices would have where γ was folded instead (every untied reader) are recorded in
+       `model.meta.extra["folded_gains"]`, so a recipe naming the final norm's matrix for tied
+       models holds on untied ones (`quantize` finds nothing left to keep wide).
     The inputs of q/k/v, gate/up and the lm_head are then rotated: their outlier channels are
     spread over all channels, which is what per-tensor 8-bit activations need.
     Does NOT fire (changed False, with the reason) when the stream is used in any other way (a
@@ -107,6 +111,7 @@ class Rotate(Pass):
                 _gamma_to_matmul(nodes[norm.gamma_node], norm, gains[norm.normalized])
             elif norm.gamma:
                 _gamma_to_ones(nodes[norm.gamma_node], norm, stream.width, readers)
+        _record_folded(model, stream, gains)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         return PassResult(model, True, self._stats(stream, len(gains)))
 
@@ -118,8 +123,15 @@ class Rotate(Pass):
         stream, reason = self._stream(model, ctx.lowered(model))
         if stream is None:
             return PassResult(model, False, {"reason": reason})
-        mixers = _rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
-        return PassResult(model, True, self._stats(stream, mixers))
+        gains = _rotate_parameters(model, stream, rotation(stream.width, self.seed), gain_matmul_name)
+        _record_folded(model, stream, gains)
+        return PassResult(model, True, self._stats(stream, len(gains)))
+
+
+def _record_folded(model: Model, stream: ResidualStream, gains) -> None:
+    """The gain matrix names of the norms whose γ went into their readers (not made a MatMul)."""
+    folded = {gain_matmul_name(n.gamma) for n in stream.norms if n.gamma and n.normalized not in gains}
+    model.meta.extra[FOLDED_GAINS] = sorted(folded | set(model.meta.extra.get(FOLDED_GAINS, ())))
 
 
 def _gamma_to_ones(node: gs.Node, norm, width: int, readers: dict) -> None:
@@ -156,9 +168,9 @@ def _gamma_mul(node, width: int, gm):
     return None
 
 
-def _rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain_name: Callable[[str], str]) -> int:
-    """Rotate `model.fx` in place by `r` along `stream` (found on its lowered form); returns the
-    number of γs turned into a linear (tied lm_heads)."""
+def _rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain_name: Callable[[str], str]) -> dict:
+    """Rotate `model.fx` in place by `r` along `stream` (found on its lowered form); returns the γs
+    turned into a linear (tied lm_heads), by the norm's normalized tensor."""
     gm = model.fx
     graph = gm.graph
     linears = {n.args[1].target: n for n in graph.nodes
@@ -197,7 +209,7 @@ def _rotate_parameters(model: Model, stream: ResidualStream, r: np.ndarray, gain
             set_parameter(gm, found[1].target, np.ones(stream.width))
     graph.lint()
     gm.recompile()
-    return len(gains)
+    return gains
 
 
 def _gain_to_linear(gm, mul, gamma_attr, normalized, gain: np.ndarray, gain_name: Callable[[str], str]) -> None:

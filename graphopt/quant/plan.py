@@ -21,8 +21,8 @@ from graphopt.errors import OptionError, UnsupportedGraphError
 from graphopt.ir.names import name_matches
 from graphopt.quant.spec import QuantSpec, dtype_for
 
-__all__ = ["QuantOptions", "Int16Plan", "plan_int16", "check_weight_patterns", "weight_key", "weight_matches",
-           "int16_budget_count", "int16_share"]
+__all__ = ["QuantOptions", "Int16Plan", "plan_int16", "check_weight_patterns", "folded_gains", "FOLDED_GAINS",
+           "weight_key", "weight_matches", "int16_budget_count", "int16_share"]
 
 
 def weight_key(name: str) -> str:
@@ -180,13 +180,24 @@ def int16_share(wide_activations: int, activations: int, wide_weights: int, weig
             "points": [wide_activations + wide_weights, activations + weights]}
 
 
-def check_weight_patterns(options: QuantOptions, weights: Collection[str], model_name: str) -> None:
+FOLDED_GAINS = "folded_gains"  # model.meta.extra key: gain matrices a rotation folded into their readers
+
+
+def folded_gains(meta) -> tuple[str, ...]:
+    """The names of the gain matrices a rotation (`rotate`) folded into the linears reading them instead
+    of keeping them as weights (an untied lm_head takes the final norm's gain): recorded in `meta.extra`."""
+    return tuple(meta.extra.get(FOLDED_GAINS, ()))
+
+
+def check_weight_patterns(options: QuantOptions, weights: Collection[str], model_name: str,
+                          folded: Collection[str] = ()) -> None:
     """Every `int16_inputs`, `int16_weights` and `int8_weights` pattern must match a quantized linear
-    weight of the model (OptionError naming the option and the pattern otherwise). Cheap: passes call
-    it before calibrating."""
+    weight of the model, or a gain matrix in `folded` (`folded_gains`: nothing left to keep wide, as
+    where a recipe for tied models names the gain an untied model's lm_head absorbed); OptionError
+    naming the option and the pattern otherwise. Cheap: passes call it before calibrating."""
     for option in ("int16_inputs", "int16_weights", "int8_weights"):
         for pattern in getattr(options, option):
-            if not any(weight_matches(w, (pattern,)) for w in weights):
+            if not any(weight_matches(w, (pattern,)) for w in [*weights, *folded]):
                 raise options.option_error(
                     option, f": '{pattern}' matches no weight of a quantized linear layer of '{model_name}'")
 
@@ -196,7 +207,7 @@ def _read_ranking(options: QuantOptions) -> list[dict]:
 
 
 def plan_int16(options: QuantOptions, points: Sequence[Sequence[str]], weights: Collection[str], model_name: str,
-               proxy: Callable[[], Sequence[float]]) -> Int16Plan:
+               proxy: Callable[[], Sequence[float]], folded: Collection[str] = ()) -> Int16Plan:
     """Choose the activation points kept at 16 bits. `points` are the quantized activation points,
     each as the weights it feeds (empty when activations stay float); `weights` every quantized
     linear weight. In order:
@@ -210,10 +221,10 @@ def plan_int16(options: QuantOptions, points: Sequence[Sequence[str]], weights: 
        (`MinMaxObserver.sqnr_db` of its calibration statistics), and the lowest come first.
 
     `proxy` is called only when step 3 needs it. Raises OptionError when a pattern matches no weight
-    (`check_weight_patterns`) or when the budget needs a ranking whose rows feed none of these
+    (`check_weight_patterns`, `folded` as there) or when the budget needs a ranking whose rows feed none of these
     weights (a ranking of another model).
     """
-    check_weight_patterns(options, weights, model_name)
+    check_weight_patterns(options, weights, model_name, folded)
     wide_weights = len(weights) if options.weight_bits == 16 else sum(
         weight_matches(w, options.int16_weights) for w in weights)
     keys = [{weight_key(w) for w in feeds} for feeds in points]

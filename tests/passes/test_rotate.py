@@ -128,3 +128,40 @@ def test_gain_matrices_are_found_in_both_forms(tiny_fx, tiny_onnx):
     rotated = Rotate().run(tiny_fx.copy(), PassContext()).model
     assert gain_matrices(rotated) == ("model.norm.rotated_gain",)
     assert gain_matrices(graphopt.lower(rotated, log=lambda _: None)) == ("model.norm.rotated_gain",)
+
+
+def test_an_untied_lm_head_takes_the_final_gain_and_recipes_naming_its_matrix_hold(tiny_onnx):
+    """Untied, the lm_head reads the final norm like any linear: its γ is folded in, no gain matrix is
+    made, and its name is recorded as folded, so `int16_weights: [model.norm.rotated_gain]` (a recipe
+    for tied models) quantizes an untied model too; a name no rotation knows is still refused. Tied,
+    the matrix is a weight and is not listed as folded."""
+    import transformers
+
+    import graphopt
+    from graphopt.errors import GraphoptError
+    from graphopt.frontends.decoder import llama_decoder
+    from graphopt.passes.rotate import gain_matrices
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      tie_word_embeddings=False)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # gains of their own (identical ones are one constant in the exported graph)
+        for name, parameter in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    untied = llama_decoder(hf, None, {"capacity": 32}, log=lambda _: None)
+    quiet = dict(log=lambda *_: None, progress=False)
+    result = graphopt.Pipeline([Rotate()], **quiet).run(untied)  # the FX form's rule, as the ONNX form's below
+    assert "model.norm.rotated_gain" in result.model.meta.extra["folded_gains"] and gain_matrices(result.model) == ()
+    quantize = get_pass("quantize")
+    graphopt.Pipeline([Rotate(), quantize(activation_bits=0, int16_weights=["model.norm.rotated_gain"])], **quiet).run(
+        untied)
+    with pytest.raises(GraphoptError, match="'int16_weights': 'model.norm.gain' matches no weight"):
+        graphopt.Pipeline([Rotate(), quantize(activation_bits=0, int16_weights=["model.norm.gain"])], **quiet).run(untied)
+    onnx_form = Rotate().run(graphopt.lower(untied, log=lambda _: None), PassContext()).model
+    assert "model.norm.rotated_gain" in onnx_form.meta.extra["folded_gains"] and gain_matrices(onnx_form) == ()
+    tied = Rotate().run(tiny_onnx.copy(), PassContext()).model
+    assert "model.norm.rotated_gain" not in tied.meta.extra["folded_gains"]
+    assert gain_matrices(tied) == ("model.norm.rotated_gain",)
