@@ -2,7 +2,8 @@
 
 A recipe with a `decoder:` section builds a decoder with a KV cache from MODEL, calibrates it on
 prefills, and writes a decoder folder (graphs, decoder.json, tokenizer; see
-`graphopt.frontends.decoder_folder`) that `graphopt generate OUT` runs.
+`graphopt.frontends.decoder_folder`) that `graphopt generate OUT` runs; an (ort-form) decoder folder
+as MODEL gives a decoder folder too.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def _refuse_overwrite(out: Path, inputs: list[Path], backend: str | None, decode
 def _convert_run(args) -> int:
     import graphopt
     from graphopt.frontends.calibration import command_line_spec
+    from graphopt.frontends.decoder_folder import is_decoder_folder
     from graphopt.pipeline import Pipeline, available_backends, export
     from graphopt.pipeline.instruments import Checker, default_instruments
     from graphopt.recipe import load_recipe
@@ -72,7 +74,9 @@ def _convert_run(args) -> int:
         raise GraphoptError(f"--backend: unknown backend '{args.backend}' (known: {', '.join(available_backends()) or 'none'})")
     out = Path(args.output)
     inputs = source_files(args.model)
-    _refuse_overwrite(out, inputs, backend, decoder=recipe.decoder is not None)
+    # a decoder folder converts to a decoder folder (a lone model.onnx of it would not generate)
+    decoder = recipe.decoder is not None or is_decoder_folder(Path(args.model))
+    _refuse_overwrite(out, inputs, backend, decoder=decoder)
     if not args.force:
         strangers = foreign_files(out)
         if strangers:
@@ -96,7 +100,7 @@ def _convert_run(args) -> int:
     final = result.model
     if final.form == "fx":
         final = graphopt.lower(final, log=log)
-    if recipe.decoder is not None:
+    if decoder:
         _write_decoder(final, result.report, out, inputs, args.force)
     else:
         with OutputSet(out, inputs=inputs, force=args.force) as output:  # model and reports as one set

@@ -137,3 +137,17 @@ def test_convert_refuses_models_that_are_not_decoders_before_writing(tmp_path, c
     assert cli.main(["convert", "sample:tiny-llama", "--recipe", str(recipe), "-o", str(out)]) == 2
     assert "windows of 64 tokens do not fit the capacity of decoder 'tiny-llama' (48 tokens)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_decoder_folder_converts_to_a_decoder_folder(folder, tmp_path, capsys):
+    """A decoder folder as MODEL (a recipe without a decoder: section) is written back as a decoder folder that
+    generates, not as a lone model.onnx `graphopt generate` cannot run; the portable form is refused by name."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("passes:\n  - cleanup\n")
+    out = tmp_path / "out"
+    code = cli.main(["convert", str(folder), "--recipe", str(recipe), "-o", str(out), "--no-verify"])
+    if folder.name == "portable":
+        assert code == 2 and "a portable decoder folder holds two static graphs" in capsys.readouterr().err
+        return
+    assert code == 0 and {"decoder.json", "model.onnx", "report.json"} <= {p.name for p in out.iterdir()}
+    assert graphopt.generate(out, TEXT, max_new_tokens=8).tokens == graphopt.generate(folder, TEXT, max_new_tokens=8).tokens
