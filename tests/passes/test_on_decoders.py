@@ -1,5 +1,8 @@
 """The compression passes on decoders of both forms: one decision (rotation, codes, masks, removed KV
-groups) in the prefill and the decode graphs alike, the cache carried between steps, generation running."""
+groups) in the prefill and the decode graphs alike, the cache carried between steps, generation running; the
+shipped decoder recipes on a model of third-party shapes."""
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -245,3 +248,55 @@ def test_prune_structure_refuses_kv_groups_a_decoder_cannot_hold(form):
     with pytest.raises(graphopt.GraphoptError, match=rf"{what} reads a KV cache \(past_key_values.0.key, "
                                                      r"past_key_values.0.value\) .*\(no decoder spec\)"):
         _run([PruneStructure(heads=1)], unspecified)
+
+
+# ------------------------------------------------------------------ the shipped decoder recipes on awkward shapes
+RECIPES = sorted((Path(__file__).parents[2] / "samples" / "recipes").glob("smollm2-decoder-*.yaml"))
+# SQNR (dB) of the recipe's step logits against transformers', measured 131, 20.1, 20.2, 38.6, 39.4, 37.2 on
+# _awkward_qwen2 (a random model: 4 bits cost more than on a trained one); bounds a few dB below
+RECIPE_SQNR = {"fp32": 120.0, "w4": 18.0, "w4-fast": 18.0, "w8a8": 35.0, "w8a8-dynamic": 35.0, "w8a8-kv8": 34.0}
+
+
+def _awkward_qwen2(biases: bool = True):
+    """A random Qwen2 with what third-party models have and the tiny Llama has not: q/k/v biases, an untied
+    lm_head, one KV head, head_dim 32 set apart from hidden / heads (72 / 2), a hidden size of 72 and an
+    intermediate size of 200 that blocks of 32 do not divide, one layer; gains of their own."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(vocab_size=256, hidden_size=72, num_attention_heads=2, head_dim=32,
+                                      num_key_value_heads=1, intermediate_size=200, num_hidden_layers=1,
+                                      max_position_embeddings=64, tie_word_embeddings=False, use_sliding_window=False)
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, parameter in hf.named_parameters():
+            if name.endswith("bias"):
+                parameter.normal_(0, 0.5) if biases else parameter.zero_()
+            if name.endswith("norm.weight"):
+                parameter.uniform_(0.5, 1.5)
+    return hf
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem.removeprefix("smollm2-decoder-"))
+def test_decoder_recipes_hold_on_a_qwen2_of_awkward_shapes(recipe):
+    """Every shipped decoder recipe converts the model above and its decoding (a prefill, then decode steps)
+    follows transformers' within the recipe's SQNR. Its biases dropped, the same check fails."""
+    from graphopt.evaluation.metrics import sqnr_db
+    from graphopt.frontends.decoder import llama_decoder
+    from graphopt.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    logits, fed = hf_step_logits(_awkward_qwen2(), PROMPT, 3)
+
+    def step_sqnr(hf) -> float:
+        decoder = llama_decoder(hf, None, {"attention": "ort", "capacity": 64, "prefill_chunk": 16}, log=_quiet)
+        calib = loaded.calibration.overridden(windows=2, length=32).feeds(decoder) if loaded.calibration else None
+        model, _ = _run(loaded.passes, decoder, calib)
+        decoding = Generator.load(model, threads=1, log=_quiet).start(64)
+        out = [decoding.feed(PROMPT)] + [decoding.feed([t]) for t in fed]
+        assert all(np.isfinite(o).all() for o in out)
+        return min(sqnr_db(r, o) for r, o in zip(logits, out))
+
+    assert step_sqnr(_awkward_qwen2()) >= RECIPE_SQNR[recipe.stem.removeprefix("smollm2-decoder-")]
+    assert step_sqnr(_awkward_qwen2(biases=False)) < 15
