@@ -348,8 +348,11 @@ def confined_path(folder: str | os.PathLike, name: str, *, who: str, error: Erro
         raise error(f"{who}: names no usable path ({shown(name)})")
     if os.path.isabs(name) or name.startswith(("\\", "/")) or ".." in Path(name).parts or ".." in name.split("\\"):
         raise error(f"{who}: '{capped(name, MAX_ECHO)}' leaves {label} '{folder}'; only files inside it are read")
-    base = Path(folder).resolve()
-    target = (base / name).resolve()
+    try:
+        base = Path(folder).resolve()
+        target = (base / name).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise missing(f"{who}: '{capped(name, MAX_ECHO)}' cannot be resolved: {shown(str(exc))}") from None
     if base not in target.parents:
         raise error(f"{who}: '{capped(name, MAX_ECHO)}' resolves to '{target}', outside {label} '{base}'")
     if not must_exist:

@@ -145,6 +145,9 @@ def test_confined_path(tmp_path):
         confined_path(tmp_path / "m", "sub", who="w", missing=ModelLoadError)
     with pytest.raises(ModelLoadError, match="'gone.bin' is missing"):
         confined_path(tmp_path / "m", "gone.bin", who="w", missing=ModelLoadError)
+    (tmp_path / "m" / "loop").symlink_to("loop")
+    with pytest.raises(ModelLoadError, match="'loop' cannot be resolved: .*[Ss]ymlink loop"):
+        confined_path(tmp_path / "m", "loop", who="w", missing=ModelLoadError)
 
 
 def _npz(path, **arrays):
