@@ -132,11 +132,12 @@ def decoder_steps(spec, reference: dict, candidate: dict, model: Model,
         expected = ours.feed(ids)
         try:
             return label, expected, theirs.feed(ids)
-        except GraphoptError:
+        except BackendError:
             raise
-        except Exception as exc:  # onnxruntime's own types: the backend's graphs do not take the step's feeds
+        except Exception as exc:  # Decoding's named error, or onnxruntime's own types: the graphs do not take the feeds
+            reason = str(exc) if isinstance(exc, GraphoptError) else f"{type(exc).__name__}: {exc}"
             raise BackendError(f"decoder '{model.name}': the backend's graphs fail the {label} step: "
-                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                               f"{reason[:300]}") from exc
 
     pairs = [step("prefill", prompt)]
     for index in range(steps):
