@@ -132,7 +132,7 @@ def _outputs(model: Model) -> list[list[np.ndarray]] | None:
     if model.form == "fx":
         run = model.runner()
         return [run(feeds) for feeds in model.sample_inputs]
-    session = model.session(low_memory=model.num_bytes() > LARGE_MODEL_BYTES)
+    session = model.session(low_memory=model.num_bytes() > LARGE_MODEL_BYTES, config=GRAPH_OWN_MATH)
     return [model.run(feeds, session=session) for feeds in model.sample_inputs]
 
 
@@ -168,6 +168,10 @@ class Checker(Instrument):
                                "check every step to find the one that broke it)")
 
 
+# a step's fidelity is its graph's own math: onnxruntime's default fuses a weight DequantizeLinear ->
+# MatMul into MatMulNBits at accuracy level 4, rounding the float or 16-bit activation to int8, which
+# would charge use_ort_kernels' choice of kernel to the quantize step before it
+GRAPH_OWN_MATH = {"session.qdq_matmulnbits_accuracy_level": "1"}
 LARGE_MODEL_BYTES = 1 << 30  # weights past this are checked from a file and run without packed copies
 
 
