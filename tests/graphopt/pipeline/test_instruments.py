@@ -72,3 +72,37 @@ def test_fidelity_notes_a_model_without_sample_inputs(tiny_onnx):
     bare = tiny_onnx.replace(sample_inputs=[])
     step = Pipeline([_AddZero()], instruments=[Fidelity()], log=None).run(bare).report.steps[0]
     assert step.fidelity == {} and "no sample inputs" in step.notes[0]
+
+
+@dataclass(frozen=True)
+class _WeightOnGrid(Pass):
+    """Rounds every MatMul weight to 8 bits per output channel, kept as float constants; with `as_dq`,
+    holds the same values as uint8 codes + DequantizeLinear instead (the same math)."""
+
+    name: ClassVar[str] = "test_weight_on_grid"
+    as_dq: bool = False
+
+    def run_onnx(self, model, ctx):
+        graph = model.graph
+        for node in [n for n in graph.nodes if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant)]:
+            weight = np.asarray(node.inputs[1].values, np.float32)
+            scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
+            codes = (np.clip(np.rint(weight / scale), -127, 127) + 128).astype(np.uint8)
+            if not self.as_dq:
+                node.inputs[1] = gs.Constant(f"{node.name}_grid", (codes.astype(np.float32) - 128) * scale)
+                continue
+            values = gs.Variable(f"{node.name}_dq", dtype=np.float32, shape=list(weight.shape))
+            graph.nodes.append(gs.Node("DequantizeLinear", name=f"{node.name}_dq", attrs={"axis": 1}, inputs=[
+                gs.Constant(f"{node.name}_codes", codes), gs.Constant(f"{node.name}_scale", scale),
+                gs.Constant(f"{node.name}_zero", np.full(scale.shape, 128, np.uint8))], outputs=[values]))
+            node.inputs[1] = values
+        graph.toposort()
+        return PassResult(model, True)
+
+
+def test_a_steps_fidelity_is_its_graphs_own_math(tiny_onnx):
+    # onnxruntime's default fuses DequantizeLinear -> MatMul into MatMulNBits with int8 activations
+    # (about 40 dB here); the report must show that writing the same weights as codes changes nothing
+    steps = Pipeline([_WeightOnGrid(), _WeightOnGrid(as_dq=True)], instruments=[Fidelity()], log=None).run(
+        tiny_onnx.copy()).report.steps
+    assert steps[1].fidelity["sqnr_db"] > 90 and steps[1].fidelity["overlap@1"] == 1.0
