@@ -10,7 +10,7 @@ calibration:                    # optional; feeds for passes that calibrate
   windows: 8                    # number of token windows (or sentence batches, images, feeds)
   length: 128                   # tokens per window
   split: calib                  # calib (default) or eval, of sample corpora
-decoder:                        # optional: build a decoder with a KV cache (Llama-family causal LMs)
+decoder:                        # optional: build a decoder with a KV cache (Llama-family causal LMs; true: defaults)
   attention: ort                # ort (GroupQueryAttention) or portable (standard ops, static cache)
   capacity: 1024                # the longest context, prompt + generated tokens
   prefill_chunk: 128            # tokens per prefill step
@@ -221,6 +221,10 @@ def _read_calibration(reader: _Reader, node: yaml.Node, section: yaml.Node) -> C
 
 
 def _read_decoder(reader: _Reader, node: yaml.Node) -> DecoderOptions:
+    if isinstance(node, yaml.ScalarNode):
+        if reader.value(node) is True:  # `decoder: true`: the defaults
+            return DecoderOptions()
+        raise reader.error(node, f"decoder must be a mapping of options or true, got {_kind(node)}")
     options = {key: reader.value(value) for key, _, value in reader.mapping(node, "decoder")}
     try:
         decoder = DecoderOptions.from_value(options)

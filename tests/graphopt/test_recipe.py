@@ -158,6 +158,12 @@ def test_calibration_needs_a_tokenizer_and_a_text_model(tiny_onnx):
         too_many.calibration_feeds(tiny_onnx)
 
 
+def test_decoder_true_takes_the_defaults():
+    from graphopt.frontends.decoder import DecoderOptions
+
+    assert parse_recipe("passes: []\ndecoder: true\n", "d.yaml").decoder == DecoderOptions()
+
+
 def test_decoder_section_builds_decoders_that_calibrate_on_prefills():
     from tests.decoding import tiny_decoder
 
