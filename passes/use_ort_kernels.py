@@ -79,16 +79,18 @@ class UseOrtKernels(Pass):
        (0: float activations, the QDQ form's math; 4: onnxruntime quantizes the activation to int8
        per block inside the kernel, faster and slightly off; 8-bit codes at 0 run slower than float weights).
     3. A weight table whose DequantizeLinear a Gather also reads (an embedding, tied or not) is
-       gathered as codes, then dequantized row by row (Gather -> Cast -> Sub -> Mul, Transpose
-       back to the lookup's layout). An 8-bit table [K, N] (per channel, or in blocks along K)
-       looked up along N whose MatMul became MatMulNBits is gathered from that kernel's B
-       [N, blocks, block], scales [N, blocks] and zero points (128 when absent), a scale per
-       block, so the file holds the table once; a 4-bit table keeps its MatMul in QDQ form.
-       A table in blocks along the other axis than the lookup's (an untied embedding [V, H] in
-       blocks along H) gathers its rows' block scales (and zero points) with the codes and spreads
-       them over the rows' elements (a Gather of each element's block index; a shorter last block
-       too): the lookup reads the looked-up rows, never the whole table. 4-bit codes stay in QDQ
-       form for lookups (onnxruntime's Gather takes no 4-bit type).
+       looked up as codes and dequantized row by row: the lookup reads the looked-up rows, never
+       the whole table, and they are the DequantizeLinear's bit for bit.
+       - A 4- or 8-bit table [K, N] (per channel, or in blocks along K) looked up along N whose
+         MatMul became MatMulNBits: com.microsoft GatherBlockQuantized on that kernel's B,
+         scales and zero points (Transpose back to the lookup's layout), so the file holds the
+         table once.
+       - A table in blocks along the other axis than the lookup's (an untied embedding [V, H] in
+         blocks along H): 4-bit codes through GatherBlockQuantized; 8-bit codes gathered with
+         their rows' block scales (and zero points), which a Gather of each element's block index
+         spreads over the rows' elements (a shorter last block too).
+       - Per channel or per tensor, 8 bits: Gather -> Cast -> Sub -> Mul. Other 4-bit tables
+         stay in QDQ form (onnxruntime's Gather takes no 4-bit type).
     4. `split_inputs`: a MatMulNBits at accuracy level 4 whose weight matches (one at level 0 reads
        float inputs already, and is left as it is: an untied lm_head in 4 bits) reads, instead of x
        [..., K], x and x - q concatenated along the leading axis, and the two halves of its output
@@ -204,7 +206,7 @@ class UseOrtKernels(Pass):
         bits, signed = kind
         codes, scale, zero = _params(dq)
         gathered = any(r.op == "Gather" for r in readers)
-        if bits not in NBITS or gathered and bits != 8:  # a 4-bit table stays whole for its lookups
+        if bits not in NBITS:
             return None
         block = dq.attrs.get("block_size")
         if block is not None and dq.attrs.get("axis", 0) % 2 != 0:
@@ -264,7 +266,10 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
     codes, scale, zero = dq.inputs[0], np.asarray(dq.inputs[1].values, np.float32), dq.inputs[2:]
     channel = dq.attrs.get("axis", 1) % 2
     blocked = nbits is None and "block_size" in dq.attrs
-    if ids.shape is None or blocked and channel == axis or nbits is None and _codes_kind(dq)[0] == 4:
+    bits = _codes_kind(dq)[0]
+    if ids.shape is None or blocked and channel == axis:
+        return []
+    if nbits is None and bits == 4 and not (blocked and _kernel_block(int(dq.attrs["block_size"]))):
         return []  # (onnxruntime's Gather takes no 4-bit codes)
     if nbits is None and not blocked and scale.size > 1 and channel != axis:
         return []  # scales across the looked-up rows: not an embedding layout graphopt writes
@@ -273,24 +278,22 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
     base = f"{table.name}_rows_{gather.name}"
     nodes: list[gs.Node] = []
     node = _builder(base, nodes)
-    if nbits is not None:  # table [K, N] looked up along N from MatMulNBits' B [N, blocks, block], scales [N, blocks]
+    if nbits is not None:  # table [K, N] looked up along N from MatMulNBits' B [N, blocks, block · bits / 8]
         packed, block_scales, *block_zeros = nbits
         rank, k = len(ids.shape), codes.values.shape[0]
-        values = node("Cast", [node("Gather", [packed, ids], "codes", np.uint8, axis=0)], "float", to=1)
-        last = gs.Constant(f"{base}_last", np.array([-1], np.int64))
-        if block_zeros:
-            zeros = node("Cast", [node("Gather", [block_zeros[0], ids], "zeros", np.uint8, axis=0)], "zeros_float", to=1)
-            zeros = node("Unsqueeze", [zeros, last], "zeros_block")
-        else:
-            zeros = gs.Constant(f"{base}_zero", np.array(128, np.float32))  # MatMulNBits' default zero point
-        scales = node("Unsqueeze", [node("Gather", [block_scales, ids], "scales", axis=0), last], "scales_block")
-        scaled = node("Mul", [node("Sub", [values, zeros], "centred"), scales], "scaled")
-        rows = node("Reshape", [scaled, gs.Constant(f"{base}_shape", np.array([0] * rank + [-1], np.int64))], "flat")
-        if packed.values.shape[1] * packed.values.shape[2] != k:  # K padded to whole blocks
+        n, blocks, width = packed.values.shape
+        flat = node("Reshape", [packed, gs.Constant(f"{base}_table_shape", np.array([n, blocks * width], np.int64))],
+                    "table", np.uint8)
+        rows = _gather_blocks(base, nodes, [flat, ids, block_scales, *block_zeros], width * 8 // bits, bits)
+        if blocks * width * 8 // bits != k:  # K padded to whole blocks
             rows = node("Slice", [rows, gs.Constant(f"{base}_start", np.array([0], np.int64)),
-                                  gs.Constant(f"{base}_end", np.array([k], np.int64)), last], "cut")
+                                  gs.Constant(f"{base}_end", np.array([k], np.int64)),
+                                  gs.Constant(f"{base}_last", np.array([-1], np.int64))], "cut")
         nodes.append(gs.Node("Transpose", name=f"{base}_Transpose", inputs=[rows], outputs=[out],
                              attrs={"perm": [rank, *range(rank)]}))
+    elif blocked and bits == 4:  # blocks along the other axis, 4-bit: the kernel reads int4 / uint4 codes itself
+        inputs = [codes, ids, gs.Constant(f"{base}_block_scale", scale), *zero]
+        _gather_blocks(base, nodes, inputs, int(dq.attrs["block_size"]), axes=(axis, channel), out=out)
     elif blocked:  # blocks along the other axis: each looked-up row's block parameters, spread over its elements
         values = node("Cast", [node("Gather", [codes, ids], "codes", codes.values.dtype, axis=axis)], "float", to=1)
         spread_axis = 0 if axis == 1 else len(ids.shape)  # where the block axis lands in the lookup's output
@@ -322,6 +325,24 @@ def _gather_rows(gather: gs.Node, dq: gs.Node, nbits: list[gs.Constant] | None) 
     gather.outputs.clear()
     gather.inputs.clear()
     return nodes
+
+
+def _kernel_block(block: int) -> bool:
+    """Whether the com.microsoft block kernels take blocks of `block`: a power of two >= 16."""
+    return block >= 16 and not block & (block - 1)
+
+
+def _gather_blocks(base: str, nodes: list[gs.Node], inputs: list, block: int, bits: int | None = None,
+                   axes: tuple[int, int] = (0, 1), out: gs.Variable | None = None) -> gs.Variable:
+    """Appends com.microsoft GatherBlockQuantized(table, ids, scales[, zero points]) to `nodes`: the
+    slices of `ids` along axes[0], dequantized by blocks of `block` along axes[1] (a shorter last
+    block too; with `bits`, codes packed in uint8, MatMulNBits' layout and default zero point, else
+    int4 / uint4 codes); returns its output."""
+    out = out if out is not None else gs.Variable(f"{base}_rows", dtype=np.float32)
+    attrs = {"gather_axis": axes[0], "quantize_axis": axes[1], "block_size": block, **({"bits": bits} if bits else {})}
+    nodes.append(gs.Node("GatherBlockQuantized", name=f"{base}_GatherBlockQuantized", domain=MS, inputs=inputs,
+                         outputs=[out], attrs=attrs))
+    return out
 
 
 def _split_input(kernel: gs.Node) -> list[gs.Node]:

@@ -159,11 +159,11 @@ def test_nothing_to_do_and_bad_options(tiny_onnx):
 
 
 # ------------------------------------------------------------------ block tables (rule 3) and split inputs (rule 4)
-def _block_encoding(name: str, table: np.ndarray, block: int | None, symmetric: bool = True):
-    """An 8-bit encoding of a [k, n] MatMul weight (int8 symmetric, or uint8 min/max), per block of
+def _block_encoding(name: str, table: np.ndarray, block: int | None, symmetric: bool = True, bits: int = 8):
+    """A `bits` encoding of a [k, n] MatMul weight (signed symmetric, or unsigned min/max), per block of
     `block` along k or per column."""
     k, n = table.shape
-    dtype = "int8" if symmetric else "uint8"
+    dtype = f"{'' if symmetric else 'u'}int{bits}"
     if block is None:
         spec, groups = QuantSpec(dtype, "channel", axis=1, symmetric=symmetric), table[None]
     else:  # a shorter last block when block does not divide k (to_blocks repeats its last row: its own range)
@@ -171,9 +171,9 @@ def _block_encoding(name: str, table: np.ndarray, block: int | None, symmetric: 
         groups = numerics.to_blocks(table, 0, block)
     lo, hi = np.minimum(groups.min(-2), 0), np.maximum(groups.max(-2), 0)
     if symmetric:
-        scale, zero = np.maximum(-lo, hi) / 127, np.zeros(lo.shape, np.int64)
+        scale, zero = np.maximum(-lo, hi) / (2 ** (bits - 1) - 1), np.zeros(lo.shape, np.int64)
     else:
-        scale = (hi - lo) / 255
+        scale = (hi - lo) / (2 ** bits - 1)
         zero = np.round(-lo / scale).astype(np.int64)
     if block is None:
         scale, zero = scale[0], zero[0]
@@ -181,9 +181,9 @@ def _block_encoding(name: str, table: np.ndarray, block: int | None, symmetric: 
 
 
 def _table_model(k: int, n: int, *, block: int | None = 32, lookup: bool = True, rank: int = 3, seed: int = 0,
-                 symmetric: bool = True):
-    """A [k, n] int8 symmetric table `table` read by MatMul(x [..., k]) -> y and, with `lookup`, by
-    Gather(axis=1, ids) -> rows; quantized per block of `block` along k (None: per output channel)."""
+                 symmetric: bool = True, bits: int = 8):
+    """A [k, n] table `table` read by MatMul(x [..., k]) -> y and, with `lookup`, by Gather(axis=1,
+    ids) -> rows; quantized to `bits` per block of `block` along k (None: per output channel)."""
     from onnx import TensorProto, helper
 
     rng = np.random.default_rng(seed)
@@ -198,7 +198,7 @@ def _table_model(k: int, n: int, *, block: int | None = 32, lookup: bool = True,
         nodes.append(helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed", axis=1))
     graph = helper.make_graph(nodes, "table", inputs, outputs, [onnx.numpy_helper.from_array(table, "table")])
     model = Model.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
-    apply_encodings(model.graph, Encodings(params={"table": _block_encoding("table", table, block, symmetric)}))
+    apply_encodings(model.graph, Encodings(params={"table": _block_encoding("table", table, block, symmetric, bits)}))
     return model
 
 
@@ -209,18 +209,20 @@ def _activations(rows: int, k: int, seed: int = 1) -> np.ndarray:
     return x
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("k", [96, 72])  # 72: the kernel's K padded to whole blocks, the lookups cut back to 72
-@pytest.mark.parametrize("symmetric", [True, False])  # zero points 128, or the kernel's own (looked up too)
-def test_block_table_is_held_once_and_looked_up_exactly(symmetric, k):
+@pytest.mark.parametrize("symmetric", [True, False])  # the kernel's default zero points, or its own (looked up too)
+def test_block_table_is_held_once_and_looked_up_exactly(symmetric, k, bits):
     n = 200
-    qdq = _table_model(k, n, symmetric=symmetric)
+    qdq = _table_model(k, n, symmetric=symmetric, bits=bits)
     result = EXACT.run(qdq.copy(), PassContext(progress=False))
     ops = collections.Counter(node.op for node in result.model.graph.nodes)
     assert result.changed and ops["MatMulNBits"] == 1 and ops["DequantizeLinear"] == 0 and ops["MatMul"] == 0
-    tables = [t for t in result.model.graph.tensors().values() if isinstance(t, gs.Constant) and t.values.size >= k * n]
+    tables = [t for t in result.model.graph.tensors().values()
+              if isinstance(t, gs.Constant) and t.values.size >= k * n * bits // 8]
     assert len(tables) == 1 and tables[0].values.dtype == np.uint8  # the kernel's B, read by the lookup too
     kernel = next(node for node in result.model.graph.nodes if node.op == "MatMulNBits")
-    assert kernel.attrs["block_size"] == 32 and kernel.attrs["bits"] == 8 and len(kernel.inputs) == 4 - symmetric
+    assert kernel.attrs["block_size"] == 32 and kernel.attrs["bits"] == bits and len(kernel.inputs) == 4 - symmetric
     scales = kernel.inputs[2].values
     assert not np.allclose(scales[:, :1], scales)  # scales differ per block: a scale per row would fail below
     feeds = [{"x": _activations(6, k).reshape(2, 3, k), "ids": np.array([[0, 5, n - 1], [7, 7, 2]], np.int64)}]
@@ -232,7 +234,7 @@ def test_block_table_is_held_once_and_looked_up_exactly(symmetric, k):
     assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[1], qdq_rows)
 
 
-@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True)])
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (8, False), (4, True), (4, False)])
 @pytest.mark.parametrize("axis", [0, 1])  # an untied embedding [V, H] in blocks along H; a table [H, V] looked up along V
 def test_untied_block_tables_look_up_rows_not_the_whole_table(axis, bits, symmetric):
     """A table read only by a Gather, in blocks (of 32, the last of 8: H = 72) along the axis the lookup
@@ -255,12 +257,15 @@ def test_untied_block_tables_look_up_rows_not_the_whole_table(axis, bits, symmet
     ops = collections.Counter(node.op for node in result.model.graph.nodes)
     feeds = [{"ids": np.array([[0, 5, vocab - 1], [7, 7, 2]], np.int64)}]
     (expected,), = _qdq_outputs(qdq, feeds)
-    if bits == 4:  # onnxruntime's Gather takes no 4-bit codes: the table stays a DequantizeLinear
-        assert not result.changed and ops["DequantizeLinear"] == 1
-        return
     assert result.stats["gathered_tables"] == 1 and ops["DequantizeLinear"] == 0
     (rows,) = result.model.session(threads=1).run(None, feeds[0])
     assert rows.shape == expected.shape and np.array_equal(rows, expected)
+    if bits == 4:  # onnxruntime's Gather takes no 4-bit codes: GatherBlockQuantized reads them and their blocks
+        lookup, = [node for node in result.model.graph.nodes if node.op == "GatherBlockQuantized"]
+        scales = lookup.inputs[2]
+        scales.values = np.flip(scales.values, axis=lookup.attrs["quantize_axis"]).copy()  # blocks in reverse order
+        assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[0], expected)
+        return
     index = next(t for t in result.model.graph.tensors().values() if t.name.endswith("_element_blocks"))
     index.values = np.minimum(index.values + (np.arange(hidden) % 32 == 31), 2)  # each block's last element: the next block's
     assert not np.array_equal(result.model.session(threads=1).run(None, feeds[0])[0], expected)
