@@ -19,6 +19,10 @@ __all__ = ["Cleanup"]
 
 log = logging.getLogger(__name__)
 
+# ops that only give their input another shape, and the size from which such a view of a constant other
+# nodes also read stays a view (e.g. a lookup's rows of a kernel's packed weight): folding would duplicate it
+_VIEWS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}
+SHARED_VIEW_BYTES = 4096
 # Folding these would change what the graph means or only copy data:
 # randomness, control flow, quantization boundaries that backends read, and Identity (a copy).
 _NEVER_FOLD = {
@@ -206,6 +210,8 @@ def _fold_value(node: gs.Node, graph_outputs: set[int], opset: int) -> tuple[str
         return None
     if node.op == "Cast" and _widens(node):
         return None  # narrow storage (store_half's float16 + Cast): onnxruntime folds it at load
+    if node.op in _VIEWS and len(inputs[0].outputs) > 1 and inputs[0].values.nbytes >= SHARED_VIEW_BYTES:
+        return None  # another shape of a constant other nodes read too: folding would store its bytes twice
     values = _evaluate(node, [None if _is_empty(t) else t.values for t in node.inputs], opset)
     return ("folded_constants", values) if values is not None else None
 
@@ -265,7 +271,9 @@ class Cleanup(Pass):
        feeding a graph output, nodes that make a sequence, map or optional value (SequenceEmpty),
        or when the result exceeds `fold_size_limit` bytes (so a shared weight is never copied into
        a large duplicate), nor on a Cast that widens a float constant (float16 written for
-       float32, as `store_half` does: folding it would double those bytes on disk).
+       float32, as `store_half` does: folding it would double those bytes on disk), nor on a
+       Reshape / Flatten / Squeeze / Unsqueeze of a constant of SHARED_VIEW_BYTES or more that
+       other nodes also read (the same bytes twice).
     6. Topological sort, only when the node order is not already valid.
 
     Guarantees: graph outputs, their names and the input signature are unchanged; outputs equal

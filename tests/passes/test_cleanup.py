@@ -154,6 +154,27 @@ def test_large_fold_skipped_so_weights_are_not_copied():
     assert ops(folded.model) == {"Add": 1}
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_view_of_a_constant_other_nodes_read_stays_a_view(shared):
+    """A Reshape of a 16 kB table the MatMul also reads would store the table twice; read by the
+    Reshape only, it folds (the table is then held once, in its new shape)."""
+    table = RNG.standard_normal((4, 1024)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["T", "shape"], ["flat"]),
+             helper.make_node("ReduceSum", ["flat", "axes"], ["s"], keepdims=0),
+             helper.make_node("Mul", ["x", "s"], ["y"])]
+    if shared:
+        nodes.append(helper.make_node("MatMul", ["x", "T"], ["z"]))
+    inits = [numpy_helper.from_array(table, "T"), numpy_helper.from_array(np.array([4096], np.int64), "shape"),
+             numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 4])]
+    if shared:
+        out.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 3, 1024]))
+    model = proto_model(nodes, out, inits)
+    result = Cleanup().run(model, PassContext())
+    assert result.model.num_bytes() < table.nbytes + 1024  # never the table twice
+    assert ops(result.model)["Reshape"] == shared
+
+
 @pytest.mark.parametrize("options", [{"fold_constants": "yes"}, {"fold_size_limit": 1.5},
                                      {"fold_size_limit": -1}, {"remove_dead": True}])
 def test_bad_options_raise_option_error(options):
