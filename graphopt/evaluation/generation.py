@@ -228,7 +228,6 @@ class Decoding:
         self.cache.write(outputs[1:], ids.size)
         return outputs[0][0, :ids.size]
 
-
     def _run(self, file: str, tokens: int, run, *args):
         """`run(*args)` (a session's run of graph `file`); onnxruntime's failure (a graph that loads but
         cannot run these feeds) becomes a GraphoptError naming the graph."""
